@@ -1,0 +1,25 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.txt
+
+.PHONY: venv test demo clean-demo
+
+# Re-installs only when requirements.txt differs from what the venv was built from.
+venv:
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@if ! cmp -s requirements.txt $(STAMP); then \
+		$(VPY) -m pip install --upgrade pip && \
+		$(VPY) -m pip install -r requirements.txt && \
+		cp requirements.txt $(STAMP); \
+	else echo "venv up to date ($(VENV))"; fi
+
+test: venv
+	$(VPY) -m pytest
+
+demo: venv
+	$(VPY) examples/digits/run_demo.py
+
+clean-demo:
+	rm -rf outputs/digits

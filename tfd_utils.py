@@ -1,0 +1,636 @@
+# Teacher-Feature Drifting (TFD): the method, one short function per equation.
+#
+# Section numbers (§) refer to SPEC.md; equation numbers to the paper
+# ("Teacher-Feature Drifting: One-Step Diffusion Distillation with Pretrained Diffusion
+# Representations"). Both training scripts import from here; nothing here depends on them.
+
+import difflib
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# §1a Drifting loss (attraction to positives, repulsion from the generated samples themselves).
+# ----------------------------------------------------------------------------------------------
+
+DRIFT_KERNELS = ("drifting", "meanshift")
+
+
+def pairwise_distance(a, b):
+    """Euclidean distances [G, A, B] between the rows of a [G, A, D] and b [G, B, D].
+
+    Equals sqrt(max(d², 1e-8)): the clamp keeps the gradient finite at coincident points.
+    """
+    return torch.cdist(a, b).clamp_min(1e-4)
+
+
+def drifting_weights(logits, num_generated):
+    """Authors' kernel (§1a.5): double softmax, then the attraction/repulsion coupling.
+
+    logits: [G, N, N+P] = -d̂/R. Returns c [G, N, N+P], whose first N columns (negatives)
+    carry -A⁻·ΣA⁺ and whose last P columns (positives) carry A⁺·ΣA⁻.
+    """
+    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
+    a_neg, a_pos = a[..., :num_generated], a[..., num_generated:]
+    c_neg = -a_neg * a_pos.sum(dim=-1, keepdim=True)
+    c_pos = a_pos * a_neg.sum(dim=-1, keepdim=True)
+    return torch.cat([c_neg, c_pos], dim=-1)
+
+
+def meanshift_weights(logits, num_generated):
+    """Paper Eq. (2)–(4): V = V⁺ − V⁻ with separately normalised Laplace-kernel means.
+
+    The same c-form as `drifting_weights`: each row's positive weights sum to 1 and its
+    negative weights to −1, so Σ_j c_ij Y_j − (Σ_j c_ij) x_i = V⁺(x_i) − V⁻(x_i).
+    """
+    w_neg = logits[..., :num_generated].softmax(dim=-1)
+    w_pos = logits[..., num_generated:].softmax(dim=-1)
+    return torch.cat([-w_neg, w_pos], dim=-1)
+
+
+def drifting_field(generated, positives, radii, kernel="drifting"):
+    """The frozen regression target of §1a, computed in float32 without gradient.
+
+    generated: [G, N, D], positives: [G, P, D]. Returns (target [G, N, D], s_in, stats)
+    where the loss is mean((generated / s_in − target)²) and stats holds the diagnostics:
+    `scale` (s, the mean distance) and `force_norms` (raw RMS force per radius, before the
+    per-radius normalisation: the progress signal, since the normalised loss stays flat).
+    """
+    if kernel not in DRIFT_KERNELS:
+        raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {DRIFT_KERNELS}.")
+    with torch.no_grad(), torch.autocast(generated.device.type, enabled=False):
+        x = generated.detach().float()
+        y = positives.detach().float()
+        num_gen, dim = x.shape[1], x.shape[2]
+        targets = torch.cat([x, y], dim=1)  # the generated samples are their own negatives
+        dist = pairwise_distance(x, targets)  # [G, N, N+P]
+        scale = dist.mean()  # one scalar over every group of the batch
+        s_in = (scale / math.sqrt(dim)).clamp_min(1e-3)
+        x_s, targets_s = x / s_in, targets / s_in
+        dist_s = dist / scale.clamp_min(1e-3)
+        self_mask = torch.eye(num_gen, dist.shape[-1], device=x.device, dtype=x.dtype)
+        dist_s = dist_s + 1e6 * self_mask
+        weights_fn = drifting_weights if kernel == "drifting" else meanshift_weights
+        force = torch.zeros_like(x_s)
+        force_norms = []
+        for radius in radii:
+            c = weights_fn(-dist_s / radius, num_gen)
+            f = c @ targets_s - c.sum(dim=-1, keepdim=True) * x_s
+            norm = f.square().mean().clamp_min(1e-8).sqrt()
+            force_norms.append(norm)
+            force = force + f / norm
+        target = x_s + force
+    stats = {"scale": scale, "force_norms": torch.stack(force_norms)}
+    return target, s_in, stats
+
+
+def drifting_loss(generated, positives, radii, kernel="drifting", return_stats=False):
+    """Per-group drifting loss [G] of §1a (Eq. 7/11): mean over (N, D) of (x/s_in − sg(target))².
+
+    generated [G, N, D] carries the gradient; positives [G, P, D] are constants. Vectorised over
+    groups. With return_stats=True also returns the diagnostics of `drifting_field`.
+    """
+    target, s_in, stats = drifting_field(generated, positives, radii, kernel)
+    with torch.autocast(generated.device.type, enabled=False):
+        loss = (generated.float() / s_in - target).square().mean(dim=(1, 2))
+    return (loss, stats) if return_stats else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# §1b Anchor-margin coverage loss (Eq. 12–14).
+# ----------------------------------------------------------------------------------------------
+
+
+def anchor_margin_loss(generated, anchors, alpha=0.5, bandwidth=None, temperature=1.0, return_stats=False):
+    """Per-group anchor-margin loss [G] on raw features: generated [G, N, D], anchors [G, M, D].
+
+    s_m = mean_j exp(−‖a_m − x_j‖/h) (Eq. 12), s̄_m = mean_{k≠m} exp(−‖a_m − a_k‖/2h) (Eq. 13),
+    loss = mean_m relu(α s̄_m − s_m) (Eq. 14); h = median distance (detached) × temperature
+    per group unless `bandwidth` fixes it. With return_stats=True also returns the fraction of
+    anchors whose support already meets the margin (`covered`) and the bandwidths.
+    """
+    with torch.autocast(generated.device.type, enabled=False):
+        x = generated.float()
+        a = anchors.detach().float()
+        dist = pairwise_distance(a, x)  # [G, M, N], gradient flows through x
+        if bandwidth is None:
+            h = dist.detach().flatten(1).median(dim=1).values * temperature
+        else:
+            h = torch.full((x.shape[0],), float(bandwidth), device=x.device)
+        h = h.clamp_min(1e-8)[:, None, None]
+        support = torch.exp(-dist / h).mean(dim=2)  # [G, M]
+        self_support = _anchor_self_support(a, h)
+        deficit = alpha * self_support - support
+        loss = deficit.clamp_min(0).mean(dim=1)
+    if not return_stats:
+        return loss
+    return loss, {"covered": (deficit <= 0).float().mean(), "bandwidth": h.flatten()}
+
+
+def _anchor_self_support(anchors, h):
+    """s̄_m of Eq. 13: [G, M]; zero when there is a single anchor."""
+    num_anchors = anchors.shape[1]
+    if num_anchors < 2:
+        return anchors.new_zeros(anchors.shape[:2])
+    k = torch.exp(-pairwise_distance(anchors, anchors) / (2 * h))
+    k = k * (1 - torch.eye(num_anchors, device=anchors.device, dtype=k.dtype))
+    return k.sum(dim=2) / (num_anchors - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# §2 Teacher features: forward hooks, pooling, early stop, layer selectors.
+# ----------------------------------------------------------------------------------------------
+
+INPUT_SELECTOR = "input"
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last selected module: nothing after it is computed."""
+
+
+def pool_feature(feature, pool_size):
+    """Average-pool a feature map (kernel = stride = pool_size) and flatten it to [B, D].
+
+    Tuple outputs contribute their first element. Maps smaller than the pool are pooled over
+    their whole extent; non-spatial outputs are only flattened.
+    """
+    if isinstance(feature, (tuple, list)):
+        feature = feature[0]
+    if feature.ndim == 4 and pool_size > 1:
+        k = (min(pool_size, feature.shape[-2]), min(pool_size, feature.shape[-1]))
+        feature = F.avg_pool2d(feature, kernel_size=k, stride=k)
+    return feature.flatten(1)
+
+
+def _find_edm_core(model):
+    """The submodule holding NVlabs-EDM-style `enc`/`dec` ModuleDicts, with its name, or None."""
+    for name, module in model.named_modules():
+        enc, dec = getattr(module, "enc", None), getattr(module, "dec", None)
+        if isinstance(enc, torch.nn.ModuleDict) and isinstance(dec, torch.nn.ModuleDict):
+            return name, module
+    return None
+
+
+def _block_units(prefix, block):
+    """Units of one diffusers block in forward order: each resnet (or the attention that follows
+    it), then its down/up-sampler."""
+    units = []
+    resnets = getattr(block, "resnets", None) or []
+    attentions = getattr(block, "attentions", None) or []
+    for k in range(len(resnets)):
+        has_attn = k < len(attentions) and attentions[k] is not None
+        units.append(f"{prefix}.attentions.{k}" if has_attn else f"{prefix}.resnets.{k}")
+    for attr in ("downsamplers", "upsamplers"):
+        samplers = getattr(block, attr, None)
+        if samplers:
+            units.append(f"{prefix}.{attr}.0")
+    return units
+
+
+def unet_units(model):
+    """(encoder units, decoder units) in forward order, as module names of `model` (§2).
+
+    NVlabs EDM (DhariwalUNet/SongUNet): the keys of `enc` and `dec`. diffusers UNet2DModel /
+    UNet2DConditionModel: conv_in and the down blocks' units, then the mid block's and the up
+    blocks' units. The bottleneck is the last encoder unit.
+    """
+    edm = _find_edm_core(model)
+    if edm is not None:
+        prefix = edm[0] + "." if edm[0] else ""
+        return ([f"{prefix}enc.{k}" for k in edm[1].enc], [f"{prefix}dec.{k}" for k in edm[1].dec])
+    if not hasattr(model, "down_blocks") or not hasattr(model, "up_blocks"):
+        return [], []
+    enc = ["conv_in"]
+    for i, block in enumerate(model.down_blocks):
+        enc += _block_units(f"down_blocks.{i}", block)
+    dec = _block_units("mid_block", model.mid_block) if getattr(model, "mid_block", None) else []
+    for i, block in enumerate(model.up_blocks):
+        dec += _block_units(f"up_blocks.{i}", block)
+    return enc, dec
+
+
+def resolve_layers(model, selectors):
+    """Map selectors (`enc:K`, `dec:K`, `bottleneck`, `input`, or raw module names) to module names.
+
+    `input` stays `input`. Unknown names raise a ValueError that lists what is valid.
+    """
+    modules = dict(model.named_modules())
+    enc, dec = unet_units(model)
+    resolved = []
+    for sel in selectors:
+        name = sel
+        if sel == INPUT_SELECTOR:
+            pass
+        elif sel == "bottleneck" and enc:
+            name = enc[-1]
+        elif sel.startswith(("enc:", "dec:")) and (enc or dec):
+            units = enc if sel.startswith("enc:") else dec
+            idx = sel[4:]
+            if not idx.isdigit() or int(idx) >= len(units):
+                raise ValueError(
+                    f"Layer selector {sel!r} is out of range: this model has enc:0..enc:{len(enc) - 1} "
+                    f"and dec:0..dec:{len(dec) - 1}."
+                )
+            name = units[int(idx)]
+        elif sel not in modules or sel == "":
+            raise ValueError(_unknown_layer_message(sel, modules, enc, dec))
+        resolved.append(name)
+    return resolved
+
+
+def _unknown_layer_message(sel, modules, enc, dec):
+    shallow = [n for n in modules if n and n.count(".") <= 1]
+    valid = [INPUT_SELECTOR]
+    if enc:
+        valid += [f"enc:0..enc:{len(enc) - 1}", f"dec:0..dec:{len(dec) - 1}", "bottleneck"]
+    close = difflib.get_close_matches(sel, list(modules), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (
+        f"Unknown teacher layer {sel!r}.{hint} Valid selectors: {', '.join(valid)}; or any module name "
+        f"of the teacher (model.named_modules()), e.g. {', '.join(shallow)}."
+    )
+
+
+class FeatureExtractor:
+    """Hooks named modules of a frozen teacher and returns their pooled, flattened outputs.
+
+        with FeatureExtractor(teacher, ["enc:6", "bottleneck", "dec:7"], pool_size=4) as fx:
+            feats = fx(lambda x: teacher_forward(x), noisy_sample)   # {selector: [B, D]}
+
+    The forward stops right after the last selected module has run (nothing after it is
+    computed), so `fn`'s own return value is never used. Hooks are removed on exit, also
+    when the forward raises. The selector `input` returns the pooled sample given to `fn`.
+    """
+
+    def __init__(self, model, layers, pool_size=4, stop_early=True):
+        self.model = model
+        self.selectors = list(layers)
+        if not self.selectors:
+            raise ValueError("FeatureExtractor needs at least one layer.")
+        self.names = resolve_layers(model, self.selectors)
+        self.pool_size = pool_size
+        self.stop_early = stop_early
+        self._handles = []
+        self._features = {}
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        for sel, name in zip(self.selectors, self.names):
+            if name != INPUT_SELECTOR:
+                self._handles.append(modules[name].register_forward_hook(self._hook(sel)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._features = {}
+        return False
+
+    def _hook(self, selector):
+        def hook(module, args, output):
+            self._features[selector] = pool_feature(output, self.pool_size)
+            if self.stop_early and len(self._features) == len(self.selectors):
+                raise _StopForward
+
+        return hook
+
+    def __call__(self, fn, sample):
+        if not self._handles and any(n != INPUT_SELECTOR for n in self.names):
+            raise RuntimeError("Use FeatureExtractor as a context manager: `with FeatureExtractor(...) as fx:`.")
+        self._features = {}
+        if INPUT_SELECTOR in self.selectors:
+            self._features[INPUT_SELECTOR] = pool_feature(sample, self.pool_size)
+        if len(self._features) < len(self.selectors):
+            try:
+                fn(sample)
+            except _StopForward:
+                pass
+        missing = [s for s in self.selectors if s not in self._features]
+        if missing:
+            raise RuntimeError(f"Teacher layers {missing} did not run in the forward pass.")
+        features, self._features = self._features, {}
+        return {s: features[s] for s in self.selectors}
+
+
+# ----------------------------------------------------------------------------------------------
+# §2 Feature noise: one σ per group (truncated lognormal, fixed, or 0), VE → VP mapping.
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_feature_sigmas(num_groups, mean=-1.2, std=1.2, sigma_min=0.02, sigma_max=0.1, generator=None, device="cpu"):
+    """One feature-noise level per group [G]: log σ ~ N(mean, std²) truncated to [σ_min, σ_max].
+
+    Out-of-range draws are redrawn up to 8 times, then clamped. σ_min == σ_max gives that fixed
+    level (σ = 0: clean features).
+    """
+    if sigma_min > sigma_max:
+        raise ValueError(f"feature noise min {sigma_min} is above max {sigma_max}.")
+    if sigma_min == sigma_max:
+        return torch.full((num_groups,), float(sigma_min), device=device)
+
+    def draw():
+        z = torch.randn(num_groups, generator=generator, device=generator.device if generator else "cpu")
+        return (mean + std * z).exp()
+
+    sigma = draw()
+    for _ in range(8):
+        bad = (sigma < sigma_min) | (sigma > sigma_max)
+        sigma = torch.where(bad, draw(), sigma)
+    return sigma.clamp(sigma_min, sigma_max).to(device)
+
+
+def add_feature_noise(x, sigma, noise=None):
+    """x + σ ξ (Eq. 9) with one σ per group: x [G, K, ...], sigma [G]; ξ fresh per sample."""
+    if noise is None:
+        noise = torch.randn_like(x)
+    return x + sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * noise
+
+
+def vp_sigmas(alphas_cumprod):
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of a variance-preserving schedule."""
+    a = alphas_cumprod.double()
+    return ((1 - a) / a).sqrt()
+
+
+def vp_timestep_for_sigma(sigma, alphas_cumprod):
+    """Fractional timestep t with σ_t = σ, interpolating log σ_t linearly over t (§2).
+
+    σ below σ_0 maps to t = 0; above σ_T−1 to the last timestep.
+    """
+    log_sig = vp_sigmas(alphas_cumprod).log()
+    q = sigma.double().clamp_min(1e-20).log().clamp(log_sig[0], log_sig[-1])
+    idx = torch.searchsorted(log_sig, q).clamp(1, len(log_sig) - 1)
+    lo, hi = log_sig[idx - 1], log_sig[idx]
+    frac = (q - lo) / (hi - lo)
+    return (idx - 1 + frac).to(torch.float32)
+
+
+def vp_scale_input(x_noisy, sigma):
+    """A VE-noised sample x + σξ as a VP model input: (x + σξ)/sqrt(1 + σ²), σ per group."""
+    sigma = sigma.to(torch.float32).view(-1, *([1] * (x_noisy.ndim - 1)))
+    return (x_noisy.float() / (1 + sigma**2).sqrt()).to(x_noisy.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# §3 Students: EDM preconditioning and the two one-step generators.
+# ----------------------------------------------------------------------------------------------
+
+PRECONDS = ("cm", "edm")
+
+
+def edm_scalings(sigma, sigma_data=0.5, sigma_min=None):
+    """(c_skip, c_out, c_in) of EDM. With sigma_min set: the consistency-model boundary variant
+    c_skip = σd²/((σ−σmin)² + σd²), c_out = (σ−σmin)σd/sqrt(σ² + σd²) (diffusers'
+    CMStochasticIterativeScheduler), so that D(x, σmin) = x."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    shift = 0.0 if sigma_min is None else sigma_min
+    c_skip = sigma_data**2 / ((sigma - shift) ** 2 + sigma_data**2)
+    c_out = (sigma - shift) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out, c_in
+
+
+def edm_c_noise(sigma, precond="cm"):
+    """Noise conditioning: 250·ln σ (openai/diffusers ADM checkpoints) or ln(σ)/4 (NVlabs EDM)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    if precond == "cm":
+        return 250.0 * torch.log(sigma + 1e-44)
+    if precond == "edm":
+        return sigma.log() / 4
+    raise ValueError(f"Unknown preconditioning {precond!r}; choose one of {PRECONDS}.")
+
+
+def edm_denoise(unet, x, sigma, class_labels, precond="cm", sigma_data=0.5, sigma_min=None):
+    """D(x; σ) = c_skip x + c_out F(c_in x, c_noise(σ), class) for a diffusers UNet2DModel.
+
+    sigma: a scalar or one value per sample. Computed in float32 around the network call.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    sig = sigma.reshape(-1) if sigma.ndim else sigma.expand(x.shape[0])
+    c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in edm_scalings(sig, sigma_data, sigma_min))
+    c_noise = edm_c_noise(sig, precond)
+    model_in = (c_in * x.float()).to(x.dtype)
+    out = unet(model_in, c_noise, class_labels=class_labels, return_dict=False)[0]
+    return c_skip * x.float() + c_out * out.float()
+
+
+def edm_one_step(unet, noise, class_labels, sigma_max=80.0, sigma_min=0.002, precond="cm", sigma_data=0.5):
+    """The ImageNet-64 student (§3): x = D_boundary(σmax·z; σmax) for a diffusers UNet2DModel,
+    the exact step diffusers' ConsistencyModelPipeline runs with num_inference_steps=1 (its
+    scheduler saved with clip_denoised=False)."""
+    return edm_denoise(unet, sigma_max * noise, sigma_max, class_labels, precond, sigma_data, sigma_min)
+
+
+def vp_x0_from_eps(z, eps, alpha_cumprod):
+    """x₀ = (z − sqrt(1 − ᾱ) ε̂)/sqrt(ᾱ), computed in float64 and returned as float32."""
+    a = torch.as_tensor(alpha_cumprod, dtype=torch.float64, device=z.device)
+    x0 = (z.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+    return x0.float()
+
+
+def sdxl_one_step(unet, noise, timestep, alpha_cumprod, encoder_hidden_states, added_cond_kwargs):
+    """The SDXL student (§3): ε̂ = UNet(z, t) from pure noise z at timestep t (999), then x₀."""
+    t = torch.full((noise.shape[0],), int(timestep), device=noise.device, dtype=torch.long)
+    eps = unet(
+        noise, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
+    return vp_x0_from_eps(noise, eps, alpha_cumprod)
+
+
+# ----------------------------------------------------------------------------------------------
+# §1c/§2 One TFD step: noised teacher features of generated / positive / anchor samples, the total.
+# ----------------------------------------------------------------------------------------------
+
+
+def group_features(extractor, forward, x, sigma, noise=None):
+    """Teacher features of grouped samples x [G, K, C, H, W] noised at their group's σ [G].
+
+    Feeds x + σ_g ξ (ξ fresh per sample, Eq. 9) to `forward(sample [G·K, ...], sigma [G·K])`
+    inside `extractor`. Returns {layer: [G, K, D]}; gradient flows to x only if x requires it.
+    """
+    g, k = x.shape[:2]
+    flat = x.reshape(g * k, *x.shape[2:])
+    sig = sigma.to(flat.device).repeat_interleave(k)
+    noisy = add_feature_noise(flat, sig, None if noise is None else noise.reshape_as(flat))
+    feats = extractor(lambda s: forward(s, sig), noisy)
+    return {name: f.reshape(g, k, -1) for name, f in feats.items()}
+
+
+def tfd_loss(gen_feats, pos_feats, anchor_feats, radii, kernel="drifting", anchor_weight=1.0,
+             anchor_alpha=0.5, anchor_temperature=1.0, anchor_bandwidth=None):
+    """L = Σ_layers mean_groups(drift) + λ Σ_layers mean_groups(anchor) (§1c).
+
+    *_feats: {layer: [G, K, D]}; anchor_feats may be None (no anchor term). Returns
+    (loss, logs); logs holds per-layer losses and diagnostics as tensors (no host sync here).
+    """
+    drift_total, anchor_total = 0.0, 0.0
+    logs = {}
+    for layer, gen in gen_feats.items():
+        drift, stats = drifting_loss(gen, pos_feats[layer], radii, kernel, return_stats=True)
+        drift_total = drift_total + drift.mean()
+        logs[f"drift/{layer}"] = drift.mean().detach()
+        logs[f"scale/{layer}"] = stats["scale"]
+        for r, norm in zip(radii, stats["force_norms"]):
+            logs[f"force/{layer}/r{r:g}"] = norm
+        if anchor_feats is not None and anchor_weight > 0:
+            anchor, astats = anchor_margin_loss(
+                gen, anchor_feats[layer], anchor_alpha, anchor_bandwidth, anchor_temperature, return_stats=True
+            )
+            anchor_total = anchor_total + anchor.mean()
+            logs[f"anchor/{layer}"] = anchor.mean().detach()
+            logs[f"covered/{layer}"] = astats["covered"]
+    total = drift_total + anchor_weight * anchor_total
+    logs["loss/drift"] = torch.as_tensor(drift_total).detach()
+    logs["loss/anchor"] = torch.as_tensor(anchor_total).detach()
+    logs["loss/total"] = total.detach()
+    return total, logs
+
+
+def tfd_step_loss(extractor, teacher_forward, generated, positives, anchors, sigma, radii, kernel="drifting",
+                  anchor_weight=1.0, anchor_alpha=0.5, anchor_temperature=1.0, anchor_bandwidth=None):
+    """The TFD objective of one step (Algorithm 1, lines 4–10) for grouped samples.
+
+    generated [G, N, ...] (carries the student's graph), positives [G, P, ...], anchors
+    [G, M, ...] or None to reuse the positives as anchors (the SDXL recipe); sigma [G].
+    The generated samples take one teacher pass with gradient; positives and anchors share one
+    pass under no-grad. Returns tfd_loss's (loss, logs).
+    """
+    num_pos = positives.shape[1]
+    gen_feats = group_features(extractor, teacher_forward, generated, sigma)
+    with torch.no_grad():
+        refs = positives if anchors is None else torch.cat([positives, anchors.to(positives.dtype)], dim=1)
+        ref_feats = group_features(extractor, teacher_forward, refs, sigma)
+    pos_feats = {k: v[:, :num_pos] for k, v in ref_feats.items()}
+    anchor_feats = pos_feats if anchors is None else {k: v[:, num_pos:] for k, v in ref_feats.items()}
+    return tfd_loss(gen_feats, pos_feats, anchor_feats if anchor_weight > 0 else None, radii, kernel,
+                    anchor_weight, anchor_alpha, anchor_temperature, anchor_bandwidth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training plumbing shared by both scripts: atomic writes, checkpoints, optimiser, logging.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_COMPLETE = "tfd_checkpoint_complete"  # written last: a folder without it is incomplete
+
+
+def atomic_write(path, write_fn):
+    """Run write_fn(tmp_path), fsync, then rename onto `path`: readers see the old file or the
+    whole new one, never a partial one."""
+    import os
+    import uuid
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_checkpoints(output_dir, logger=None):
+    """Complete `checkpoint-N` folders under output_dir as [(N, path)], oldest first.
+
+    Folders without the completion marker (a run killed while saving) are skipped with a warning.
+    """
+    import os
+
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        step = name[len(CHECKPOINT_PREFIX):]
+        if not (name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isdir(path)):
+            continue
+        if not os.path.exists(os.path.join(path, CHECKPOINT_COMPLETE)):
+            if logger is not None:
+                logger.warning(f"Ignoring incomplete checkpoint {path} (no {CHECKPOINT_COMPLETE} marker).")
+            continue
+        found.append((int(step), path))
+    return sorted(found)
+
+
+def resolve_resume_checkpoint(output_dir, resume_from, logger=None):
+    """`latest` → the newest complete checkpoint under output_dir (None if there is none);
+    a path → that checkpoint, which must be complete."""
+    import os
+
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        ckpts = list_checkpoints(output_dir, logger)
+        return ckpts[-1][1] if ckpts else None
+    if not os.path.isdir(resume_from):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from!r} does not exist.")
+    if not os.path.exists(os.path.join(resume_from, CHECKPOINT_COMPLETE)):
+        raise ValueError(f"{resume_from} is an incomplete checkpoint (the run was killed while saving it).")
+    return resume_from
+
+
+def checkpoint_step(path):
+    import os
+
+    return int(os.path.basename(os.path.normpath(path))[len(CHECKPOINT_PREFIX):])
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None):
+    """accelerator.save_state into checkpoint-N, atomically: written under a temporary name,
+    marked complete, renamed. Then removes the oldest complete checkpoints beyond total_limit.
+    Call on every process."""
+    import os
+    import shutil
+
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = final + ".incomplete"
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, CHECKPOINT_COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        if logger is not None:
+            logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8, use_8bit=False):
+    """AdamW (§4), or bitsandbytes' 8-bit AdamW to save optimiser memory."""
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def scalars(logs):
+    """Tensor logs → floats, with one host sync for all of them."""
+    keys = list(logs)
+    device = next((v.device for v in logs.values() if torch.is_tensor(v)), "cpu")
+    vals = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device).reshape(()) for k in keys])
+    return dict(zip(keys, vals.cpu().tolist()))
+
+
+def parse_floats(text):
+    """'0.02,0.05 0.2' → [0.02, 0.05, 0.2] (commas or spaces)."""
+    return [float(v) for v in str(text).replace(",", " ").split()]
