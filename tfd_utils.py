@@ -440,6 +440,31 @@ def sdxl_one_step(unet, noise, timestep, alpha_cumprod, encoder_hidden_states, a
     return vp_x0_from_eps(noise, eps, alpha_cumprod)
 
 
+def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM time steps σ_0 = σmax > … > σ_{n−1} = σmin, then 0 (Karras et al. 2022, Eq. 5)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    ramp = i / max(num_steps - 1, 1)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def edm_heun_sample(denoise, noise, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Deterministic EDM sampler (Heun, 2·num_steps − 1 evaluations): the multi-step teacher row.
+
+    denoise(x, sigma) → D(x; σ) in float32; noise ~ N(0, I).
+    """
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
+    x = noise.float() * sigmas[0]
+    for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoise(x, cur)) / cur
+        x_next = x + (nxt - cur) * d
+        if nxt > 0:
+            x_next = x + (nxt - cur) * 0.5 * (d + (x_next - denoise(x_next, nxt)) / nxt)
+        x = x_next
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # §1c/§2 One TFD step: noised teacher features of generated / positive / anchor samples, the total.
 # ----------------------------------------------------------------------------------------------
