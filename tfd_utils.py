@@ -116,7 +116,7 @@ def anchor_margin_loss(generated, anchors, alpha=0.5, bandwidth=None, temperatur
         a = anchors.detach().float()
         dist = pairwise_distance(a, x)  # [G, M, N], gradient flows through x
         if bandwidth is None:
-            h = dist.detach().flatten(1).median(dim=1).values * temperature
+            h = _median(dist.detach().flatten(1)) * temperature
         else:
             h = torch.full((x.shape[0],), float(bandwidth), device=x.device)
         h = h.clamp_min(1e-8)[:, None, None]
@@ -127,6 +127,14 @@ def anchor_margin_loss(generated, anchors, alpha=0.5, bandwidth=None, temperatur
     if not return_stats:
         return loss
     return loss, {"covered": (deficit <= 0).float().mean(), "bandwidth": h.flatten()}
+
+
+def _median(values):
+    """Row-wise median [G] of values [G, K]; the mean of the two middle values when K is even
+    (torch.median returns the lower one)."""
+    v = values.sort(dim=1).values
+    k = v.shape[1]
+    return (v[:, (k - 1) // 2] + v[:, k // 2]) / 2
 
 
 def _anchor_self_support(anchors, h):
@@ -659,3 +667,291 @@ def scalars(logs):
 def parse_floats(text):
     """'0.02,0.05 0.2' → [0.02, 0.05, 0.2] (commas or spaces)."""
     return [float(v) for v in str(text).replace(",", " ").split()]
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet-64 / class-conditional EDM: teacher closures, one-step students, labelled images,
+# the class-grouped sampler (train_tfd_imagenet64.py and the step benchmark).
+# ----------------------------------------------------------------------------------------------
+
+
+def is_edm_network(model):
+    """True for an NVlabs EDM network (EDMPrecond/VPPrecond/...: called as net(x, σ, one-hot))."""
+    return hasattr(model, "label_dim") and hasattr(model, "sigma_data") and not hasattr(model, "config")
+
+
+def num_class_labels(model):
+    """Number of class labels the network is conditioned on (0 for an unconditional one)."""
+    if is_edm_network(model):
+        return int(model.label_dim or 0)
+    return int(getattr(model.config, "num_class_embeds", None) or 0)
+
+
+def _labels_per_sample(labels, num_samples):
+    """One label per sample: labels given per group [G] are repeated over each group's samples."""
+    labels = labels.reshape(-1)
+    if labels.numel() == num_samples:
+        return labels
+    if num_samples % labels.numel():
+        raise ValueError(f"{labels.numel()} class labels do not divide a batch of {num_samples} samples.")
+    return labels.repeat_interleave(num_samples // labels.numel())
+
+
+def edm_teacher_forward(teacher, class_labels, precond="cm", sigma_data=0.5, sigma_floor=0.002):
+    """forward(sample, sigma) for FeatureExtractor: the teacher on a VE-noised sample x + σξ (§2).
+
+    diffusers UNet2DModel: F(c_in·x, c_noise(σ), labels); NVlabs EDM network: net(x, σ, one-hot).
+    σ is floored at sigma_floor (σ = 0, clean features, has no c_noise). class_labels: one per
+    group (repeated over the group's samples) or one per sample. Runs in the teacher's own dtype
+    with autocast off (float32 in the authors' recipe). Its return value is only the hooks'.
+    """
+    dtype = next(teacher.parameters()).dtype
+    edm = is_edm_network(teacher)
+
+    def forward(sample, sigma):
+        labels = _labels_per_sample(class_labels.to(sample.device), sample.shape[0])
+        sig = sigma.to(sample.device, torch.float32).reshape(-1).expand(sample.shape[0]).clamp_min(sigma_floor)
+        with torch.autocast(sample.device.type, enabled=False):
+            if edm:
+                onehot = F.one_hot(labels.long(), teacher.label_dim).float()
+                return teacher(sample.float(), sig, onehot)
+            c_in = edm_scalings(sig, sigma_data)[2].view(-1, 1, 1, 1)
+            model_in = (c_in * sample.float()).to(dtype)
+            return teacher(model_in, edm_c_noise(sig, precond), class_labels=labels, return_dict=False)[0]
+
+    return forward
+
+
+def edm_net_one_step(net, noise, class_labels, sigma_max=80.0, label_dim=None):
+    """One-step sample of an NVlabs EDM network: D(σmax·z; σmax) = net(σmax·z, σmax, one-hot).
+
+    EDM's own `edm_sampler(num_steps=1)` returns the same (its last step lands on t = 0).
+    label_dim: needed when `net` is wrapped (DDP); defaults to net.label_dim.
+    """
+    label_dim = net.label_dim if label_dim is None else label_dim
+    onehot = F.one_hot(class_labels.long(), label_dim).float()
+    sigma = torch.full((noise.shape[0],), float(sigma_max), device=noise.device)
+    return net(noise.float() * sigma_max, sigma, onehot).float()
+
+
+def image_grid(images, nrow=None):
+    """Images in [−1, 1], [B, C, H, W] → one PIL grid image (rows of nrow)."""
+    from PIL import Image
+
+    b, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    ncol = math.ceil(b / nrow)
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.zeros(c, ncol * h, nrow * w, dtype=torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if c == 1 else arr)
+
+
+def to_teacher_image(image, channels, resolution):
+    """A PIL image → uint8 [C, H, W] with the teacher's channels (1: L, 3: RGB) and resolution
+    (shorter side resized with bicubic filtering, then center-cropped)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert({1: "L", 3: "RGB"}[channels])
+    w, h = image.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, channels)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class ClassGroupedSampler:
+    """Draws, per step, `classes_per_batch` distinct classes and `per_class` image indices of each.
+
+    Indices of a class are drawn without replacement; a class with fewer images is drawn with
+    replacement (warned about once). Draw k of process `rank` depends only on (seed, rank, k), so
+    the state is the draw counter: register the sampler with accelerator.register_for_checkpointing
+    and a resumed run continues exactly (the counter is the same on every process).
+    """
+
+    def __init__(self, labels, classes, classes_per_batch, per_class, seed=0, rank=0, logger=None):
+        labels = torch.as_tensor(labels).reshape(-1)
+        self.classes = torch.as_tensor(sorted(int(c) for c in classes), dtype=torch.long)
+        if classes_per_batch > len(self.classes):
+            raise ValueError(
+                f"classes_per_batch={classes_per_batch} but only {len(self.classes)} classes are trained "
+                f"({self.classes.tolist()[:20]}...): lower --classes_per_batch."
+            )
+        self.index = {int(c): (labels == c).nonzero().flatten() for c in self.classes}
+        empty = [c for c, idx in self.index.items() if len(idx) == 0]
+        if empty:
+            raise ValueError(f"Classes {empty} have no images in the data set.")
+        self.classes_per_batch, self.per_class = classes_per_batch, per_class
+        self.seed, self.rank, self.draws = int(seed), int(rank), 0
+        small = {c: len(i) for c, i in self.index.items() if len(i) < per_class}
+        if small and logger is not None:
+            logger.warning(
+                f"{len(small)} classes have fewer than {per_class} images (e.g. {dict(list(small.items())[:5])}): "
+                "they are drawn with replacement."
+            )
+
+    def __call__(self):
+        """(classes [G], indices [G, per_class]) for the next step."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.draws)
+        self.draws += 1
+        classes = self.classes[torch.randperm(len(self.classes), generator=g)[: self.classes_per_batch]]
+        rows = []
+        for c in classes.tolist():
+            pool = self.index[c]
+            if len(pool) >= self.per_class:
+                rows.append(pool[torch.randperm(len(pool), generator=g)[: self.per_class]])
+            else:
+                rows.append(pool[torch.randint(len(pool), (self.per_class,), generator=g)])
+        return classes, torch.stack(rows)
+
+    def state_dict(self):
+        return {"draws": self.draws, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.draws = int(state["draws"])
+
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
+
+def _is_edm_dataset(path):
+    """An NVlabs EDM/StyleGAN dataset: a .zip or a folder of images with dataset.json labels."""
+    import os
+
+    return bool(path) and (str(path).endswith(".zip") or os.path.isfile(os.path.join(path, "dataset.json")))
+
+
+def _edm_dataset_source(path):
+    """(labels [N], fetch(indices) → PIL images) of an EDM dataset zip or folder (dataset_tool.py)."""
+    import io
+    import json
+    import os
+    import zipfile
+
+    from PIL import Image
+
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
+        read = lambda name: open(os.path.join(path, name), "rb").read()  # noqa: E731
+    else:
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+        read = zf.read
+    if "dataset.json" not in names:
+        raise ValueError(f"{path} has no dataset.json: the EDM dataset format needs class labels in it.")
+    meta = json.loads(read("dataset.json"))
+    if not meta.get("labels"):
+        raise ValueError(f"{path}/dataset.json has no labels: class-conditional distillation needs them.")
+    table = {fname.replace("\\", "/"): int(label) for fname, label in meta["labels"]}
+    images = sorted(n for n in names if n.lower().endswith(_IMAGE_EXTENSIONS))
+    unlabelled = [n for n in images if n not in table]
+    if unlabelled:
+        raise ValueError(f"{len(unlabelled)} images of {path} have no label in dataset.json, e.g. {unlabelled[:3]}.")
+    labels = torch.tensor([table[n] for n in images], dtype=torch.long)
+    return labels, lambda idx: [Image.open(io.BytesIO(read(images[i]))) for i in idx]
+
+
+def _hf_dataset_source(ds, image_column, label_column, where):
+    """(labels [N], fetch(indices) → PIL images) of a datasets.Dataset."""
+    import io
+
+    from PIL import Image
+
+    for kind, col in (("image", image_column), ("label", label_column)):
+        if col not in ds.column_names:
+            raise ValueError(
+                f"{where} has no {kind} column {col!r}; its columns are {ds.column_names}. "
+                f"Pass --{kind}_column."
+            )
+    labels = torch.as_tensor(list(ds[label_column]))
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
+        raise ValueError(f"Column {label_column!r} of {where} must hold one integer class id per image.")
+
+    def as_pil(v):
+        if isinstance(v, Image.Image):
+            return v
+        if isinstance(v, dict):
+            return Image.open(v["path"] if v.get("bytes") is None else io.BytesIO(v["bytes"]))
+        if isinstance(v, str):
+            return Image.open(v)
+        import numpy as np
+
+        return Image.fromarray(np.asarray(v))
+
+    return labels.long(), lambda idx: [as_pil(v) for v in ds[list(idx)][image_column]]
+
+
+def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", image_column="image",
+                         label_column="label", dataset_config_name=None, cache_dir=None):
+    """(labels [N], fetch(indices) → PIL images, description) of a labelled image data set.
+
+    dataset_name: a Hub id or any local path `datasets.load_dataset` takes; a folder written by
+    Dataset/DatasetDict.save_to_disk; or an EDM dataset zip/folder. train_data_dir: an imagefolder
+    (class sub-folders) or an EDM dataset folder.
+    """
+    import os
+
+    import datasets
+
+    path = dataset_name or train_data_dir
+    if not path:
+        raise ValueError("Give the training images: --dataset_name or --train_data_dir.")
+    if _is_edm_dataset(path):
+        labels, fetch = _edm_dataset_source(path)
+        return labels, fetch, f"EDM dataset {path}"
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has splits {list(ds)}, not {split!r}: pass --dataset_split.")
+            ds = ds[split]
+    elif dataset_name:
+        ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+    else:
+        ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+    labels, fetch = _hf_dataset_source(ds, image_column, label_column, path)
+    return labels, fetch, f"{path} ({split})"
+
+
+class LabelledImages:
+    """Labelled images in the teacher's format: `labels` int64 [N], `get(indices)` → uint8 [..., C, H, W].
+
+    Preloaded once into one uint8 tensor when it takes at most preload_max_gb, otherwise decoded
+    on the fly (ImageNet-64 is 15.7 GB per process in memory).
+    """
+
+    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True):
+        self.labels, self._fetch = labels, fetch
+        self.channels, self.resolution = channels, resolution
+        self.data = None
+        nbytes = len(labels) * channels * resolution * resolution
+        if nbytes <= preload_max_gb * 2**30:
+            from tqdm.auto import tqdm
+
+            self.data = torch.empty(len(labels), channels, resolution, resolution, dtype=torch.uint8)
+            chunk = 1024
+            for start in tqdm(range(0, len(labels), chunk), desc="preprocessing images", disable=not progress):
+                idx = list(range(start, min(start + chunk, len(labels))))
+                self.data[start:start + len(idx)] = self._decode(idx)
+
+    def _decode(self, idx):
+        return torch.stack([to_teacher_image(im, self.channels, self.resolution) for im in self._fetch(idx)])
+
+    def get(self, indices):
+        indices = torch.as_tensor(indices)
+        flat = indices.reshape(-1)
+        out = self.data[flat] if self.data is not None else self._decode(flat.tolist())
+        return out.reshape(*indices.shape, *out.shape[1:])
+
+
+def uint8_to_model(images, device, dtype=torch.float32):
+    """uint8 images → [−1, 1] in `dtype` on `device`."""
+    return images.to(device, non_blocking=True).to(dtype) / 127.5 - 1
