@@ -955,3 +955,227 @@ class LabelledImages:
 def uint8_to_model(images, device, dtype=torch.float32):
     """uint8 images → [−1, 1] in `dtype` on `device`."""
     return images.to(device, non_blocking=True).to(dtype) / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL / variance-preserving teacher: teacher forward, micro-conditioning, the positive cache (§4).
+# ----------------------------------------------------------------------------------------------
+
+
+def vp_teacher_forward(unet, alphas_cumprod, encoder_hidden_states, added_cond_kwargs):
+    """`forward(sample, sigma)` for `group_features`: a VP (ε-prediction) UNet fed the VE-noised
+    sample as vp_scale_input(sample, σ) at the fractional timestep vp_timestep_for_sigma(σ) (§2).
+
+    Text conditioning is given per group ([G, ...] tensors) and repeated for the G·K samples;
+    no classifier-free guidance. The sample is cast to the UNet's dtype (the feature-pass precision).
+    """
+
+    def forward(sample, sigma):
+        reps = sample.shape[0] // encoder_hidden_states.shape[0]
+        t = vp_timestep_for_sigma(sigma.to(alphas_cumprod.device), alphas_cumprod).to(sample.device)
+        cond = {k: v.repeat_interleave(reps, dim=0).to(unet.dtype) for k, v in added_cond_kwargs.items()}
+        return unet(
+            vp_scale_input(sample, sigma).to(unet.dtype),
+            t,
+            encoder_hidden_states=encoder_hidden_states.repeat_interleave(reps, dim=0).to(unet.dtype),
+            added_cond_kwargs=cond,
+            return_dict=False,
+        )[0]
+
+    return forward
+
+
+def sdxl_time_ids(resolution, batch_size, device=None, dtype=torch.float32):
+    """SDXL micro-conditioning ids [B, 6]: original size, crop (0, 0), target size, all at the
+    training resolution (what StableDiffusionXLPipeline passes for a square image)."""
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+    return ids.expand(batch_size, 6)
+
+
+@contextmanager
+def teacher_mode(unet):
+    """Run a LoRA student's UNet as its frozen teacher: adapters disabled, gradient checkpointing off.
+
+    Checkpointing must be off: its recomputation happens in backward, after the adapters are
+    re-enabled, and would silently differentiate the student instead of the teacher. For a
+    model without adapters this only turns checkpointing off for the block.
+    """
+    has_adapters = bool(getattr(unet, "peft_config", None))
+    checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+    if has_adapters:
+        unet.disable_adapters()
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield unet
+    finally:
+        if has_adapters:
+            unet.enable_adapters()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+
+
+def normalize_caption(text):
+    """Caption matching key (§4): lowercase, whitespace collapsed, trailing periods stripped."""
+    return " ".join(str(text).lower().split()).rstrip(" .")
+
+
+def _stable_hash(*parts):
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def positive_seed(prompt, slot, base_seed=0):
+    """Seed of the teacher sample in (prompt, slot): the same on every machine and every rerun."""
+    return int(_stable_hash("positive-seed", prompt, int(slot), int(base_seed))[:15], 16)
+
+
+def _tensor_digest(tensors):
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CacheEntryError(Exception):
+    """A cache file that exists but cannot be trusted (truncated, corrupted, other settings)."""
+
+
+class PositiveCache:
+    """On-disk cache of per-prompt positives and text embeddings (§4).
+
+    Layout: <root>/<settings key>/settings.json and entries/<ab>/<key>.safetensors, where the
+    settings key hashes everything the content depends on (teacher id and revision, resolution,
+    sampling steps, guidance, scheduler config, ...) and an entry's key hashes (settings key,
+    prompt, slot plan). A cache made with other settings lives under another key: it is never
+    reused, and the log says so. Entries are written atomically and carry a SHA-256 of their
+    tensors; a file that fails to load or to verify raises CacheEntryError.
+    """
+
+    def __init__(self, root, settings):
+        import json
+        import os
+
+        self.settings = dict(settings)
+        self.key = _stable_hash("tfd-positive-cache-v1", self.settings)[:16]
+        self.dir = os.path.join(root, self.key)
+        os.makedirs(os.path.join(self.dir, "entries"), exist_ok=True)
+        self.other_settings = sorted(
+            d for d in os.listdir(root) if d != self.key and os.path.isfile(os.path.join(root, d, "settings.json"))
+        )
+        settings_path = os.path.join(self.dir, "settings.json")
+        if not os.path.exists(settings_path):
+            text = json.dumps(self.settings, indent=2, sort_keys=True, default=str)
+            atomic_write(settings_path, lambda p: open(p, "w").write(text))
+
+    def entry_key(self, prompt, slots):
+        """slots: one source tag per positive slot, e.g. ["real:17", "teacher", ...]."""
+        return _stable_hash(self.key, prompt, list(slots))[:32]
+
+    def path(self, prompt, slots):
+        import os
+
+        key = self.entry_key(prompt, slots)
+        return os.path.join(self.dir, "entries", key[:2], key + ".safetensors")
+
+    def exists(self, prompt, slots):
+        import os
+
+        return os.path.exists(self.path(prompt, slots))
+
+    def save(self, prompt, slots, tensors):
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        path = self.path(prompt, slots)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"prompt": prompt, "slots": json.dumps(list(slots)), "sha256": _tensor_digest(tensors),
+                "settings_key": self.key}
+        atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+        return path
+
+    def load(self, prompt, slots):
+        """The entry's tensors, or None if absent; CacheEntryError if it is unreadable or wrong."""
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        path = self.path(prompt, slots)
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for truncated/garbled files
+            raise CacheEntryError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+        if meta.get("sha256") != _tensor_digest(tensors):
+            raise CacheEntryError(f"{path}: checksum mismatch (corrupted)")
+        if meta.get("prompt") != prompt or json.loads(meta.get("slots", "null")) != list(slots):
+            raise CacheEntryError(f"{path}: holds another prompt or slot plan")
+        return tensors
+
+    def discard(self, prompt, slots):
+        import os
+
+        path = self.path(prompt, slots)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+# Logging and publishing helpers (generic; written for the SDXL script, usable by any training script).
+
+
+def append_metrics(path, record):
+    """Append one JSON line (a dict of scalars) to a metrics.jsonl file."""
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, step):
+    """Drop the lines of a metrics.jsonl past `step` (a resumed run rewrites them), atomically."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write(path, lambda t: open(t, "w").writelines(kept))
+
+
+def log_image(accelerator, image, step, tag="validation"):
+    """A PIL image to the accelerator's trackers (tensorboard, wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image)]}, step=step)
+
+
+def push_folder_to_hub(folder, repo_id=None, token=None, message="TFD one-step student"):
+    """Upload a training output folder (without checkpoints, caches and temporary files)."""
+    import os
+
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id or os.path.basename(os.path.abspath(folder)), exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=message,
+                  ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*"])
+    return repo_id
