@@ -420,7 +420,8 @@ def edm_denoise(unet, x, sigma, class_labels, precond="cm", sigma_data=0.5, sigm
     sig = sigma.reshape(-1) if sigma.ndim else sigma.expand(x.shape[0])
     c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in edm_scalings(sig, sigma_data, sigma_min))
     c_noise = edm_c_noise(sig, precond)
-    model_in = (c_in * x.float()).to(x.dtype)
+    # x / sqrt(σ² + σd²) rather than c_in·x: bit-identical to the pipeline's scale_model_input
+    model_in = (x.float() / (sig**2 + sigma_data**2).sqrt().view(-1, 1, 1, 1)).to(x.dtype)
     out = unet(model_in, c_noise, class_labels=class_labels, return_dict=False)[0]
     return c_skip * x.float() + c_out * out.float()
 
