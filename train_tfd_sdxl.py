@@ -393,7 +393,7 @@ def main(args):
         logger.info(f"Positive cache ready: {cache.dir}; this process: {stats['hits']} reused, {stats['generated']} "
                     f"generated ({stats['regenerated']} of them replaced unreadable entries).", main_process_only=False)
         accelerator.end_training()
-        return None
+        return stats
 
     # Text encoders and VAE leave the GPU when the cache holds everything they would produce.
     offloaded[0] = all(cache.exists(p, slot_plan(p)) for p in prompts)
@@ -451,7 +451,7 @@ def main(args):
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
-    lcm_config = LCMScheduler.from_config(teacher_scheduler.config).config
+    lcm_config = one_step_scheduler_config(teacher_scheduler.config)
 
     @torch.no_grad()
     def validation_grid(step):
@@ -589,6 +589,17 @@ def load_scheduler(path, args):
     config = diffusers.DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision,
                                                  cache_dir=args.cache_dir)  # any scheduler class reads it
     return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def one_step_scheduler_config(teacher_config):
+    """LCMScheduler config with the teacher's noise schedule: at num_inference_steps=1 its step is
+    x₀ = (z − √(1−ᾱ)ε̂)/√ᾱ at timestep 999 (boundary c_skip ≈ 3e-9), the student's generator."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    keys = inspect.signature(LCMScheduler.__init__).parameters
+    return LCMScheduler.from_config({k: v for k, v in teacher_config.items() if k in keys}).config
 
 
 @torch.no_grad()

@@ -1,0 +1,328 @@
+# train_tfd_sdxl.py end to end on a tiny random SDXL pipeline (tests/tiny_sdxl.py), offline, CPU.
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tfd_utils
+import train_tfd_sdxl as script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow star"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """save_to_disk data set: 'a red cube' has two images (one caption spelled differently), 'a blue
+    sphere' one, the last two prompts none (null images)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(w, h):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a red cube", "A  red cube.", "a blue sphere", "a green cone", "a yellow star"],
+         "image": [image(40, 48), image(48, 40), image(36, 36), None, None]},
+        features=datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()}))
+    path = tmp_path_factory.mktemp("sdxl_data") / "captions"
+    ds.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_args(teacher_dir, data_dir, out, cache, *extra):
+    return ["--pretrained_model_name_or_path", teacher_dir, "--dataset_name", data_dir, "--image_column", "image",
+            "--resolution", "32", "--num_positive_steps", "2", "--num_generated", "2", "--num_positives", "2",
+            "--prompts_per_batch", "2", "--output_dir", str(out), "--positive_cache_dir", str(cache),
+            "--cache_dtype", "float32", "--report_to", "none", "--lr_warmup_steps", "0", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--validation_steps", "0", "--validation_prompts", "a cat", "a dog", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def embed(pipe, prompt):
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return pe, pooled
+
+
+def student_latents(unet, pipe, prompt, noise):
+    """The training generator (tfd_utils.sdxl_one_step) for a prompt, as the script calls it."""
+    pe, pooled = embed(pipe, prompt)
+    b = noise.shape[0]
+    cond = {"text_embeds": pooled.expand(b, -1), "time_ids": tfd_utils.sdxl_time_ids(32, b)}
+    ac = pipe.scheduler.alphas_cumprod
+    with torch.no_grad():
+        return tfd_utils.sdxl_one_step(unet, noise, 999, ac[999], pe.expand(b, -1, -1), cond)
+
+
+def pipeline_latents(pipe, prompt, noise):
+    return pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise.clone(), height=32, width=32,
+                num_images_per_prompt=noise.shape[0],
+                output_type="latent").images
+
+
+def test_one_step_equals_lcm_pipeline_step(teacher):
+    """sdxl_one_step is exactly StableDiffusionXLPipeline + LCMScheduler (1 step, no CFG, latents)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**{**teacher.components,
+                                        "scheduler": script_lcm(teacher.scheduler.config)})
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = student_latents(pipe.unet, pipe, "a photo of a cat", noise)
+    theirs = pipeline_latents(pipe, "a photo of a cat", noise)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-6)
+    assert ours.abs().mean() > 1.0  # x0 from ε at t=999 is large: the comparison is not vacuous
+
+
+def script_lcm(config):
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(script.one_step_scheduler_config(config))
+
+
+def test_vp_teacher_forward_feeds_scaled_input_at_matching_timestep(teacher):
+    """vp_teacher_forward = UNet((x+σξ)/√(1+σ²), t(σ)) with conditioning repeated per sample."""
+    unet, ac = teacher.unet, teacher.scheduler.alphas_cumprod
+    pe, pooled = embed(teacher, ["a", "b"])
+    cond = {"text_embeds": pooled, "time_ids": tfd_utils.sdxl_time_ids(32, 2)}
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.1, 0.1, 0.5, 0.5, 0.5])
+    with torch.no_grad():
+        out = tfd_utils.vp_teacher_forward(unet, ac, pe, cond)(x, sigma)
+        t = tfd_utils.vp_timestep_for_sigma(sigma, ac)
+        sig_t = tfd_utils.vp_sigmas(ac)
+        assert torch.allclose(torch.tensor(np.interp(t.double().numpy(), np.arange(1000), sig_t.log().numpy())),
+                              sigma.double().log(), atol=1e-4)
+        ref = unet(x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), t, encoder_hidden_states=pe.repeat_interleave(3, 0),
+                   added_cond_kwargs={k: v.repeat_interleave(3, 0) for k, v in cond.items()}).sample
+    torch.testing.assert_close(out, ref)
+
+
+def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, teacher, tmp_path, caplog):
+    cache_root = tmp_path / "cache"
+    argv = base_args(tiny_sdxl_dir, data_dir, tmp_path / "out", cache_root, "--prepare_positives_only")
+    stats = script.main(script.parse_args(argv))
+    assert stats == {"hits": 0, "generated": 4, "regenerated": 0}
+    (settings_dir,) = [p for p in cache_root.iterdir() if p.is_dir()]
+    settings = json.loads((settings_dir / "settings.json").read_text())
+    assert settings["num_positive_steps"] == 2 and settings["scheduler"]["beta_schedule"] == "scaled_linear"
+    cache = tfd_utils.PositiveCache(str(cache_root), settings)
+    assert cache.dir == str(settings_dir)
+
+    # Real positives: the VAE posterior mean of the center-cropped image, scaled; rows 0 and 1 match 'a red cube'.
+    import datasets
+
+    ds = datasets.load_from_disk(data_dir)
+    red = cache.load("a red cube", ["real:0", "real:1"])
+    for slot, row in enumerate([0, 1]):
+        img = ds[row]["image"]
+        expected = script.encode_image(teacher.vae, img, 32, "cpu")
+        torch.testing.assert_close(red["positives"][slot], expected)
+    pe, pooled = embed(teacher, "a red cube")
+    torch.testing.assert_close(red["prompt_embeds"], pe[0])
+    torch.testing.assert_close(red["pooled_prompt_embeds"], pooled[0])
+    # Mixed: one real image, then a teacher sample (2 steps, CFG 6) seeded by (prompt, slot).
+    blue = cache.load("a blue sphere", ["real:2", "teacher"])
+    gen = torch.Generator().manual_seed(tfd_utils.positive_seed("a blue sphere", 1, 0))
+    sample = teacher("a blue sphere", num_inference_steps=2, guidance_scale=6.0, height=32, width=32,
+                     generator=gen, output_type="latent").images[0]
+    torch.testing.assert_close(blue["positives"][1], sample, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blue["positives"][0], script.encode_image(teacher.vae, ds[2]["image"], 32, "cpu"))
+    cone = cache.load("a green cone", ["teacher", "teacher"])
+    assert not torch.allclose(cone["positives"][0], cone["positives"][1])  # different seeds per slot
+
+    # A second run reuses every entry, untouched.
+    files = sorted(settings_dir.glob("entries/*/*.safetensors"))
+    assert len(files) == 4
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert script.main(script.parse_args(argv)) == {"hits": 4, "generated": 0, "regenerated": 0}
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+    # A truncated entry is detected, reported and regenerated to the same content.
+    path = cache.path("a green cone", ["teacher", "teacher"])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(tfd_utils.CacheEntryError):
+        cache.load("a green cone", ["teacher", "teacher"])
+    caplog.set_level("WARNING")
+    assert script.main(script.parse_args(argv)) == {"hits": 3, "generated": 1, "regenerated": 1}
+    assert "unreadable" in caplog.text and "regenerating" in caplog.text
+    torch.testing.assert_close(cache.load("a green cone", ["teacher", "teacher"])["positives"], cone["positives"])
+
+    # Other settings never reuse these entries: they get their own cache folder.
+    other = script.main(script.parse_args(argv[:-1] + ["--positive_guidance_scale", "3.0",
+                                                        "--prepare_positives_only"]))
+    assert other["generated"] == 4 and len([p for p in cache_root.iterdir() if p.is_dir()]) == 2
+
+
+def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    cache = tmp_path / "cache"
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    student = script.main(script.parse_args(base_args(
+        tiny_sdxl_dir, data_dir, out_a, cache, "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--validation_steps", "2")))
+    log_a = metrics(out_a)
+    assert sorted(log_a) == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss/total"]) and r["train/grad_norm"] > 0 for r in log_a.values())
+    assert os.path.isfile(out_a / "validation" / "step-2.png") and os.path.isfile(out_a / "samples.png")
+    assert os.path.isfile(out_a / "checkpoint-4" / tfd_utils.CHECKPOINT_COMPLETE)
+
+    # Resume from step 2 into a fresh folder: steps 3 and 4 repeat exactly, weights end equal.
+    student_b = script.main(script.parse_args(base_args(
+        tiny_sdxl_dir, data_dir, out_b, cache, "--max_train_steps", "4", "--checkpointing_steps", "100",
+        "--resume_from_checkpoint", str(out_a / "checkpoint-2"))))
+    log_b = metrics(out_b)
+    assert sorted(log_b) == [3, 4]
+    for step in (3, 4):
+        assert log_b[step]["loss/total"] == log_a[step]["loss/total"]
+        assert log_b[step]["train/grad_norm"] == log_a[step]["train/grad_norm"]
+    for (name, p), q in zip(student.named_parameters(), student_b.parameters()):
+        assert torch.equal(p, q), name
+
+    # The saved pipeline runs the student's one step: DiffusionPipeline(prompt, 1 step, no CFG).
+    pipe = DiffusionPipeline.from_pretrained(str(out_a))
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    trained = student_latents(student, pipe, "a red cube", noise)
+    torch.testing.assert_close(pipeline_latents(pipe, "a red cube", noise), trained, atol=1e-5, rtol=1e-5)
+    teacher_unet = DiffusionPipeline.from_pretrained(tiny_sdxl_dir).unet
+    assert (student_latents(teacher_unet, pipe, "a red cube", noise) - trained).abs().max() > 1e-3  # it trained
+    image = pipe("a red cube", num_inference_steps=1, guidance_scale=0.0).images[0]
+    assert image.size == (32, 32)
+    card = (out_a / "README.md").read_text()
+    assert "num_inference_steps=1" in card and "samples.png" in card
+
+    # An output folder holding a run is never silently overwritten.
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint"):
+        script.main(script.parse_args(base_args(tiny_sdxl_dir, data_dir, out_a, cache, "--max_train_steps", "1")))
+
+
+def test_lora_accelerate_launch_and_load_lora_weights(tiny_sdxl_dir, data_dir, teacher, tmp_path):
+    """A real `accelerate launch` run in LoRA mode; its weights load onto the teacher pipeline."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    out = tmp_path / "lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(ROOT, "train_tfd_sdxl.py"),
+           *base_args(tiny_sdxl_dir, data_dir, out, tmp_path / "cache", "--train_mode", "lora", "--lora_rank", "4",
+                      "--lora_alpha", "8", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                      "--gradient_checkpointing")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+    assert not os.path.exists(out / "unet")  # LoRA exports adapters only
+    assert sorted(metrics(out)) == [1, 2]
+
+    # The training student, rebuilt from the checkpoint the run saved at its last step.
+    student = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).unet
+    student.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                   target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    script.import_unet(student, str(out / "checkpoint-2"), lora=True)
+
+    # The user's three lines: teacher pipeline + load_lora_weights + the saved one-step scheduler.
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = LCMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    trained = student_latents(student, pipe, "a blue sphere", noise)
+    torch.testing.assert_close(pipeline_latents(pipe, "a blue sphere", noise), trained, atol=1e-5, rtol=1e-5)
+    base = student_latents(teacher.unet, teacher, "a blue sphere", noise)
+    assert (base - trained).abs().max() > 1e-4  # the adapters changed the generator
+    assert "load_lora_weights" in (out / "README.md").read_text()
+
+
+def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
+    """In LoRA mode the teacher is the student's UNet in teacher_mode: its features and their input
+    gradients equal the base UNet's, also with gradient checkpointing on (recomputation in backward)."""
+    import copy
+
+    from peft import LoraConfig
+
+    base = copy.deepcopy(teacher.unet)
+    unet = copy.deepcopy(teacher.unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_v"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the output
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    pe, pooled = embed(teacher, ["a"])
+    cond = {"text_embeds": pooled, "time_ids": tfd_utils.sdxl_time_ids(32, 1)}
+    ac = teacher.scheduler.alphas_cumprod
+    sigma = torch.full((1,), 0.1)
+    x0 = torch.randn(1, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def features_and_grad(model, mode):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        with tfd_utils.FeatureExtractor(model, ["down_blocks.2", "mid_block"], 4) as fx, mode:
+            feats = tfd_utils.group_features(fx, tfd_utils.vp_teacher_forward(model, ac, pe, cond), x, sigma)
+        sum(f.square().sum() for f in feats.values()).backward()
+        return feats, x.grad
+
+    import contextlib
+
+    f_ref, g_ref = features_and_grad(base, contextlib.nullcontext())
+    f_tm, g_tm = features_and_grad(unet, tfd_utils.teacher_mode(unet))
+    assert unet.is_gradient_checkpointing  # restored
+    for k in f_ref:
+        torch.testing.assert_close(f_tm[k], f_ref[k])
+    torch.testing.assert_close(g_tm, g_ref)
+    f_st, _ = features_and_grad(unet, contextlib.nullcontext())
+    assert not torch.allclose(f_st["mid_block"], f_ref["mid_block"])  # adapters on: a different network
+
+
+def test_bad_inputs_fail_early(tiny_sdxl_dir, data_dir, tmp_path):
+    def run(*extra, data=data_dir):
+        return script.main(script.parse_args(base_args(tiny_sdxl_dir, data, tmp_path / "o", tmp_path / "c", *extra)))
+
+    with pytest.raises(ValueError, match=r"Unknown teacher layer 'down_blocks\.9'.*down_blocks\.2"):
+        run("--feature_layers", "down_blocks.9 mid_block")
+    with pytest.raises(ValueError, match=r"--caption_column 'caption' is not in .*\['text', 'image'\]"):
+        run("--caption_column", "caption")
+    with pytest.raises(ValueError, match="--image_column 'img'"):
+        run("--image_column", "img")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    argv = base_args(tiny_sdxl_dir, data_dir, tmp_path / "o", tmp_path / "c")
+    i = argv.index("--dataset_name")
+    argv[i:i + 2] = ["--prompts_file", str(empty)]
+    argv.remove("--image_column"), argv.remove("image")
+    with pytest.raises(ValueError, match="No prompts"):
+        script.main(script.parse_args(argv))
+    with pytest.raises(ValueError, match="exactly one prompt source"):
+        script.parse_args(argv + ["--dataset_name", data_dir])
+    with pytest.raises(ValueError, match="num_generated"):
+        script.parse_args(argv + ["--num_generated", "1"])
+    assert not os.path.exists(tmp_path / "c")  # nothing was written before the errors
