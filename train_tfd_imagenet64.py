@@ -133,6 +133,8 @@ def parse_args(argv=None):
                    help="Reference statistics (.npz with mu, sigma; e.g. EDM's imagenet-64x64.npz) for FID.")
     g.add_argument("--fid_num_samples", type=int, default=50_000, help="Samples per FID (labels i mod classes).")
     g.add_argument("--fid_batch_size", type=int, default=250, help="Batch size of FID sampling and Inception.")
+    g.add_argument("--fid_mode", default="legacy_tensorflow", choices=("legacy_tensorflow", "clean"),
+                   help="Inception resizing: legacy_tensorflow matches EDM's reference stats, clean is clean-fid's.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
@@ -539,11 +541,11 @@ def evaluate_fid(accelerator, student, ema, generate, classes, shape, reference,
     model.train()
     if ema is not None:
         ema.restore(model.parameters())
-    feats = tfd_fid.inception_features(torch.cat(chunks), args.fid_batch_size, accelerator.device)
+    feats = tfd_fid.inception_features(torch.cat(chunks).cpu(), args.fid_batch_size, accelerator.device, args.fid_mode)
     feats = accelerator.gather(torch.as_tensor(feats, device=accelerator.device))[:n]
     if not accelerator.is_main_process:
         return None
-    mu, sigma = tfd_fid.feature_stats(feats.cpu())
+    mu, sigma = tfd_fid.feature_stats(feats.cpu().numpy())
     return float(tfd_fid.frechet_distance(mu, sigma, *reference))
 
 
