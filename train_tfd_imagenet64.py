@@ -474,7 +474,10 @@ def main(args):
                         f.write(json.dumps({"step": step, **values}) + "\n")
 
             if step % args.checkpointing_steps == 0:
-                tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+                if bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
+                    logger.warning(f"Step {step}: not checkpointing during {bad_steps} non-finite steps in a row.")
+                else:
+                    tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
             if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process:
                 sample_grid(step)
             if fid_reference is not None and step % args.eval_fid_every == 0:
