@@ -267,10 +267,7 @@ def main(args):
     resume = None
     if not args.prepare_positives_only:
         resume = tfd_utils.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
-        existing = tfd_utils.list_checkpoints(args.output_dir)
-        if existing and not args.resume_from_checkpoint:
-            raise FileExistsError(f"{args.output_dir} already holds {existing[-1][1]}: pass --resume_from_checkpoint "
-                                  "latest to continue that run, or choose a new --output_dir.")
+        tfd_utils.check_output_dir(args.output_dir, args.resume_from_checkpoint)
     load_kw = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet",
                                                    revision=args.revision, cache_dir=args.cache_dir)
@@ -407,12 +404,16 @@ def main(args):
 
     # Checkpoints hold the trainable weights only: the UNet (full) or the LoRA layers.
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                export_unet(accelerator.unwrap_model(model), output_dir, lora)
+        for model in models:
+            full = tfd_utils.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
+            if accelerator.is_main_process:
+                export_unet(full, output_dir, lora)
+            if weights:  # empty under FSDP/DeepSpeed, which save their own (sharded) state next to it
                 weights.pop()
 
     def load_model_hook(models, input_dir):
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            return  # accelerate loads the engine's own state
         for _ in range(len(models)):
             import_unet(accelerator.unwrap_model(models.pop()), input_dir, lora)
 
@@ -457,9 +458,10 @@ def main(args):
     def validation_grid(step):
         """One step per validation prompt through the real pipeline (LCMScheduler, 1 step, no CFG)."""
         model = accelerator.unwrap_model(student)
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                                         unet=model, scheduler=LCMScheduler.from_config(lcm_config))
+        # Text encoders left out: the prompts are pre-encoded, and the pipeline would cast them to their dtype.
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer_2, unet=model,
+                                         scheduler=LCMScheduler.from_config(lcm_config))
         pipe.set_progress_bar_config(disable=True)
         pe, pooled = (e.to(device, model.dtype) for e in val_embeds)
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(pe))]
@@ -492,10 +494,14 @@ def main(args):
         for micro in range(args.gradient_accumulation_steps):
             # Every draw of this micro-step comes from its own seed: a resumed run repeats it exactly.
             seed = ((args.seed * 1_000_003 + step) * 1009 + micro) * 4099 + accelerator.process_index
+            shared = torch.Generator().manual_seed(seed - accelerator.process_index - 1)  # same on every process
             gen = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)  # the feature noise ξ
             with accelerator.accumulate(student):
-                batch = [get_entry(prompts[i]) for i in torch.randint(len(prompts), (G,), generator=gen).tolist()]
+                # Prompts: positions [rank·G, (rank+1)·G) of one shared sequence, so processes never repeat each other.
+                drawn = tfd_utils.shared_draw(len(prompts), accelerator.process_index * G, G, shared).tolist()
+                tfd_utils.debug_record(accelerator, "draws", lambda: {"step": step, "micro": micro, "prompts": drawn})
+                batch = [get_entry(prompts[i]) for i in drawn]
                 positives = torch.stack([e["positives"] for e in batch]).to(device, torch.float32)
                 pe = torch.stack([e["prompt_embeds"] for e in batch]).to(device, student_dtype)
                 cond = {"text_embeds": torch.stack([e["pooled_prompt_embeds"] for e in batch]).to(device, student_dtype),
@@ -514,6 +520,7 @@ def main(args):
                     loss, logs = tfd_utils.tfd_step_loss(
                         extractor, forward, generated, positives, None, sigma, args.drift_radii, args.drift_kernel,
                         args.anchor_weight, args.anchor_alpha, args.anchor_temperature, args.anchor_bandwidth)
+                loss = tfd_utils.inject_test_fault(loss, step, accelerator.process_index)  # no-op outside tests
                 accelerator.backward(loss)
                 logs.update({"sigma/mean": sigma.mean()})
                 for k, v in logs.items():
@@ -538,6 +545,8 @@ def main(args):
                 accelerator.end_training()
                 raise RuntimeError(f"{bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
                                    f"{ckpts[-1][1] if ckpts else 'none'}. Lower --learning_rate or use bf16.")
+        tfd_utils.debug_record(accelerator, "steps", lambda: {
+            "step": step, "ok": ok, "digest": tfd_utils.state_digest(accelerator.unwrap_model(student))})
         progress.update(1)
 
         if step % args.logging_steps == 0 or step == args.max_train_steps:
@@ -557,19 +566,25 @@ def main(args):
             if accelerator.is_main_process:
                 tfd_utils.append_metrics(metrics_path, {"step": step, **values})
         if step % args.checkpointing_steps == 0:
-            tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+            if bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
+                logger.warning(f"Step {step}: not checkpointing during {bad_steps} non-finite steps in a row.")
+            else:
+                tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
         if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process:
             validation_grid(step)
 
     # Export: the one-step pipeline (full) or the LoRA weights, samples and a model card.
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(student)
+    model = tfd_utils.consolidated_model(accelerator, student)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:
         validation_grid(None).save(os.path.join(args.output_dir, "samples.png"))
         if lora:
             export_unet(model, args.output_dir, lora=True)
             LCMScheduler.from_config(lcm_config).save_pretrained(os.path.join(args.output_dir, "scheduler"))
-        else:
+        else:  # saved in float32 throughout: users pick the dtype with from_pretrained(torch_dtype=...)
+            on_device("cpu", text_encoder, text_encoder_2, vae)
+            for m in (text_encoder, text_encoder_2, vae, model):
+                m.to(torch.float32)
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=model,
                                              scheduler=LCMScheduler.from_config(lcm_config))

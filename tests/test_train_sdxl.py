@@ -183,9 +183,11 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
 
     cache = tmp_path / "cache"
     out_a, out_b = tmp_path / "a", tmp_path / "b"
+    # A half-precision teacher (feature pass, positives, text encoders) and checkpointing in both UNets.
+    precision = ["--teacher_dtype", "bf16", "--gradient_checkpointing"]
     student = script.main(script.parse_args(base_args(
         tiny_sdxl_dir, data_dir, out_a, cache, "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--validation_steps", "2")))
+        "--validation_steps", "2", *precision)))
     log_a = metrics(out_a)
     assert sorted(log_a) == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss/total"]) and r["train/grad_norm"] > 0 for r in log_a.values())
@@ -195,7 +197,7 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
     # Resume from step 2 into a fresh folder: steps 3 and 4 repeat exactly, weights end equal.
     student_b = script.main(script.parse_args(base_args(
         tiny_sdxl_dir, data_dir, out_b, cache, "--max_train_steps", "4", "--checkpointing_steps", "100",
-        "--resume_from_checkpoint", str(out_a / "checkpoint-2"))))
+        "--resume_from_checkpoint", str(out_a / "checkpoint-2"), *precision)))
     log_b = metrics(out_b)
     assert sorted(log_b) == [3, 4]
     for step in (3, 4):
