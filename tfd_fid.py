@@ -344,3 +344,44 @@ def reference_stats_from_dataset(dataset, image_column="image", mode="legacy_ten
         images = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in rows]
         feats.append(inception_features(images, batch_size, device, mode))
     return feature_stats(np.concatenate(feats))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: reference statistics of a folder, or the FID between two folders / npz files.
+# ----------------------------------------------------------------------------------------------
+
+
+def _stats_of(path, mode, batch_size, device):
+    return load_reference_stats(path) if path.endswith(".npz") else feature_stats(
+        folder_features(path, batch_size, device, mode, progress=True))
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="FID with the StyleGAN3/clean-fid Inception network (float64 stats).")
+    sub = p.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("ref", help="Reference statistics (EDM npz: mu, sigma) of an image folder.")
+    ref.add_argument("images", help="Image folder (recursive).")
+    ref.add_argument("out", help="Output .npz.")
+    fid = sub.add_parser("fid", help="FID between two image folders or .npz reference files.")
+    fid.add_argument("a", help="Image folder or .npz.")
+    fid.add_argument("b", help="Image folder or .npz.")
+    for s in (ref, fid):
+        s.add_argument("--mode", default="clean", choices=MODES,
+                       help="clean: clean-fid (COCO); legacy_tensorflow: NVlabs EDM (ImageNet-64 npz).")
+        s.add_argument("--batch_size", type=int, default=64, help="Inception batch size.")
+        s.add_argument("--device", default=None, help="torch device (default: cuda if available).")
+    args = p.parse_args(argv)
+    if args.command == "ref":
+        save_reference_stats(args.out, *_stats_of(args.images, args.mode, args.batch_size, args.device))
+        print(f"wrote {args.out}")
+        return None
+    value = frechet_distance(*_stats_of(args.a, args.mode, args.batch_size, args.device),
+                             *_stats_of(args.b, args.mode, args.batch_size, args.device))
+    print(f"FID {value:.4f} ({args.a} vs {args.b}, {args.mode})")
+    return value
+
+
+if __name__ == "__main__":
+    main()

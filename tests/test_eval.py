@@ -414,3 +414,18 @@ def test_evaluate_coco_clear_errors(fake_coco, tmp_path, capsys):
                                      "--num_prompts", "3"])
     with pytest.raises(FileNotFoundError, match="missing from"):
         run_coco(args)
+
+
+def test_tfd_fid_command_line(tmp_path, capsys):
+    folder = write_folder(tmp_path / "imgs", 2, 1.0, seed=5)
+    tfd_fid.main(["ref", folder, str(tmp_path / "r.npz"), "--device", "cpu", "--mode", "legacy_tensorflow"])
+    mu, sigma = tfd_fid.load_reference_stats(str(tmp_path / "r.npz"))
+    expect = tfd_fid.feature_stats(tfd_fid.inception_features(
+        [tfd_fid.load_image(p) for p in tfd_fid.list_images(folder)], device="cpu", mode="legacy_tensorflow"))
+    np.testing.assert_allclose(mu, expect[0], atol=1e-5)
+    sub = np.cov(np.random.default_rng(0).normal(size=(40, 16)), rowvar=False)  # 16-d: no 2048² eigh
+    tfd_fid.save_reference_stats(str(tmp_path / "r16.npz"), mu[:16], sub)
+    tfd_fid.save_reference_stats(str(tmp_path / "s16.npz"), mu[:16] + 0.1, sub)
+    value = tfd_fid.main(["fid", str(tmp_path / "r16.npz"), str(tmp_path / "s16.npz")])
+    assert value == pytest.approx(0.01 * 16, abs=1e-6)  # same sigma: |Δmu|² only
+    assert "FID " in capsys.readouterr().out
