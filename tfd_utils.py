@@ -23,7 +23,8 @@ def pairwise_distance(a, b):
 
     Equals sqrt(max(d², 1e-8)): the clamp keeps the gradient finite at coincident points.
     """
-    return torch.cdist(a, b).clamp_min(1e-4)
+    # the direct (difference-based) kernel: the matmul form loses precision for close points
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-4)
 
 
 def drifting_weights(logits, num_generated):
@@ -51,12 +52,14 @@ def meanshift_weights(logits, num_generated):
 
 
 def drifting_field(generated, positives, radii, kernel="drifting"):
-    """The frozen regression target of §1a, computed in float32 without gradient.
+    """The drift F of §1a.5–6 (so that the frozen target is t = x/s_in + F), computed in float32
+    without gradient.
 
-    generated: [G, N, D], positives: [G, P, D]. Returns (target [G, N, D], s_in, stats)
-    where the loss is mean((generated / s_in − target)²) and stats holds the diagnostics:
-    `scale` (s, the mean distance) and `force_norms` (raw RMS force per radius, before the
-    per-radius normalisation: the progress signal, since the normalised loss stays flat).
+    generated: [G, N, D], positives: [G, P, D]. Returns (force [G, N, D], s_in, stats); stats
+    holds the diagnostics: `scale` (s, the mean distance) and `force_norms` (raw RMS force per
+    radius, before the per-radius normalisation: the progress signal, since the normalised loss
+    stays flat). Every radius works on [G, N, N+P] weights; the D-sized data is read once per
+    radius (its RMS) and once for F, and [x; y] is never concatenated.
     """
     if kernel not in DRIFT_KERNELS:
         raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {DRIFT_KERNELS}.")
@@ -64,26 +67,61 @@ def drifting_field(generated, positives, radii, kernel="drifting"):
         x = generated.detach().float()
         y = positives.detach().float()
         num_gen, dim = x.shape[1], x.shape[2]
-        targets = torch.cat([x, y], dim=1)  # the generated samples are their own negatives
-        dist = pairwise_distance(x, targets)  # [G, N, N+P]
+        # targets [x; y]: the generated samples are their own negatives
+        dist = torch.cat([pairwise_distance(x, x), pairwise_distance(x, y)], dim=-1)  # [G, N, N+P]
         scale = dist.mean()  # one scalar over every group of the batch
         s_in = (scale / math.sqrt(dim)).clamp_min(1e-3)
-        x_s, targets_s = x / s_in, targets / s_in
         dist_s = dist / scale.clamp_min(1e-3)
         self_mask = torch.eye(num_gen, dist.shape[-1], device=x.device, dtype=x.dtype)
         dist_s = dist_s + 1e6 * self_mask
         weights_fn = drifting_weights if kernel == "drifting" else meanshift_weights
-        force = torch.zeros_like(x_s)
+        combined = torch.zeros_like(dist)
         force_norms = []
         for radius in radii:
-            c = weights_fn(-dist_s / radius, num_gen)
-            f = c @ targets_s - c.sum(dim=-1, keepdim=True) * x_s
-            norm = f.square().mean().clamp_min(1e-8).sqrt()
+            w = _force_matrix(weights_fn(-dist_s / radius, num_gen)) / s_in
+            f = _apply_weights(w, x, y)  # F_R in scaled coordinates
+            norm = _rms(f).clamp_min(1e-4)
             force_norms.append(norm)
-            force = force + f / norm
-        target = x_s + force
+            combined = combined + w / norm
+        force = _apply_weights(combined, x, y)  # Σ_R F_R / ‖F_R‖: linear in the weights
     stats = {"scale": scale, "force_norms": torch.stack(force_norms)}
-    return target, s_in, stats
+    return force, s_in, stats
+
+
+def _rms(t):
+    """sqrt(mean(t²)) without a temporary; per-row norms first (one float32 norm over many
+    millions of elements loses ~1e-4)."""
+    return (torch.linalg.vector_norm(t.flatten(1), dim=1).square().sum() / t.numel()).sqrt()
+
+
+def _force_matrix(c):
+    """c [G, N, N+P] → w with F_i = Σ_j w_ij Y_j: the −(Σ_j c_ij) x_i term moves onto column i."""
+    num_gen = c.shape[1]
+    eye = torch.eye(num_gen, c.shape[-1], device=c.device, dtype=c.dtype)
+    return c - c.sum(dim=-1, keepdim=True) * eye
+
+
+def _apply_weights(w, x, y):
+    """w [G, N, N+P] applied to the rows of [x; y]: w[:, :, :N] @ x + w[:, :, N:] @ y."""
+    num_gen = x.shape[1]
+    return torch.bmm(w[..., num_gen:], y).baddbmm_(w[..., :num_gen], x)
+
+
+class _FrozenTargetRegression(torch.autograd.Function):
+    """mean over (N, D) of (x/s_in − sg(x/s_in + F))² per group, i.e. the value mean(F²) and the
+    gradient −2F/(s_in·N·D) w.r.t. x, without materialising the target (Eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, generated, force, s_in):
+        ctx.save_for_backward(force, s_in)
+        ctx.input_dtype = generated.dtype
+        return force.square().mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        force, s_in = ctx.saved_tensors
+        scale = grad_loss.float().view(-1, 1, 1) * (-2.0 / (force.shape[1] * force.shape[2])) / s_in
+        return (force * scale).to(ctx.input_dtype), None, None
 
 
 def drifting_loss(generated, positives, radii, kernel="drifting", return_stats=False):
@@ -92,9 +130,9 @@ def drifting_loss(generated, positives, radii, kernel="drifting", return_stats=F
     generated [G, N, D] carries the gradient; positives [G, P, D] are constants. Vectorised over
     groups. With return_stats=True also returns the diagnostics of `drifting_field`.
     """
-    target, s_in, stats = drifting_field(generated, positives, radii, kernel)
+    force, s_in, stats = drifting_field(generated, positives, radii, kernel)
     with torch.autocast(generated.device.type, enabled=False):
-        loss = (generated.float() / s_in - target).square().mean(dim=(1, 2))
+        loss = _FrozenTargetRegression.apply(generated, force, s_in)
     return (loss, stats) if return_stats else loss
 
 
@@ -582,9 +620,11 @@ def list_checkpoints(output_dir, logger=None):
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         step = name[len(CHECKPOINT_PREFIX):]
+        if step.endswith(".incomplete"):  # save_checkpoint's temporary name: killed before the rename
+            step = step[: -len(".incomplete")]
         if not (name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isdir(path)):
             continue
-        if not os.path.exists(os.path.join(path, CHECKPOINT_COMPLETE)):
+        if not os.path.exists(os.path.join(path, CHECKPOINT_COMPLETE)) or name.endswith(".incomplete"):
             if logger is not None:
                 logger.warning(f"Ignoring incomplete checkpoint {path} (no {CHECKPOINT_COMPLETE} marker).")
             continue
@@ -629,6 +669,7 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
+    pause_for_test("checkpoint", step)  # test-only: tests/test_faults.py kills the run here
     if accelerator.is_main_process:
         with open(os.path.join(tmp, CHECKPOINT_COMPLETE), "w") as f:
             f.write(f"{step}\n")
@@ -667,7 +708,10 @@ def scalars(logs):
 
 def parse_floats(text):
     """'0.02,0.05 0.2' → [0.02, 0.05, 0.2] (commas or spaces)."""
-    return [float(v) for v in str(text).replace(",", " ").split()]
+    try:
+        return [float(v) for v in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of numbers separated by commas or spaces.") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -775,7 +819,9 @@ class ClassGroupedSampler:
     Indices of a class are drawn without replacement; a class with fewer images is drawn with
     replacement (warned about once). Draw k of process `rank` depends only on (seed, rank, k), so
     the state is the draw counter: register the sampler with accelerator.register_for_checkpointing
-    and a resumed run continues exactly (the counter is the same on every process).
+    and a resumed run continues exactly (the counter is the same on every process). The classes of
+    draw k come from one sequence shared by all processes, rank r taking positions [r·G, (r+1)·G):
+    processes train disjoint classes while G·processes ≤ classes.
     """
 
     def __init__(self, labels, classes, classes_per_batch, per_class, seed=0, rank=0, logger=None):
@@ -802,8 +848,11 @@ class ClassGroupedSampler:
     def __call__(self):
         """(classes [G], indices [G, per_class]) for the next step."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.draws)
+        shared = torch.Generator().manual_seed((self.seed * 1_000_003 - 1) * 1_000_033 + self.draws)
         self.draws += 1
-        classes = self.classes[torch.randperm(len(self.classes), generator=g)[: self.classes_per_batch]]
+        # Classes: positions [rank·G, (rank+1)·G) of a sequence shared by all processes (disjoint across them).
+        G = self.classes_per_batch
+        classes = self.classes[shared_draw(len(self.classes), self.rank * G, G, shared)]
         rows = []
         for c in classes.tolist():
             pool = self.index[c]
@@ -919,6 +968,8 @@ def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", 
     else:
         ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
     labels, fetch = _hf_dataset_source(ds, image_column, label_column, path)
+    if len(labels) == 0:
+        raise ValueError(f"{path} ({split}) holds no images.")
     return labels, fetch, f"{path} ({split})"
 
 
@@ -944,7 +995,16 @@ class LabelledImages:
                 self.data[start:start + len(idx)] = self._decode(idx)
 
     def _decode(self, idx):
-        return torch.stack([to_teacher_image(im, self.channels, self.resolution) for im in self._fetch(idx)])
+        try:
+            return torch.stack([to_teacher_image(im, self.channels, self.resolution) for im in self._fetch(idx)])
+        except Exception:  # name the culprit: PIL's error does not for in-memory bytes (datasets, zips)
+            for i in idx:
+                try:
+                    to_teacher_image(self._fetch([i])[0], self.channels, self.resolution)
+                except Exception as e:
+                    raise ValueError(f"Image {i} of the training data cannot be decoded ({type(e).__name__}: {e}): "
+                                     "remove or re-encode it.") from e
+            raise
 
     def get(self, indices):
         indices = torch.as_tensor(indices)
@@ -1101,7 +1161,11 @@ class PositiveCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"prompt": prompt, "slots": json.dumps(list(slots)), "sha256": _tensor_digest(tensors),
                 "settings_key": self.key}
-        atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+        def write(tmp):
+            save_file(tensors, tmp, metadata=meta)
+            pause_for_test("cache_entry", prompt)  # test-only: tests/test_faults.py kills the writer here
+
+        atomic_write(path, write)
         return path
 
     def load(self, prompt, slots):
@@ -1152,8 +1216,15 @@ def truncate_metrics(path, step):
 
     if not os.path.isfile(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        for ln in f:
+            try:
+                record = json.loads(ln)
+            except ValueError:  # empty, or cut short by a kill mid-write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(ln.rstrip("\n") + "\n")
     atomic_write(path, lambda t: open(t, "w").writelines(kept))
 
 
@@ -1180,3 +1251,138 @@ def push_folder_to_hub(folder, repo_id=None, token=None, message="TFD one-step s
     upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=message,
                   ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*"])
     return repo_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Scaling out and fault tolerance: disjoint draws per process, FSDP-consolidated students, the
+# output-folder guard, stale temporary files; test-only hooks (no-ops unless a TFD_TEST_* / TFD_DEBUG_DIR
+# environment variable is set: tests/test_distributed.py, tests/test_faults.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def shared_draw(n, start, count, generator, chunk=256):
+    """Positions [start, start+count) of one random sequence of indices in range(n).
+
+    Every lap of n consecutive positions is a permutation of range(n), and the sequence depends
+    only on the generator's seed: processes seeding it alike and taking positions
+    [rank·G, (rank+1)·G) draw disjoint sets while the world's G·world fits in n (then wrap).
+    Costs O(start + count) draws, not O(n): fine for millions of prompts.
+    """
+    out, seen = [], set()
+    while len(out) < start + count:
+        for i in torch.randint(n, (chunk,), generator=generator).tolist():
+            if i in seen:
+                continue
+            seen.add(i)
+            out.append(i)
+            if len(seen) == n:  # a lap is complete: the next one is a new permutation
+                seen = set()
+            if len(out) == start + count:
+                break
+    return torch.tensor(out[start:], dtype=torch.long)
+
+
+def consolidated_model(accelerator, model):
+    """The trained module with complete weights, for saving on the main process (call on every process).
+
+    DDP/DeepSpeed ZeRO-2/one process: the unwrapped module. FSDP: its parameters are shards, so the
+    full state dict is gathered (accelerator.get_state_dict, a collective) and loaded into a fresh
+    copy built from the diffusers config on the main process (None elsewhere).
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    full = type(unwrapped).from_config(unwrapped.config)
+    full.load_state_dict(state)
+    return full
+
+
+RUN_FILES = ("metrics.jsonl", "model_index.json", "network-snapshot.pkl", "pytorch_lora_weights.safetensors")
+
+
+def check_output_dir(output_dir, resume_from_checkpoint):
+    """An output folder holding another run (checkpoints, metrics or an exported model) is only
+    continued on request: FileExistsError unless --resume_from_checkpoint is given."""
+    import os
+
+    if resume_from_checkpoint:
+        return
+    ckpts = list_checkpoints(output_dir)
+    found = [ckpts[-1][1]] if ckpts else [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if found:
+        raise FileExistsError(f"{output_dir} already holds another run ({', '.join(found)}): pass "
+                              "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
+
+
+STALE_TMP_SECONDS = 600  # an atomic write takes seconds: an older temporary file is a killed writer's
+
+
+def remove_stale_tmp_files(root, max_age_s=STALE_TMP_SECONDS):
+    """Delete `*.tmp-*` leftovers of atomic writes killed mid-way under root (never read: readers
+    open final names only). Younger ones may belong to a live writer and are left alone."""
+    import os
+    import time
+
+    removed, now = 0, time.time()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                if ".tmp-" in name and now - os.path.getmtime(path) > max_age_s:
+                    os.remove(path)
+                    removed += 1
+            except FileNotFoundError:  # another process removed or renamed it meanwhile
+                pass
+    return removed
+
+
+def pause_for_test(point, detail=""):
+    """Test-only: with TFD_TEST_PAUSE=POINT (or POINT:DETAIL), announce on stderr and sleep
+    TFD_TEST_PAUSE_SECONDS (60) here, so a test can SIGKILL the process at this exact moment."""
+    import os
+    import sys
+    import time
+
+    want = os.environ.get("TFD_TEST_PAUSE")
+    if want and want in (point, f"{point}:{detail}"):
+        print(f"TFD_TEST_PAUSE {point}:{detail} pid={os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("TFD_TEST_PAUSE_SECONDS", "60")))
+
+
+def inject_test_fault(loss, step, rank=0):
+    """Test-only: at the steps in TFD_TEST_NONFINITE_STEPS ("3,4"; "3@1": rank 1 only) make the loss
+    non-finite as TFD_TEST_NONFINITE_KIND says: nan (default), inf, or grad (the loss stays finite,
+    its gradient is infinite). Returns the loss unchanged otherwise."""
+    import os
+
+    spec = os.environ.get("TFD_TEST_NONFINITE_STEPS")
+    if not spec or not ({str(step), f"{step}@{rank}"} & set(spec.replace(" ", "").split(","))):
+        return loss
+    kind = os.environ.get("TFD_TEST_NONFINITE_KIND", "nan")
+    if kind == "grad":
+        return loss + (loss - loss.detach()) * float("inf")
+    return loss * float(kind)
+
+
+def debug_record(accelerator, name, make_record):
+    """Test-only: append make_record() (a dict) as a JSON line to $TFD_DEBUG_DIR/NAME-rankR.jsonl.
+    Without TFD_DEBUG_DIR nothing is computed or written."""
+    import json
+    import os
+
+    folder = os.environ.get("TFD_DEBUG_DIR")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}-rank{accelerator.process_index}.jsonl"), "a") as f:
+        f.write(json.dumps(make_record()) + "\n")
+
+
+def state_digest(model):
+    """SHA-256 of a module's state dict (names, dtypes, shapes, bytes): equal digests, equal weights."""
+    return _tensor_digest(dict(model.state_dict()))
