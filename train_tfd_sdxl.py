@@ -163,6 +163,8 @@ def check_args(args):
     """Cheap checks of flag combinations, before anything is loaded."""
     if bool(args.dataset_name) == bool(args.prompts_file):
         raise ValueError("Give exactly one prompt source: --dataset_name (captions) or --prompts_file.")
+    if args.prompts_file and args.image_column:
+        raise ValueError("--image_column needs --dataset_name: a --prompts_file has no images.")
     if args.prompts_file and not os.path.isfile(args.prompts_file):
         raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist.")
     if args.num_generated < 2:
@@ -260,6 +262,10 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     device, lora = accelerator.device, args.train_mode == "lora"
+    fsdp = accelerator.distributed_type.value == "FSDP"  # full fine-tune only: LoRA runs under DDP
+    if fsdp and lora:
+        raise ValueError("--train_mode lora under FSDP is not supported: LoRA weights are small, use DDP "
+                         "(examples/accelerate_configs/8gpu_ddp.yaml).")
     teacher_dtype = DTYPES[args.teacher_dtype]
     student_dtype = teacher_dtype if lora else torch.float32  # LoRA: fp32 adapters on the teacher's base weights
 
@@ -310,6 +316,10 @@ def main(args):
     logger.info(f"Positive cache: {cache.dir}" + (f" ({len(cache.other_settings)} caches made with other settings "
                                                    f"in {args.positive_cache_dir} are not used)"
                                                    if cache.other_settings else ""))
+    if accelerator.is_local_main_process:  # leftovers of writers killed mid-entry (never read, only cleaned)
+        removed = tfd_utils.remove_stale_tmp_files(cache.dir)
+        if removed:
+            logger.info(f"Positive cache: removed {removed} temporary files of killed writers.")
 
     # Teacher UNet: a frozen copy (full) or the student's own base weights (lora).
     if args.prepare_positives_only:
@@ -443,9 +453,8 @@ def main(args):
         accelerator.load_state(resume)
         first_step = tfd_utils.checkpoint_step(resume)
         logger.info(f"Resumed from {resume} at step {first_step}.")
-        if accelerator.is_main_process:
-            tfd_utils.truncate_metrics(metrics_path, first_step)
     if accelerator.is_main_process:
+        tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
         os.makedirs(args.output_dir, exist_ok=True)
         tfd_utils.atomic_write(os.path.join(args.output_dir, "training_args.json"),
                                lambda t: json.dump(vars(args), open(t, "w"), indent=2, default=str))
@@ -455,9 +464,9 @@ def main(args):
     lcm_config = one_step_scheduler_config(teacher_scheduler.config)
 
     @torch.no_grad()
-    def validation_grid(step):
+    def validation_grid(step, model=None):
         """One step per validation prompt through the real pipeline (LCMScheduler, 1 step, no CFG)."""
-        model = accelerator.unwrap_model(student)
+        model = accelerator.unwrap_model(student) if model is None else model
         # Text encoders left out: the prompts are pre-encoded, and the pipeline would cast them to their dtype.
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=tokenizer,
                                          tokenizer_2=tokenizer_2, unet=model,
@@ -570,14 +579,14 @@ def main(args):
                 logger.warning(f"Step {step}: not checkpointing during {bad_steps} non-finite steps in a row.")
             else:
                 tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
-        if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process:
-            validation_grid(step)
+        if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process and not fsdp:
+            validation_grid(step)  # (FSDP: the main process alone cannot run the sharded student)
 
     # Export: the one-step pipeline (full) or the LoRA weights, samples and a model card.
     accelerator.wait_for_everyone()
     model = tfd_utils.consolidated_model(accelerator, student)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:
-        validation_grid(None).save(os.path.join(args.output_dir, "samples.png"))
+        validation_grid(None, model.to(device)).save(os.path.join(args.output_dir, "samples.png"))
         if lora:
             export_unet(model, args.output_dir, lora=True)
             LCMScheduler.from_config(lcm_config).save_pretrained(os.path.join(args.output_dir, "scheduler"))

@@ -325,6 +325,49 @@ def test_bad_inputs_fail_early(tiny_sdxl_dir, data_dir, tmp_path):
         script.main(script.parse_args(argv))
     with pytest.raises(ValueError, match="exactly one prompt source"):
         script.parse_args(argv + ["--dataset_name", data_dir])
+    with pytest.raises(ValueError, match="--image_column needs --dataset_name"):
+        script.parse_args(argv + ["--image_column", "image"])
     with pytest.raises(ValueError, match="num_generated"):
         script.parse_args(argv + ["--num_generated", "1"])
     assert not os.path.exists(tmp_path / "c")  # nothing was written before the errors
+
+
+def test_load_prompts_matching_subsets_and_text_files(data_dir, tmp_path):
+    import datasets
+
+    args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", data_dir,
+                              "--image_column", "image"])
+    prompts, real, ds, _ = script.load_prompts(args)
+    assert prompts == PROMPTS  # "A  red cube." is the same prompt as "a red cube"
+    assert real == {"a red cube": [0, 1], "a blue sphere": [2], "a green cone": [], "a yellow star": []}
+    args.image_column = None
+    assert script.load_prompts(args)[1] == {p: [] for p in PROMPTS}
+
+    # Lists of captions per row (COCO style): every caption is a prompt matched to its row's image.
+    path = tmp_path / "coco_like"
+    datasets.Dataset.from_dict({"captions": [["One dog.", "a dog "], ["a cat", "A DOG"]],
+                                "image": ["a.png", "b.png"]}).save_to_disk(str(path))
+    args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(path),
+                              "--caption_column", "captions", "--image_column", "image"])
+    prompts, real, _, _ = script.load_prompts(args)
+    assert prompts == ["One dog.", "a dog", "a cat"] and real["a dog"] == [0, 1] and real["a cat"] == [1]
+    args.max_train_samples = 1
+    assert len(script.load_prompts(args)[0]) in (2, 3)
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red cube\n\nA red cube.\na tree\n")
+    args = script.parse_args(["--pretrained_model_name_or_path", "x", "--prompts_file", str(text)])
+    assert script.load_prompts(args)[0] == ["a red cube", "a tree"]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl_dir, data_dir, tmp_path):
+    """A learning rate of 1e30 blows the weights up after one update: later steps are non-finite,
+    skipped (weights untouched), and --max_bad_steps of them in a row stop the run clearly."""
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite steps"):
+        script.main(script.parse_args(base_args(
+            tiny_sdxl_dir, data_dir, tmp_path / "o", tmp_path / "c", "--learning_rate", "1e30", "--max_bad_steps", "2",
+            "--max_train_steps", "6", "--checkpointing_steps", "100", "--prompts_per_batch", "1")))
+    log = metrics(tmp_path / "o")
+    assert np.isfinite(log[1]["loss/total"]) and log[1]["train/bad_steps"] == 0
+    bad = [log[s]["train/bad_steps"] for s in sorted(log)]
+    assert bad[-1] == 1 and max(log) < 6  # the step that made it 2 in a row raised before logging
