@@ -1,0 +1,1038 @@
+#!/usr/bin/env python
+# Cost of one TFD training step: time split, memory, the floor of bare network passes, the early
+# stop, and a DMD2-shaped reference step built from the same networks (issue 7).
+#
+#   python benchmarks/bench_train_step.py --device cuda                  # the full-size table (GPU)
+#   python benchmarks/bench_train_step.py --device cuda --find_max_batch # + largest batch that fits
+#   python benchmarks/bench_train_step.py --tiny --config all            # seconds on a CPU (CI)
+#
+# The TFD step is the step of train_tfd_imagenet64.py / train_tfd_sdxl.py: the same tfd_utils calls
+# in the same order with the same arguments (those scripts' own argument parsers give them), under
+# the same Accelerator (autocast, GradScaler, clipping). The networks are built from the real
+# configs with random weights; the data are random tensors in the scripts' formats (uint8 images
+# through LabelledImages; SDXL positives and text embeddings through a PositiveCache on disk).
+#
+# Time split (CUDA events on GPU, perf_counter on CPU; markers are a FeatureExtractor subclass and
+# tensor hooks, so the step itself is unchanged):
+#   student   = one-step generator forward + its backward (after the gradient reaches its output)
+#   teacher_gen = teacher feature pass on the generated samples: forward + backward to the input
+#   teacher_ref = teacher feature pass on positives (+ anchors), no grad
+#   losses    = tfd_loss forward + its backward (down to the pooled features)
+#   pool      = feature pooling, timed apart on the captured feature maps (it runs inside the
+#               teacher passes; reported next to the losses for the "losses + pooling" target)
+#   optim     = log accumulation, clipping, the finiteness check, optimiser + LR step, zero_grad
+#   data      = the rest (batch sampling, host->device copies, noise)
+# floor  = the same network passes bare: student forward+backward through the teacher's full
+#          forward on the N generated samples, the teacher's full forward on P+M samples under
+#          no-grad, and the optimiser step; no hooks, no losses, no data.
+# DMD2   = generator forward+backward, two teacher forwards (CFG), one fake-score forward,
+#          the generator update, then five fake-score updates (forward+backward+optimiser) on
+#          the detached samples. A lower bound of DMD2 (no GAN head, no extra generator forwards).
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tfd_utils  # noqa: E402
+
+# openai consistency-models ImageNet-64 ADM UNet, as diffusers' UNet2DModel (openai/diffusers-cd_imagenet64_l2).
+ADM_IMAGENET64 = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=3, num_class_embeds=1000,
+    block_out_channels=(192, 384, 576, 768), attention_head_dim=64, norm_num_groups=32,
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    resnet_time_scale_shift="scale_shift", upsample_type="resnet", downsample_type="resnet",
+)
+# The same layout at toy width (the 16 encoder units that enc:6/enc:11/bottleneck need stay).
+ADM_TINY = dict(ADM_IMAGENET64, sample_size=16, num_class_embeds=10, block_out_channels=(8, 16, 16, 16),
+                attention_head_dim=8, norm_num_groups=8)
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the values that differ from diffusers' defaults).
+SDXL_BASE = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+# SDXL-shaped, small enough for a CPU: same block types and layer names, narrower and shallower.
+SDXL_REDUCED = dict(SDXL_BASE, block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
+                    attention_head_dim=(1, 2, 4), cross_attention_dim=2048)
+SDXL_TINY = dict(SDXL_BASE, block_out_channels=(16, 32, 32), layers_per_block=1, transformer_layers_per_block=1,
+                 attention_head_dim=(2, 4, 4), norm_num_groups=8, cross_attention_dim=64, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32)
+SDXL_POOLED_DIM = {"full": 1280, "reduced": 1280, "tiny": 32}
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPLIT = ("student", "teacher_gen", "teacher_ref", "losses", "pool", "optim", "data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark of the TFD training step (issue 7).")
+    p.add_argument("--config", default="all", choices=("imagenet64", "sdxl", "all"), help="Which networks to time.")
+    p.add_argument("--tiny", action="store_true",
+                   help="Toy-width networks of the same layouts at 16 px / 16x16 latents: seconds on a CPU (CI).")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu.")
+    p.add_argument("--repeats", type=int, default=None, help="Timed steps per measurement (median; default 5 GPU, 2 CPU).")
+    p.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 2 GPU, 1 CPU; 0 with --tiny).")
+    p.add_argument("--teacher_dtype", default=None,
+                   help="ImageNet-64 rows: dtype(s) of the teacher feature pass, comma-separated (fp32, bf16, fp16; "
+                        "default fp32,bf16 on a GPU, fp32 on a CPU). The student autocast follows the script: bf16 on "
+                        "a GPU, none on a CPU.")
+    p.add_argument("--imagenet_batch", default=None,
+                   help="ImageNet-64 batch per GPU as GROUPSxN,P,M (default 10x4,4,4; on a CPU 1x2,2,2; tiny 2x2,2,2).")
+    p.add_argument("--sdxl_prompts", default=None, help="SDXL prompts per GPU, comma-separated rows (default 1,2; tiny 1).")
+    p.add_argument("--sdxl_batch", default=None, help="SDXL N,P per prompt (default 4,4; tiny 2,2).")
+    p.add_argument("--sdxl_modes", default="full,lora",
+                   help="SDXL rows: full (gradient checkpointing + 8-bit AdamW) and/or lora.")
+    p.add_argument("--sdxl_precision", default=None,
+                   help="SDXL rows: fp16, bf16 and/or fp32 (mixed precision of the student and dtype of the teacher; "
+                        "default bf16 on a GPU, fp32 on a CPU, whose bf16 kernels are not representative).")
+    p.add_argument("--sdxl_unet", default=None, choices=("full", "reduced", "tiny"),
+                   help="SDXL UNet: the real SDXL base config (default on GPU), an SDXL-shaped reduced one (default "
+                        "on CPU) or a toy one (--tiny).")
+    p.add_argument("--sdxl_resolution", type=int, default=None,
+                   help="SDXL resolution in pixels (latents are 1/8; default 1024, reduced 256, tiny 128).")
+    p.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (default 64; tiny 4).")
+    p.add_argument("--measure", default="step,nostop,floor,dmd2",
+                   help="What to time per row: step (TFD, early stop), nostop (TFD, teacher run to the end), floor, "
+                        "dmd2.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher (module.compile()).")
+    p.add_argument("--channels_last", action="store_true", help="Networks and inputs in channels-last memory format.")
+    p.add_argument("--find_max_batch", action="store_true",
+                   help="GPU only: also find the most groups (classes/prompts) per GPU whose TFD step fits.")
+    p.add_argument("--max_groups", type=int, default=64, help="Upper limit of the --find_max_batch search.")
+    p.add_argument("--output_json", default=None, help="Write every measurement to this JSON file.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random weights and data.")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible: use --device cpu.")
+    cpu = args.device.type == "cpu"
+    args.repeats = args.repeats or (1 if args.tiny else 2 if cpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1 if cpu else 2)
+    args.teacher_dtype = [d.strip() for d in (args.teacher_dtype or ("fp32" if cpu else "fp32,bf16")).split(",")
+                          if d.strip()]
+    args.sdxl_modes = [m.strip() for m in args.sdxl_modes.split(",") if m.strip()]
+    args.sdxl_precision = [d.strip() for d in (args.sdxl_precision or ("fp32" if cpu else "bf16")).split(",")
+                           if d.strip()]
+    args.measure = [m.strip() for m in args.measure.split(",") if m.strip()]
+    for name, values, valid in (("--teacher_dtype", args.teacher_dtype, DTYPES), ("--sdxl_modes", args.sdxl_modes,
+                                ("full", "lora")), ("--sdxl_precision", args.sdxl_precision, ("fp16", "bf16", "fp32")),
+                                ("--measure", args.measure, ("step", "nostop", "floor", "dmd2"))):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise ValueError(f"{name}: unknown {bad}; choose from {list(valid)}.")
+    if cpu and "fp16" in args.sdxl_precision:
+        raise ValueError("--sdxl_precision fp16 needs a GPU (fp16 autocast on a CPU is not a training setting).")
+    imagenet_batch = args.imagenet_batch or ("2x2,2,2" if args.tiny else "1x2,2,2" if cpu else "10x4,4,4")
+    try:
+        g, rest = imagenet_batch.lower().split("x")
+        args.imagenet_batch = (int(g), *[int(v) for v in rest.split(",")])
+        assert len(args.imagenet_batch) == 4
+    except (ValueError, AssertionError):
+        raise ValueError(f"--imagenet_batch {imagenet_batch!r}: write GROUPSxN,P,M, e.g. 10x4,4,4.") from None
+    args.sdxl_prompts = [int(v) for v in (args.sdxl_prompts or ("1" if args.tiny else "1,2")).split(",")]
+    args.sdxl_batch = tuple(int(v) for v in (args.sdxl_batch or ("2,2" if args.tiny else "4,4")).split(","))
+    args.sdxl_unet = args.sdxl_unet or ("tiny" if args.tiny else "reduced" if cpu else "full")
+    args.sdxl_resolution = args.sdxl_resolution or {"full": 1024, "reduced": 256, "tiny": 128}[args.sdxl_unet]
+    args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
+    if args.find_max_batch and cpu:
+        print("--find_max_batch: skipped on a CPU (it searches for the CUDA out-of-memory limit).")
+        args.find_max_batch = False
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------
+
+
+class Marks:
+    """Named time points of one step: CUDA events on a GPU, perf_counter on a CPU. Usable from
+    autograd hooks (they record on the backward's stream without a host sync)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.t = {}
+
+    def __call__(self, name):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.t[name] = ev
+        else:
+            self.t[name] = time.perf_counter()
+
+    def ms(self, a, b):
+        if self.cuda:
+            return self.t[a].elapsed_time(self.t[b])
+        return (self.t[b] - self.t[a]) * 1e3
+
+
+def no_mark(name):
+    pass
+
+
+class TimedExtractor(tfd_utils.FeatureExtractor):
+    """FeatureExtractor that marks the end of each teacher pass and, in backward, the moment the
+    gradient reaches the pooled features (the end of the losses' backward)."""
+
+    mark = staticmethod(no_mark)
+
+    def __call__(self, fn, sample):
+        feats = super().__call__(fn, sample)
+        if torch.is_grad_enabled() and sample.requires_grad:
+            self.mark("teacher_gen_fwd")
+            for f in feats.values():
+                if f.requires_grad:
+                    f.register_hook(lambda g: self.mark("loss_bwd"))
+        else:
+            self.mark("teacher_ref")
+        return feats
+
+
+def split_of(m):
+    """The time split (ms) of one marked step."""
+    return {
+        "total": m.ms("start", "optim"),
+        "data": m.ms("start", "student_start"),
+        "student": m.ms("student_start", "student_fwd") + m.ms("gen_grad", "backward"),
+        "teacher_gen": m.ms("student_fwd", "teacher_gen_fwd") + m.ms("loss_bwd", "gen_grad"),
+        "teacher_ref": m.ms("teacher_gen_fwd", "teacher_ref"),
+        "losses": m.ms("teacher_ref", "loss_fwd") + m.ms("loss_fwd", "loss_bwd"),
+        "optim": m.ms("backward", "optim"),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step_fn, device, warmup, repeats, marked=False):
+    """Median wall time (ms) of step_fn over `repeats` runs after `warmup`; with marked=True also
+    the median of each split entry (step_fn(mark) is given a Marks)."""
+    for _ in range(warmup):
+        step_fn(Marks(device) if marked else no_mark)
+    sync(device)
+    totals, splits = [], []
+    for _ in range(repeats):
+        marks = Marks(device) if marked else no_mark
+        sync(device)
+        t0 = time.perf_counter()
+        step_fn(marks)
+        sync(device)
+        totals.append((time.perf_counter() - t0) * 1e3)
+        if marked:
+            splits.append(split_of(marks))
+    out = {"ms": statistics.median(totals), "ms_all": totals}
+    if marked:
+        out["split"] = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+    return out
+
+
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max_memory_allocated (weights included), or on a CPU the peak
+    RSS above the RSS at `base` (Linux VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device, base_rss=None):
+        self.device, self.base_rss = device, base_rss
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.ok = True
+            except OSError:
+                self.ok = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = _proc_status("VmHWM")
+            self.bytes = hwm - (self.base_rss or 0) if self.ok and hwm is not None else None
+        return False
+
+
+def free_memory():
+    """Frees what the last row held: CUDA cache, and on Linux the heap glibc keeps (so the next
+    row's CPU peak-RSS delta starts from a true baseline)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: the networks, optimiser and Accelerator of one configuration; their batches.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_accelerator(device, mixed_precision):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one Accelerator per row (rows differ in mixed precision)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def prepare_networks(args, *models):
+    for m in models:
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if args.compile:
+            m.compile()
+
+
+class ImageNet64Row:
+    """train_tfd_imagenet64.py's student, teacher, optimiser and step, on the ADM ImageNet-64 UNet."""
+
+    kind = "imagenet64"
+
+    def __init__(self, args, teacher_dtype):
+        import train_tfd_imagenet64 as script
+        from diffusers import UNet2DModel
+        from diffusers.optimization import get_scheduler
+
+        self.args, self.device = args, args.device
+        g, n, p, m = args.imagenet_batch
+        self.targs = script.parse_args([
+            "--pretrained_teacher_model", "bench", "--dataset_name", "bench", "--classes_per_batch", str(g),
+            "--num_generated", str(n), "--num_positives", str(p), "--num_anchors", str(m),
+            "--teacher_dtype", teacher_dtype])
+        ta = self.targs
+        self.config = ADM_TINY if args.tiny else ADM_IMAGENET64
+        self.name = f"ImageNet-64 ADM{' (tiny)' if args.tiny else ''}, teacher {teacher_dtype}"
+        # The script's default: bf16 autocast on a GPU, none on a CPU.
+        mixed = ta.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
+        self.accelerator = make_accelerator(self.device, mixed)
+        torch.manual_seed(args.seed)
+        with torch.device(self.device):
+            teacher = UNet2DModel(**self.config)
+        self.num_params = count_params(teacher)
+        # As in the script: a trainable float32 copy; the teacher frozen in --teacher_dtype.
+        student = copy.deepcopy(teacher).to(self.device).float().train().requires_grad_(True)
+        teacher.to(self.device).eval().requires_grad_(False)
+        teacher.to(DTYPES[ta.teacher_dtype])
+        prepare_networks(args, student, teacher)
+        self.teacher = teacher
+        self.params = [q for q in student.parameters() if q.requires_grad]
+        optimizer = tfd_utils.make_optimizer(self.params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2),
+                                             ta.adam_weight_decay, ta.adam_epsilon, ta.use_8bit_adam)
+        lr_scheduler = get_scheduler(ta.lr_scheduler, optimizer, num_warmup_steps=ta.lr_warmup_steps,
+                                     num_training_steps=ta.max_train_steps)
+        self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
+        self.channels, self.resolution = self.config["in_channels"], self.config["sample_size"]
+        self.set_groups(g)
+
+    def set_groups(self, groups):
+        """Batch-dependent state: random uint8 images through LabelledImages and the class sampler."""
+        import numpy as np
+        from PIL import Image
+
+        ta = self.targs
+        ta.classes_per_batch = groups
+        per_class = ta.num_positives + ta.num_anchors
+        num_classes = min(self.config["num_class_embeds"], max(groups, 1))
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        rng = np.random.default_rng(self.args.seed)
+        images = rng.integers(0, 256, (len(labels), self.resolution, self.resolution, 3), dtype=np.uint8)
+        fetch = lambda idx: [Image.fromarray(images[i]) for i in idx]  # noqa: E731
+        self.data = tfd_utils.LabelledImages(labels, fetch, self.channels, self.resolution, progress=False)
+        self.sampler = tfd_utils.ClassGroupedSampler(labels, range(num_classes), groups, per_class, self.args.seed)
+        self.groups = groups
+        self.images_per_step = groups * ta.num_generated
+
+    def generate(self, model, noise, class_labels):
+        ta = self.targs
+        return tfd_utils.edm_one_step(model, noise, class_labels, ta.sigma_max, ta.sigma_min, ta.precond, ta.sigma_data)
+
+    def extractor(self, stop_early=True, timed=True):
+        cls = TimedExtractor if timed else tfd_utils.FeatureExtractor
+        return cls(self.teacher, self.targs.feature_layers, self.targs.feature_pool_size, stop_early=stop_early)
+
+    def tfd_step(self, extractor, mark):
+        """train_tfd_imagenet64.py's micro-step (gradient_accumulation_steps = 1), with time marks."""
+        ta, accelerator, device = self.targs, self.accelerator, self.device
+        group_shape = (ta.classes_per_batch, ta.num_generated, self.channels, self.resolution, self.resolution)
+        mark("start")
+        logs_sum, loss_sum = {}, 0.0
+        with extractor, accelerator.accumulate(self.student):
+            step_classes, idx = self.sampler()
+            real = tfd_utils.uint8_to_model(self.data.get(idx), device)
+            positives, anchors = real[:, :ta.num_positives], real[:, ta.num_positives:]
+            step_classes = step_classes.to(device)
+            noise = torch.randn(math.prod(group_shape[:2]), *group_shape[2:], device=device)
+            mark("student_start")
+            with accelerator.autocast():
+                generated = self.generate(self.student, noise, step_classes.repeat_interleave(ta.num_generated))
+            generated = generated.float().reshape(group_shape)
+            generated.register_hook(lambda g: mark("gen_grad"))
+            mark("student_fwd")
+            sigma = tfd_utils.sample_feature_sigmas(
+                ta.classes_per_batch, ta.feature_noise_mean, ta.feature_noise_std, ta.feature_noise_min,
+                ta.feature_noise_max, device=device)
+            forward = tfd_utils.edm_teacher_forward(self.teacher, step_classes, ta.precond, ta.sigma_data)
+            loss, logs = tfd_utils.tfd_step_loss(
+                extractor, forward, generated, positives, anchors if ta.num_anchors > 0 else None, sigma,
+                ta.drift_radii, ta.drift_kernel, ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature,
+                ta.anchor_bandwidth)
+            mark("loss_fwd")
+            accelerator.backward(loss)
+            mark("backward")
+            logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
+            optimizer_update(self, logs, logs_sum, loss, loss_sum, ta.max_grad_norm)
+        mark("optim")
+        return loss
+
+    # Bare network calls for the floor and the DMD2 reference.
+    def bare_inputs(self, n):
+        labels = torch.randint(self.config["num_class_embeds"], (n,), device=self.device)
+        x = torch.randn(n, self.channels, self.resolution, self.resolution, device=self.device)
+        return x, labels
+
+    def bare_student(self, model, x, labels):
+        t = torch.full((x.shape[0],), 250.0 * math.log(self.targs.sigma_max), device=self.device)
+        return model(x, t, class_labels=labels, return_dict=False)[0].float()
+
+    def bare_teacher(self, x, labels, t=None):
+        t = torch.full((x.shape[0],), 250.0 * math.log(0.05), device=self.device) if t is None else t
+        with torch.autocast(self.device.type, enabled=False):
+            return self.teacher(x.to(self.teacher.dtype), t, class_labels=labels, return_dict=False)[0]
+
+    def sizes(self):
+        ta = self.targs
+        return ta.classes_per_batch * ta.num_generated, ta.classes_per_batch * (ta.num_positives + ta.num_anchors)
+
+    def dmd2_noise(self, x):
+        """A VE-noised copy of x at a random EDM σ and its teacher time input."""
+        sigma = (torch.randn(x.shape[0], device=self.device) * 1.2 - 1.2).exp()
+        t = 250.0 * sigma.log()
+        return x + sigma.view(-1, 1, 1, 1) * torch.randn_like(x), t
+
+    def fake_score(self):
+        return unprepared_copy(self.accelerator.unwrap_model(self.student))
+
+    def fake_call(self, fake, x, t, labels):
+        return fake(x, t, class_labels=labels, return_dict=False)[0].float()
+
+    @contextlib.contextmanager
+    def teacher_context(self):
+        yield
+
+
+class SDXLRow:
+    """train_tfd_sdxl.py's student, teacher, optimiser and step, on the SDXL UNet (full or LoRA)."""
+
+    kind = "sdxl"
+
+    def __init__(self, args, mode, precision, prompts):
+        import train_tfd_sdxl as script
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers.optimization import get_scheduler
+
+        self.args, self.device = args, args.device
+        n, p = args.sdxl_batch
+        flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
+                 "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
+                 "--resolution", str(args.sdxl_resolution),
+                 "--mixed_precision", "no" if precision == "fp32" else precision,
+                 "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
+                 str(args.lora_rank)]
+        if mode == "full":
+            flags += ["--gradient_checkpointing", "--use_8bit_adam"]
+        self.targs = ta = script.parse_args(flags)
+        self.lora = lora = mode == "lora"
+        self.config = {"full": SDXL_BASE, "reduced": SDXL_REDUCED, "tiny": SDXL_TINY}[args.sdxl_unet]
+        size = {"full": "SDXL base", "reduced": "SDXL-shaped reduced", "tiny": "SDXL-shaped tiny"}[args.sdxl_unet]
+        what = f"LoRA r{args.lora_rank}" if lora else "full FT (ckpt, 8-bit AdamW)"
+        self.name = f"{size} {args.sdxl_resolution}px, {what}, {precision}"
+        self.accelerator = make_accelerator(self.device, ta.mixed_precision)
+        teacher_dtype = DTYPES[ta.teacher_dtype]
+        self.student_dtype = teacher_dtype if lora else torch.float32
+        self.alphas_cumprod = DDPMScheduler(**SDXL_SCHEDULER).alphas_cumprod.to(torch.float64)
+        self.latent = args.sdxl_resolution // 8
+        torch.manual_seed(args.seed)
+        with torch.device(self.device):
+            unet = UNet2DConditionModel(**self.config)
+        self.num_params = count_params(unet)
+        unet.requires_grad_(False).eval()
+        # As in the script: LoRA adapters (fp32) on the teacher's weights, or a float32 copy.
+        if lora:
+            from peft import LoraConfig
+
+            unet.to(self.device, teacher_dtype)
+            unet.add_adapter(LoraConfig(r=ta.lora_rank, lora_alpha=ta.lora_alpha, init_lora_weights="gaussian",
+                                        target_modules=ta.lora_target_modules))
+            for prm in unet.parameters():
+                if prm.requires_grad:
+                    prm.data = prm.data.float()
+            student, teacher = unet, unet
+        else:
+            teacher = unet.to(self.device, teacher_dtype)
+            student = copy.deepcopy(unet).to(torch.float32).requires_grad_(True)
+        if ta.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+            if not lora:
+                teacher.enable_gradient_checkpointing()
+        student.train()
+        prepare_networks(args, *({student, teacher} if not lora else {student}))
+        self.params = [q for q in student.parameters() if q.requires_grad]
+        self.num_trainable = sum(q.numel() for q in self.params)
+        optimizer = tfd_utils.make_optimizer(self.params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2),
+                                             ta.adam_weight_decay, ta.adam_epsilon, ta.use_8bit_adam)
+        lr_scheduler = get_scheduler(ta.lr_scheduler, optimizer, num_warmup_steps=ta.lr_warmup_steps,
+                                     num_training_steps=ta.max_train_steps)
+        self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
+        self.teacher = self.accelerator.unwrap_model(self.student) if lora else teacher
+        self.tmp = tempfile.TemporaryDirectory(prefix="tfd-bench-cache-")
+        self.set_groups(prompts)
+
+    def set_groups(self, groups):
+        """Batch-dependent state: one PositiveCache entry per prompt (random latents and embeddings)."""
+        ta = self.targs
+        ta.prompts_per_batch = groups
+        self.cache = tfd_utils.PositiveCache(self.tmp.name, {"benchmark": self.name, "groups": groups})
+        self.slots = ["teacher"] * ta.num_positives
+        self.prompts = [f"benchmark prompt {i}" for i in range(max(groups, 2))]
+        g = torch.Generator().manual_seed(self.args.seed)
+        cdt = DTYPES["fp16"] if ta.cache_dtype == "float16" else torch.float32
+        for prompt in self.prompts:
+            self.cache.save(prompt, self.slots, {
+                "positives": torch.randn(ta.num_positives, 4, self.latent, self.latent, generator=g).to(cdt),
+                "prompt_embeds": torch.randn(77, self.config["cross_attention_dim"], generator=g).to(cdt),
+                "pooled_prompt_embeds": torch.randn(SDXL_POOLED_DIM[self.args.sdxl_unet], generator=g).to(cdt)})
+        self.groups = groups
+        self.images_per_step = groups * ta.num_generated
+        self.step_count = 0
+
+    def generate(self, model, noise, pe, cond):
+        ta = self.targs
+        t = ta.conditioning_timestep
+        return tfd_utils.sdxl_one_step(model, noise, t, self.alphas_cumprod[t], pe, cond)
+
+    def extractor(self, stop_early=True, timed=True):
+        cls = TimedExtractor if timed else tfd_utils.FeatureExtractor
+        return cls(self.teacher, self.targs.feature_layers, self.targs.feature_pool_size, stop_early=stop_early)
+
+    def tfd_step(self, extractor, mark):
+        """train_tfd_sdxl.py's micro-step (gradient_accumulation_steps = 1), with time marks."""
+        ta, accelerator, device = self.targs, self.accelerator, self.device
+        G, N = ta.prompts_per_batch, ta.num_generated
+        shape = (4, self.latent, self.latent)
+        self.step_count += 1
+        mark("start")
+        logs_sum, loss_sum = {}, 0.0
+        seed = (ta.seed * 1_000_003 + self.step_count) * 1009 * 4099
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        with accelerator.accumulate(self.student):
+            batch = [self.cache.load(self.prompts[i], self.slots)
+                     for i in torch.randint(len(self.prompts), (G,), generator=gen).tolist()]
+            positives = torch.stack([e["positives"] for e in batch]).to(device, torch.float32)
+            pe = torch.stack([e["prompt_embeds"] for e in batch]).to(device, self.student_dtype)
+            cond = {"text_embeds": torch.stack([e["pooled_prompt_embeds"] for e in batch]).to(device, self.student_dtype),
+                    "time_ids": tfd_utils.sdxl_time_ids(ta.resolution, G, device, self.student_dtype)}
+            noise = torch.randn(G * N, *shape, generator=gen).to(device)
+            sigma = tfd_utils.sample_feature_sigmas(G, ta.feature_noise_mean, ta.feature_noise_std,
+                                                    ta.feature_noise_min, ta.feature_noise_max, generator=gen,
+                                                    device=device)
+            mark("student_start")
+            with accelerator.autocast():
+                generated = self.generate(self.student, noise, pe.repeat_interleave(N, 0),
+                                          {k: v.repeat_interleave(N, 0) for k, v in cond.items()})
+            generated = generated.float().reshape(G, N, *shape)
+            generated.register_hook(lambda g: mark("gen_grad"))
+            mark("student_fwd")
+            forward = tfd_utils.vp_teacher_forward(self.teacher, self.alphas_cumprod, pe, cond)
+            with extractor, tfd_utils.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext():
+                loss, logs = tfd_utils.tfd_step_loss(
+                    extractor, forward, generated, positives, None, sigma, ta.drift_radii, ta.drift_kernel,
+                    ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature, ta.anchor_bandwidth)
+            mark("loss_fwd")
+            accelerator.backward(loss)
+            mark("backward")
+            logs.update({"sigma/mean": sigma.mean()})
+            optimizer_update(self, logs, logs_sum, loss, loss_sum, ta.max_grad_norm)
+        mark("optim")
+        return loss
+
+    def bare_inputs(self, n):
+        x = torch.randn(n, 4, self.latent, self.latent, device=self.device)
+        return x, self.text_cond(n)
+
+    def text_cond(self, n):
+        ehs = torch.randn(n, 77, self.config["cross_attention_dim"], device=self.device, dtype=self.student_dtype)
+        cond = {"text_embeds": torch.randn(n, SDXL_POOLED_DIM[self.args.sdxl_unet], device=self.device,
+                                           dtype=self.student_dtype),
+                "time_ids": tfd_utils.sdxl_time_ids(self.targs.resolution, n, self.device, self.student_dtype)}
+        return ehs, cond
+
+    def bare_student(self, model, x, cond):
+        t = torch.full((x.shape[0],), self.targs.conditioning_timestep, device=self.device, dtype=torch.long)
+        return model(x, t, encoder_hidden_states=cond[0], added_cond_kwargs=cond[1], return_dict=False)[0].float()
+
+    def bare_teacher(self, x, cond, t=None):
+        t = torch.full((x.shape[0],), 50.0, device=self.device) if t is None else t
+        dt = self.teacher.dtype
+        return self.teacher(x.to(dt), t, encoder_hidden_states=cond[0].to(dt),
+                            added_cond_kwargs={k: v.to(dt) for k, v in cond[1].items()}, return_dict=False)[0]
+
+    def sizes(self):
+        ta = self.targs
+        return ta.prompts_per_batch * ta.num_generated, ta.prompts_per_batch * ta.num_positives
+
+    def dmd2_noise(self, x):
+        t = torch.randint(20, 980, (x.shape[0],), device=self.device)
+        a = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
+        return a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x), t
+
+    def fake_score(self):
+        """A trainable copy of the student (full: float32 + checkpointing; LoRA: its own adapters)."""
+        return unprepared_copy(self.accelerator.unwrap_model(self.student))
+
+    def fake_call(self, fake, x, t, cond):
+        return fake(x, t, encoder_hidden_states=cond[0], added_cond_kwargs=cond[1], return_dict=False)[0].float()
+
+    def teacher_context(self):
+        return tfd_utils.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext()
+
+
+def unprepared_copy(model):
+    """A deep copy of a prepared model without Accelerator's autocast forward (prepare adds it again)."""
+    fake = copy.deepcopy(model)
+    if "_original_forward" in fake.__dict__:
+        fake.forward = fake.__dict__.pop("_original_forward")
+    return fake
+
+
+def optimizer_update(row, logs, logs_sum, loss, loss_sum, max_grad_norm):
+    """The scripts' update after the backward (gradient_accumulation_steps = 1): log accumulation,
+    clipping, the finiteness check (one host sync), optimiser and LR step, zero_grad."""
+    accelerator = row.accelerator
+    for k, v in logs.items():
+        logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float()
+    loss_sum = loss_sum + loss.detach()
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(row.params, max_grad_norm)
+        ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
+                  torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
+        if ok or accelerator.scaler is not None:
+            row.optimizer.step()
+        if ok:
+            row.lr_scheduler.step()
+        row.optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The floor and the DMD2-shaped reference step
+# ----------------------------------------------------------------------------------------------
+
+
+def floor_step(row, mark=no_mark):
+    """Bare passes: student fwd+bwd through the teacher's full forward on N samples, the teacher's
+    full forward on P+M samples (no grad), the optimiser step."""
+    n_gen, n_ref = row.sizes()
+    x, cond = row.bare_inputs(n_gen)
+    refs, ref_cond = row.bare_inputs(n_ref)
+    with row.accelerator.autocast():
+        gen = row.bare_student(row.student, x, cond)
+    with row.teacher_context():
+        out = row.bare_teacher(gen, cond)
+        with torch.no_grad():
+            row.bare_teacher(refs, ref_cond)
+    row.accelerator.backward(out.float().mean())
+    row.optimizer.step()
+    row.optimizer.zero_grad(set_to_none=True)
+
+
+def dmd2_setup(row):
+    fake = row.fake_score()
+    fake.train()
+    params = [q for q in fake.parameters() if q.requires_grad]
+    ta = row.targs
+    opt = tfd_utils.make_optimizer(params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2), ta.adam_weight_decay,
+                                   ta.adam_epsilon, getattr(ta, "use_8bit_adam", False))
+    fake, opt = row.accelerator.prepare(fake, opt)
+    return fake, opt, params
+
+
+def dmd2_step(row, fake, fake_opt, fake_params, mark=no_mark, guidance=6.0, fake_updates=5):
+    """DMD2-shaped step from the same networks (distribution matching, then the fake-score updates)."""
+    acc = row.accelerator
+    n_gen, _ = row.sizes()
+    x, cond = row.bare_inputs(n_gen)
+    with acc.autocast():
+        gen = row.bare_student(row.student, x, cond)
+    with torch.no_grad():
+        noisy, t = row.dmd2_noise(gen.detach())
+        with row.teacher_context():
+            real_c = row.bare_teacher(noisy, cond, t).float()
+            real_u = row.bare_teacher(noisy, cond, t).float()
+        real = real_u + guidance * (real_c - real_u)
+        with acc.autocast():
+            fake_out = row.fake_call(fake, noisy, t, cond)
+        grad = (fake_out - real) / (gen.detach() - real).abs().mean().clamp_min(1e-6)
+    loss = 0.5 * torch.nn.functional.mse_loss(gen, (gen - grad).detach())
+    acc.backward(loss)
+    acc.clip_grad_norm_(row.params, row.targs.max_grad_norm)
+    row.optimizer.step()
+    row.optimizer.zero_grad(set_to_none=True)
+    for _ in range(fake_updates):
+        noisy, t = row.dmd2_noise(gen.detach())
+        with acc.autocast():
+            pred = row.fake_call(fake, noisy, t, cond)
+        acc.backward(torch.nn.functional.mse_loss(pred, torch.randn_like(pred)))
+        acc.clip_grad_norm_(fake_params, row.targs.max_grad_norm)
+        fake_opt.step()
+        fake_opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling cost (the pooling runs inside the teacher passes; timed apart on the real feature maps)
+# ----------------------------------------------------------------------------------------------
+
+
+def pooling_ms(row, repeats):
+    n_gen, n_ref = row.sizes()
+    names = tfd_utils.resolve_layers(row.teacher, row.targs.feature_layers)
+    modules = dict(row.teacher.named_modules())
+    maps = {}
+
+    def capture(name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            maps[name] = out.detach()
+        return hook
+
+    def run(n):
+        x, cond = row.bare_inputs(n)
+        handles = [modules[nm].register_forward_hook(capture(nm)) for nm in names if nm in modules]
+        try:
+            with torch.no_grad(), row.teacher_context():
+                row.bare_teacher(x, cond)
+        finally:
+            for h in handles:
+                h.remove()
+        return dict(maps)
+
+    gen_maps, ref_maps = run(n_gen), run(n_ref)
+    pool = row.targs.feature_pool_size
+
+    def once():
+        for f in gen_maps.values():
+            f = f.clone().requires_grad_(True)
+            tfd_utils.pool_feature(f, pool).float().sum().backward()
+        with torch.no_grad():
+            for f in ref_maps.values():
+                tfd_utils.pool_feature(f, pool)
+
+    def timed(mark):
+        once()
+
+    return time_steps(timed, row.device, 1, max(repeats, 3))["ms"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One row: every measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_row(row, args, base_rss):
+    res = {"config": row.name, "kind": row.kind, "params": row.num_params,
+           "trainable": getattr(row, "num_trainable", row.num_params), "groups": row.groups,
+           "batch": describe_batch(row), "images_per_step": row.images_per_step}
+    print(f"\n== {row.name}: {res['params'] / 1e6:.1f}M parameters, batch {res['batch']}", flush=True)
+    w, r, dev = args.warmup, args.repeats, row.device
+
+    def attempt(key, fn):
+        try:
+            return fn()
+        except Exception as e:  # one failed measurement (OOM, a library error) must not lose the table
+            if not is_oom(e):
+                import traceback
+
+                traceback.print_exc()
+            res[key + "_error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {e}"[:200]
+            print(f"   {key}: {res[key + '_error']}", flush=True)
+            row.optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            return None
+
+    if "step" in args.measure:
+        def run_step():
+            ex = row.extractor(stop_early=True)
+            with PeakMemory(dev, base_rss) as pm:
+                out = time_steps(lambda m: step_with(row, ex, m), dev, w, r, marked=True)
+            out["peak_bytes"] = pm.bytes
+            return out
+
+        step = attempt("step", run_step)
+        if step:
+            res.update(step_ms=step["ms"], step_all=step["ms_all"], split=step["split"], peak_bytes=step["peak_bytes"],
+                       images_per_s=row.images_per_step / step["ms"] * 1e3)
+            res["pool_ms"] = attempt("pool", lambda: pooling_ms(row, r))
+            print(f"   TFD step {step['ms']:.1f} ms  split {fmt_split(step['split'])}", flush=True)
+    if "nostop" in args.measure:
+        ex = row.extractor(stop_early=False)
+        nostop = attempt("nostop", lambda: time_steps(lambda m: step_with(row, ex, m), dev, w, r, marked=True))
+        if nostop:
+            res.update(nostop_ms=nostop["ms"], nostop_split=nostop["split"])
+            print(f"   TFD step, teacher run to the end {nostop['ms']:.1f} ms", flush=True)
+    if "floor" in args.measure:
+        floor = attempt("floor", lambda: time_steps(lambda m: floor_step(row, m), dev, w, r))
+        if floor:
+            res["floor_ms"] = floor["ms"]
+            print(f"   floor {floor['ms']:.1f} ms", flush=True)
+    if "dmd2" in args.measure:
+        def run_dmd2():
+            fake, opt, params = dmd2_setup(row)
+            try:
+                with PeakMemory(dev, base_rss) as pm:
+                    out = time_steps(lambda m: dmd2_step(row, fake, opt, params, m), dev, w, r)
+                out["peak_bytes"] = pm.bytes
+                return out
+            finally:
+                row.accelerator._models = [m for m in row.accelerator._models if m is not fake]
+                row.accelerator._optimizers = [o for o in row.accelerator._optimizers if o is not opt]
+                del fake, opt, params
+                free_memory()
+
+        dmd2 = attempt("dmd2", run_dmd2)
+        if dmd2:
+            res.update(dmd2_ms=dmd2["ms"], dmd2_peak_bytes=dmd2["peak_bytes"])
+            print(f"   DMD2-shaped step {dmd2['ms']:.1f} ms", flush=True)
+    derive(res)
+    if args.find_max_batch:
+        res["max_groups"] = find_max_groups(row, args)
+        print(f"   largest batch that fits: {res['max_groups']} groups", flush=True)
+    return res
+
+
+def step_with(row, extractor, mark):
+    extractor.mark = mark
+    return row.tfd_step(extractor, mark)
+
+
+def derive(res):
+    """Ratios and shares from the raw times."""
+    s = res.get("split")
+    if s and res.get("pool_ms") is not None:
+        res["loss_pool_share"] = (s["losses"] + res["pool_ms"]) / s["total"]
+    if "step_ms" in res and "floor_ms" in res:
+        res["step_over_floor"] = res["step_ms"] / res["floor_ms"]
+    if "nostop_ms" in res and "floor_ms" in res:
+        res["nostop_over_floor"] = res["nostop_ms"] / res["floor_ms"]
+    if s and res.get("nostop_split"):
+        t_early = s["teacher_gen"] + s["teacher_ref"]
+        t_full = res["nostop_split"]["teacher_gen"] + res["nostop_split"]["teacher_ref"]
+        res["early_stop_saves"] = 1 - t_early / t_full
+    if "step_ms" in res and "dmd2_ms" in res:
+        res["tfd_over_dmd2"] = res["step_ms"] / res["dmd2_ms"]
+
+
+def find_max_groups(row, args):
+    """Most groups per GPU whose TFD step runs (doubling, then bisection); restores the row's batch."""
+    original = row.groups
+
+    def fits(g):
+        row.set_groups(g)
+        try:
+            ex = row.extractor(stop_early=True, timed=False)
+            for _ in range(2):
+                row.tfd_step(ex, no_mark)
+            sync(row.device)
+            return True
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            return False
+        finally:
+            row.optimizer.zero_grad(set_to_none=True)
+            free_memory()
+
+    lo, hi = 0, None
+    g = 1
+    while g <= args.max_groups:
+        if fits(g):
+            lo, g = g, g * 2
+        else:
+            hi = g
+            break
+    if hi is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    row.set_groups(original)
+    return lo
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def describe_batch(row):
+    ta = row.targs
+    if row.kind == "imagenet64":
+        return f"{row.groups}x({ta.num_generated},{ta.num_positives},{ta.num_anchors})"
+    return f"{row.groups}x({ta.num_generated},{ta.num_positives})"
+
+
+def fmt_split(s):
+    return " ".join(f"{k}={s[k]:.1f}" for k in SPLIT if k in s)
+
+
+def fmt(v, spec=".1f", suffix=""):
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def fmt_mem(b):
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def markdown_tables(results, env):
+    lines = [f"Device: {env['device_name']}; torch {env['torch']}; {env['when']}; load average {env['loadavg']}; "
+             f"warmup {env['warmup']}, repeats {env['repeats']} (median)."]
+    lines += ["", "| configuration | params | batch | step ms | img/s | peak mem | floor ms | step/floor | no-stop ms "
+              "| no-stop/floor | early stop saves | losses+pool | DMD2 ms | TFD/DMD2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {fmt(r.get('step_ms'))} | "
+            f"{fmt(r.get('images_per_s'), '.2f')} | {fmt_mem(r.get('peak_bytes'))} | {fmt(r.get('floor_ms'))} | "
+            f"{fmt(r.get('step_over_floor'), '.2f')} | {fmt(r.get('nostop_ms'))} | "
+            f"{fmt(r.get('nostop_over_floor'), '.2f')} | "
+            f"{fmt(None if r.get('early_stop_saves') is None else 100 * r['early_stop_saves'], '.0f', '%')} | "
+            f"{fmt(None if r.get('loss_pool_share') is None else 100 * r['loss_pool_share'], '.1f', '%')} | "
+            f"{fmt(r.get('dmd2_ms'))} | {fmt(r.get('tfd_over_dmd2'), '.2f')} |")
+    lines += ["", "Time split of the TFD step (ms, median; % of the step):", "",
+              "| configuration | student fwd+bwd | teacher gen fwd+bwd | teacher pos+anc | losses fwd+bwd | pooling "
+              "(inside the teacher passes) | optimiser | data/other |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.get("split")
+        if not s:
+            continue
+        cells = []
+        for k in ("student", "teacher_gen", "teacher_ref", "losses", "pool", "optim", "data"):
+            v = r.get("pool_ms") if k == "pool" else s[k]
+            cells.append("n/a" if v is None else f"{v:.1f} ({100 * v / s['total']:.0f}%)")
+        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
+    if any("max_groups" in r for r in results):
+        lines += ["", "| configuration | largest groups per GPU that fit |", "|---|---|"]
+        lines += [f"| {r['config']} | {r.get('max_groups')} |" for r in results if "max_groups" in r]
+    errors = [(r["config"], k[:-6], v) for r in results for k, v in r.items() if k.endswith("_error")]
+    if errors:
+        lines += [""] + [f"- {c}: {k} failed: {v}" for c, k, v in errors]
+    return "\n".join(lines)
+
+
+def environment(args):
+    dev = args.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {"device_name": name, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "loadavg": load, "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
+            "compile": args.compile, "channels_last": args.channels_last, "tiny": args.tiny,
+            "git": git_rev()}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "CPU")
+    except OSError:
+        model = "CPU"
+    return f"CPU ({model}, {torch.get_num_threads()} threads)"
+
+
+def git_rev():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except Exception:
+        return None
+
+
+def rows(args):
+    """(builder, description) of every configuration, built one at a time."""
+    out = []
+    if args.config in ("imagenet64", "all"):
+        out += [lambda d=d: ImageNet64Row(args, d) for d in args.teacher_dtype]
+    if args.config in ("sdxl", "all"):
+        out += [lambda m=m, p=p, g=g: SDXLRow(args, m, p, g)
+                for m in args.sdxl_modes for p in args.sdxl_precision for g in args.sdxl_prompts]
+    return out
+
+
+def main(args):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the scripts' default
+    env = environment(args)
+    results = []
+    for build in rows(args):
+        free_memory()
+        base_rss = _proc_status("VmRSS")
+        try:
+            row = build()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            print(f"building a row ran out of memory: {e}")
+            continue
+        results.append(measure_row(row, args, base_rss))
+        del row
+    env["loadavg_end"] = environment(args)["loadavg"]
+    table = markdown_tables(results, env)
+    print("\n" + table)
+    if args.output_json:
+        payload = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        tfd_utils.atomic_write(args.output_json, lambda p: json.dump(payload, open(p, "w"), indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
