@@ -1,0 +1,67 @@
+"""`make demo` scaled down to seconds: the whole digits pipeline, real scripts, real subprocesses.
+
+Data → teacher → classifier → `accelerate launch train_tfd_imagenet64.py` (two runs) → evaluation
+(classifier FD, Inception FID, accuracy, SSIM) → results.md and the figures.
+"""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples", "digits"))
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo.main(["--scale", "tiny", "--output_dir", str(out), "--runs", "tfd,pixel_space"])
+    return out
+
+
+def test_demo_writes_results_and_pictures(demo_dir):
+    md = (demo_dir / "results.md").read_text()
+    for row in ("real digits", "teacher, EDM Heun", "teacher, one step", "TFD student, one step",
+                "ablation: pixel space"):
+        assert row in md, f"row {row!r} missing from results.md"
+    assert "Target (student in one step)" in md
+    rows = json.loads((demo_dir / "results.json").read_text())["rows"]
+    assert len(rows) == 5
+    for r in rows:
+        for key in ("fd_mean", "fd_std", "acc", "ssim", "fid"):
+            assert math.isfinite(r[key]), (r["name"], key, r[key])
+        assert 0.0 <= r["acc"] <= 1.0 and -1.0 <= r["ssim"] <= 1.0 and r["fd_mean"] >= 0
+    for name in ("samples.png", "samples_ablations.png", "curves.png"):
+        from PIL import Image
+
+        with Image.open(demo_dir / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 50
+    assert "total" in (demo_dir / "timings.md").read_text()
+
+
+def test_demo_student_is_a_loadable_pipeline_with_a_curve(demo_dir):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    run = demo_dir / "runs" / "tfd"
+    pipe = DiffusionPipeline.from_pretrained(str(run))
+    out = pipe(class_labels=[3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (1, 1, 16, 16) and torch.isfinite(out.images).all()
+    curve = json.loads((run / "fd_curve.json").read_text())["curve"]
+    assert [s for s, _ in curve] == [0, 1, 2]  # step 0 (the teacher) and both checkpoints
+    assert all(math.isfinite(fd) for _, fd in curve)
+    assert (run / "demo_run_complete.json").is_file()
+
+
+def test_demo_rerun_reuses_finished_stages(demo_dir, capsys):
+    import run_demo
+
+    run_demo.main(["--scale", "tiny", "--output_dir", str(demo_dir), "--runs", "tfd,pixel_space"])
+    log = capsys.readouterr().out
+    assert "Teacher already trained" in log and log.count("Reusing finished run") == 2
+    assert log.count(": cached") == 5
