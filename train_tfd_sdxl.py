@@ -175,6 +175,10 @@ def check_args(args):
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 8.")
     if not 0 <= args.conditioning_timestep < 1000:
         raise ValueError("--conditioning_timestep must be a training timestep (0..999 for SDXL).")
+    if args.conditioning_timestep != 999:
+        logging.getLogger(__name__).warning(
+            f"--conditioning_timestep {args.conditioning_timestep}: the saved pipeline's LCMScheduler takes t=999 "
+            f"with num_inference_steps=1; call it with timesteps=[{args.conditioning_timestep}] instead.")
     args.feature_layers = args.feature_layers.replace(",", " ").split()
     args.drift_radii = tfd_utils.parse_floats(args.drift_radii)
     args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
@@ -657,7 +661,7 @@ def encode_image(vae, image, resolution, device):
 
     if isinstance(image, str):
         image = Image.open(image)
-    image = image.convert("RGB")
+    image = tfd_utils.eight_bit(image).convert("RGB")  # any mode (L, RGBA, P, CMYK, 16-bit) → RGB
     scale = resolution / min(image.size)
     w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((w, h), Image.LANCZOS)
@@ -717,16 +721,18 @@ def write_model_card(args, data_desc, num_prompts):
 
     teacher = args.pretrained_model_name_or_path
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(vars(args).items()) if k != "hub_token")
+    t = args.conditioning_timestep
+    steps = "num_inference_steps=1" if t == 999 else f"timesteps=[{t}]"
     if args.train_mode == "lora":
         usage = (f"```python\nimport torch\nfrom diffusers import LCMScheduler, StableDiffusionXLPipeline\n\n"
                  f"pipe = StableDiffusionXLPipeline.from_pretrained('{teacher}', torch_dtype=torch.float16).to('cuda')\n"
                  f"pipe.load_lora_weights('PATH_OR_REPO'); pipe.scheduler = LCMScheduler.from_pretrained("
                  f"'PATH_OR_REPO', subfolder='scheduler')\n"
-                 f"image = pipe('a photo of a cat', num_inference_steps=1, guidance_scale=0).images[0]\n```")
+                 f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]\n```")
     else:
         usage = ("```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
                  "pipe = DiffusionPipeline.from_pretrained('PATH_OR_REPO', torch_dtype=torch.float16).to('cuda')\n"
-                 "image = pipe('a photo of a cat', num_inference_steps=1, guidance_scale=0).images[0]\n```")
+                 f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]\n```")
     content = f"""---
 library_name: diffusers
 tags: [tfd, teacher-feature-drifting, one-step, distillation, text-to-image, stable-diffusion-xl{', lora' if args.train_mode == 'lora' else ''}]
