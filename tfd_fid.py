@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -158,7 +159,8 @@ def _to_nchw_float(batch, mode, device):
     """A list/array/tensor of uint8 HWC images → float NCHW in [0, 255] ready for the network."""
     if mode == "clean":
         arrays = [b.cpu().numpy() if torch.is_tensor(b) else np.asarray(b) for b in batch]
-        x = torch.from_numpy(np.stack([clean_resize(a) for a in arrays]))
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL resizes outside the GIL
+            x = torch.from_numpy(np.stack(list(pool.map(clean_resize, arrays))))
     elif torch.is_tensor(batch):
         x = batch.to(torch.float32)
     else:

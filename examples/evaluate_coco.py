@@ -240,6 +240,13 @@ def clip_score(paths, captions, args, device):
     return float(torch.cat(scores).double().mean())
 
 
+def total_over_processes(count, state):
+    """Sum of an int over all processes (also a barrier)."""
+    from accelerate.utils import gather_object
+
+    return sum(gather_object([count])) if state.num_processes > 1 else count
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -252,7 +259,8 @@ def write_json(path, obj):
 def main(args):
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True where there is no GPU: lets `accelerate launch --cpu` / torchrun shard over CPU processes
+    state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1")
     os.makedirs(args.output_dir, exist_ok=True)
     gen_dir, real_dir = (os.path.join(args.output_dir, d) for d in ("generated", "real"))
     if state.is_main_process:
@@ -262,7 +270,7 @@ def main(args):
     for d in (gen_dir, real_dir):
         os.makedirs(d, exist_ok=True)
     t0 = time.time()
-    written = generate_missing(args, state, subset, gen_dir)
+    written = total_over_processes(generate_missing(args, state, subset, gen_dir), state)
     prepare_real(args, state, subset, real_dir)
     state.wait_for_everyone()
     if not state.is_main_process or args.skip_fid:

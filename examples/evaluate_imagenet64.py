@@ -207,6 +207,13 @@ def gather_features(feats, state, num_samples):
     return gather(padded).cpu().numpy()[:num_samples]
 
 
+def total_over_processes(count, state):
+    """Sum of an int over all processes (also a barrier)."""
+    from accelerate.utils import gather_object
+
+    return sum(gather_object([count])) if state.num_processes > 1 else count
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -219,13 +226,13 @@ def write_json(path, obj):
 def main(args):
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True where there is no GPU: lets `accelerate launch --cpu` / torchrun shard over CPU processes
+    state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1")
     reference = None if args.skip_fid else tfd_fid.load_reference_stats(args.ref)  # fail before sampling
     image_dir = os.path.join(args.output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     t0 = time.time()
-    written = generate_missing(args, state, image_dir)
-    state.wait_for_everyone()
+    written = total_over_processes(generate_missing(args, state, image_dir), state)
     if args.skip_fid:
         return None
     feats = gather_features(shard_features(args, state, image_dir), state, args.num_samples)

@@ -47,8 +47,8 @@ def write_folder(folder, n, shift, size=(32, 32), seed=0):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid_folders")
-    a = write_folder(root / "a", 4, 0.0, seed=0)
-    b = write_folder(root / "b", 4, 2.0, seed=1)
+    a = write_folder(root / "a", 3, 0.0, seed=0)
+    b = write_folder(root / "b", 3, 2.0, seed=1)
     return a, b, tfd_fid.folder_features(a, device="cpu"), tfd_fid.folder_features(b, device="cpu")
 
 
@@ -79,10 +79,10 @@ def test_fid_matches_clean_fid_compute_fid_on_two_folders(folders):
 
 def test_fid_of_a_folder_against_itself_is_zero_and_features_are_deterministic(folders):
     a, _, fa, fb = folders
-    assert fa.shape == (4, 2048) and fa.dtype == np.float32
-    again = tfd_fid.inception_features(np.stack([tfd_fid.load_image(p) for p in tfd_fid.list_images(a)[:3]]),
-                                       batch_size=2, device="cpu")
-    np.testing.assert_allclose(again, fa[:3], rtol=0, atol=1e-4)  # batching does not change features
+    assert fa.shape == (3, 2048) and fa.dtype == np.float32
+    again = tfd_fid.inception_features(np.stack([tfd_fid.load_image(p) for p in tfd_fid.list_images(a)[:2]]),
+                                       batch_size=1, device="cpu")
+    np.testing.assert_allclose(again, fa[:2], rtol=0, atol=1e-4)  # batching does not change features
     assert abs(tfd_fid.fid_from_features(fa, *tfd_fid.feature_stats(fa))) < 1e-5  # 0 to rounding (FID(a, b) ~ 100)
     assert tfd_fid.fid_from_features(fb, *tfd_fid.feature_stats(fa)) > 1.0
 
@@ -312,7 +312,7 @@ def fake_coco(tmp_path_factory):
 def coco_args(coco, model, out, *extra):
     return evaluate_coco.parse_args([str(a) for a in (
         "--model", model, "--captions", coco / "captions_val2014.json", "--images", coco, "--output_dir", out,
-        "--num_prompts", 3, "--batch_size", 2, "--resolution", 32, "--eval_resolution", 24, "--dtype", "fp32",
+        "--num_prompts", 2, "--batch_size", 2, "--resolution", 32, "--eval_resolution", 24, "--dtype", "fp32",
         "--clip_model", "tiny-clip", "--clip_model_config", coco / "tiny-clip.json", "--clip_pretrained", "none",
         "--clip_resolution", 32, "--fid_batch_size", 8, *extra)])
 
@@ -343,13 +343,13 @@ def test_evaluate_coco_end_to_end_and_resume(fake_coco, tiny_sdxl_dir, tmp_path,
     out = tmp_path / "eval"
     first = run_coco(coco_args(fake_coco, tiny_sdxl_dir, out))
     line = capsys.readouterr().out
-    assert "COCO-2014 FID-3 " in line and "CLIP score" in line
+    assert "COCO-2014 FID-2 " in line and "CLIP score" in line
     saved = json.loads((out / "results.json").read_text())
     assert saved["fid"] == first["fid"] and np.isfinite(first["fid"]) and first["fid"] > 0
-    assert -1 <= first["clip_score"] <= 1 and first["generated_now"] == 3
+    assert -1 <= first["clip_score"] <= 1 and first["generated_now"] == 2
     subset = json.loads((out / "prompts.json").read_text())
     gen = sorted(os.listdir(out / "generated"))
-    assert gen == [f"{i:05d}.png" for i in range(3)] == sorted(os.listdir(out / "real"))
+    assert gen == [f"{i:05d}.png" for i in range(2)] == sorted(os.listdir(out / "real"))
     assert Image.open(out / "generated" / gen[0]).size == (24, 24)
     # the real image i is subset image i, center-cropped and LANCZOS-resized
     with Image.open(fake_coco / subset[1]["file_name"]) as im:
@@ -397,10 +397,10 @@ def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path):
     ref.load_lora_weights(str(lora_dir))
     ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    im = ref(prompt=[subset[2]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
-             generator=[torch.Generator().manual_seed(2)]).images[0]
+    im = ref(prompt=[subset[1]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
+             generator=[torch.Generator().manual_seed(1)]).images[0]
     expect = np.asarray(evaluate_coco.center_crop_resize(im, 24))
-    assert np.array_equal(np.asarray(Image.open(out / "generated" / "00002.png")), expect)
+    assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
 
 
 def test_evaluate_coco_clear_errors(fake_coco, tmp_path, capsys):
