@@ -767,6 +767,17 @@ def edm_teacher_forward(teacher, class_labels, precond="cm", sigma_data=0.5, sig
     return forward
 
 
+def set_dropout(model, p):
+    """Set every dropout probability of a model: torch Dropout modules and float `dropout` attributes
+    (NVlabs EDM's UNetBlock calls functional dropout with self.dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p
+    return model
+
+
 def edm_net_one_step(net, noise, class_labels, sigma_max=80.0, label_dim=None):
     """One-step sample of an NVlabs EDM network: D(σmax·z; σmax) = net(σmax·z, σmax, one-hot).
 
@@ -795,13 +806,24 @@ def image_grid(images, nrow=None):
     return Image.fromarray(arr[..., 0] if c == 1 else arr)
 
 
+def eight_bit(image):
+    """16-bit grayscale PIL images (modes I;16*, I) rescaled to 8-bit L; PIL's convert() would clip
+    them to white. Other images are returned as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+
+
 def to_teacher_image(image, channels, resolution):
     """A PIL image → uint8 [C, H, W] with the teacher's channels (1: L, 3: RGB) and resolution
     (shorter side resized with bicubic filtering, then center-cropped)."""
     import numpy as np
     from PIL import Image
 
-    image = image.convert({1: "L", 3: "RGB"}[channels])
+    image = eight_bit(image).convert({1: "L", 3: "RGB"}[channels])
     w, h = image.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)

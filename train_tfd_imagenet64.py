@@ -108,6 +108,9 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="Student autocast precision (default: bf16 on GPU, no on CPU; the recipe: bf16).")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="Dropout probability in the student while training (replaces the teacher's own, e.g. ADM's "
+                        "0.1); the exported one-step generator never drops out.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the student.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (diffusers EMAModel).")
@@ -163,17 +166,22 @@ def check_args(args):
                          "use `hf auth login` instead.")
     args.feature_layers = args.feature_layers.replace(",", " ").split()
     args.drift_radii = tfd_utils.parse_floats(args.drift_radii)
+    if args.class_ids is not None:
+        parse_class_ids(args.class_ids)  # a typo fails here, before anything is loaded
 
 
 def parse_class_ids(text):
     """'0-3,7' → [0, 1, 2, 3, 7]."""
     ids = []
-    for part in str(text).replace(" ", ",").split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            ids += range(int(lo), int(hi) + 1)
-        elif part:
-            ids.append(int(part))
+    try:
+        for part in str(text).replace(" ", ",").split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                ids += range(int(lo), int(hi) + 1)
+            elif part:
+                ids.append(int(part))
+    except ValueError:
+        raise ValueError(f"--class_ids {text!r}: give class ids and ranges, e.g. '0-99' or '1,7,9'.") from None
     return sorted(set(ids))
 
 
@@ -181,7 +189,7 @@ def load_teacher(args):
     """The frozen teacher: a diffusers UNet2DModel or an NVlabs EDM network (from its pickle)."""
     path = args.pretrained_teacher_model
     if path.endswith(".pkl") or os.path.isfile(path):
-        if args.edm_repo:
+        if args.edm_repo and os.path.abspath(args.edm_repo) not in sys.path:
             sys.path.insert(0, os.path.abspath(args.edm_repo))
         try:
             if path.startswith(("http://", "https://")):
@@ -247,10 +255,7 @@ def main(args):
 
     # An output folder with checkpoints is another run's: continue it only on request.
     resume = tfd_utils.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
-    existing = tfd_utils.list_checkpoints(args.output_dir)
-    if existing and not args.resume_from_checkpoint:
-        raise FileExistsError(f"{args.output_dir} already holds {existing[-1][1]}: pass --resume_from_checkpoint "
-                              "latest to continue that run, or choose a new --output_dir.")
+    tfd_utils.check_output_dir(args.output_dir, args.resume_from_checkpoint)
     set_seed(args.seed, device_specific=True)
 
     # Teacher (frozen) and its feature hooks; bad layer names fail here with the valid ones listed.
@@ -282,6 +287,9 @@ def main(args):
     per_class = args.num_positives + args.num_anchors
     sampler = tfd_utils.ClassGroupedSampler(labels, classes, args.classes_per_batch, per_class, args.seed,
                                             accelerator.process_index, logger)
+    if args.classes_per_batch * accelerator.num_processes > len(classes):
+        logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed the "
+                       f"{len(classes)} classes: some classes are drawn by two processes in the same step.")
     logger.info(f"Data: {data_desc}: {len(labels)} images, {len(classes)} classes, {channels}x{resolution}x"
                 f"{resolution}, {'in memory' if data.data is not None else 'decoded on the fly'}.")
 
@@ -290,6 +298,7 @@ def main(args):
     teacher.to(device).eval().requires_grad_(False)
     if teacher_dtype != torch.float32:
         teacher.to(teacher_dtype)
+    tfd_utils.set_dropout(student, args.dropout)
     if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
     ema = None
@@ -302,14 +311,18 @@ def main(args):
 
     # Checkpoints hold the student as a diffusers folder (checkpoint-N/unet) when it is one.
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process and not edm_net:
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+        if edm_net:
+            return
+        for model in models:
+            full = tfd_utils.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
+            if accelerator.is_main_process:
+                full.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:  # empty under FSDP/DeepSpeed, which save their own (sharded) state next to it
                 weights.pop()
 
     def load_model_hook(models, input_dir):
-        if edm_net:
-            return
+        if edm_net or accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            return  # accelerate loads the engine's own state
         for _ in range(len(models)):
             model = models.pop()
             loaded = type(accelerator.unwrap_model(model)).from_pretrained(input_dir, subfolder="unet")
@@ -350,11 +363,8 @@ def main(args):
             ema.to(device)
         first_step = tfd_utils.checkpoint_step(resume)
         logger.info(f"Resumed from {resume} at step {first_step}.")
-        if accelerator.is_main_process and os.path.isfile(metrics_path):  # drop lines past the checkpoint
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= first_step]
-            tfd_utils.atomic_write(metrics_path, lambda t: open(t, "w").writelines(kept))
     if accelerator.is_main_process:
+        tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
         os.makedirs(args.output_dir, exist_ok=True)
         tfd_utils.atomic_write(os.path.join(args.output_dir, "training_args.json"),
                                lambda t: json.dump(vars(args), open(t, "w"), indent=2, default=str))
@@ -408,6 +418,8 @@ def main(args):
             for _ in range(args.gradient_accumulation_steps):
                 with accelerator.accumulate(student):
                     step_classes, idx = sampler()
+                    tfd_utils.debug_record(accelerator, "draws", lambda: {"step": step, "classes": step_classes.tolist(),
+                                                                          "indices": idx.tolist()})
                     real = tfd_utils.uint8_to_model(data.get(idx), device)  # [G, P+M, C, H, W]
                     positives, anchors = real[:, :args.num_positives], real[:, args.num_positives:]
                     step_classes = step_classes.to(device)
@@ -423,6 +435,7 @@ def main(args):
                         extractor, forward, generated, positives, anchors if args.num_anchors > 0 else None, sigma,
                         args.drift_radii, args.drift_kernel, args.anchor_weight, args.anchor_alpha,
                         args.anchor_temperature, args.anchor_bandwidth)
+                    loss = tfd_utils.inject_test_fault(loss, step, accelerator.process_index)  # no-op outside tests
                     accelerator.backward(loss)
                     logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
                     for k, v in logs.items():
@@ -451,6 +464,8 @@ def main(args):
                     accelerator.end_training()
                     raise RuntimeError(f"{bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
                                        f"{last}. Lower --learning_rate or use --mixed_precision no/bf16.")
+            tfd_utils.debug_record(accelerator, "steps", lambda: {
+                "step": step, "ok": ok, "digest": tfd_utils.state_digest(accelerator.unwrap_model(student))})
             progress.update(1)
 
             if step % args.logging_steps == 0 or step == args.max_train_steps:

@@ -178,6 +178,20 @@ def test_teacher_forward_closure_matches_the_preconditioned_teacher_call():
     torch.testing.assert_close(out, want)
 
 
+def test_set_dropout_reaches_torch_modules_and_edm_style_attributes():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, dropout=0.1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    ps = [m.p for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
+    assert 0.1 in ps
+    tfd_utils.set_dropout(unet, 0.0)
+    assert all(m.p == 0.0 for m in unet.modules() if isinstance(m, torch.nn.Dropout))
+    block = torch.nn.Module()
+    block.dropout = 0.1  # NVlabs EDM UNetBlock keeps a float and calls functional dropout
+    assert tfd_utils.set_dropout(torch.nn.Sequential(block), 0.0)[0].dropout == 0.0
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end.
 # ------------------------------------------------------------------------------------------------
@@ -317,9 +331,10 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
     (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl"], "edm.zip", ModuleNotFoundError, "--edm_repo"),
 ])
 def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, error, match):
-    if "edm-teacher" in " ".join(extra) and "toy_edm_networks" in sys.modules:
-        sys.path.remove(EDM_TOY) if EDM_TOY in sys.path else None
-        sys.modules.pop("toy_edm_networks")
+    if "edm-teacher" in " ".join(extra):  # unpickling needs --edm_repo: make the toy module unimportable
+        while EDM_TOY in sys.path:
+            sys.path.remove(EDM_TOY)
+        sys.modules.pop("toy_edm_networks", None)
     extra = [e.format(tiny=tiny) for e in extra]
     with pytest.raises(error, match=match):
         run(tiny, tmp_path / "bad", *extra, data=data)
