@@ -245,7 +245,8 @@ def feature_stats(feats):
 
 def _check_stats(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"Mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
+        raise ValueError(f"Mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}.")
 
 
 def _trace_sqrt_psd_product(a_sqrt, sigma2):
@@ -317,7 +318,8 @@ def load_reference_stats(path):
                 raise ValueError(f"keys {sorted(data.keys())}, expected 'mu' and 'sigma'")
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     except Exception as err:
-        raise ValueError(f"FID reference statistics {path} are unreadable ({err}); re-download or recompute it.") from err
+        raise ValueError(f"FID reference statistics {path} are unreadable ({err}); "
+                         "re-download or recompute it.") from err
     if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"FID reference statistics {path} are malformed: mu {mu.shape}, sigma {sigma.shape}.")
     return mu, sigma

@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID of a one-step ImageNet-64 student (or a multi-step teacher).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="Saved student: a ConsistencyModelPipeline folder/repo (unet + CMStochasticIterativeScheduler). "
+                   help="Saved student: a ConsistencyModelPipeline folder/repo (unet + "
+                        "CMStochasticIterativeScheduler). "
                         "With --teacher: a UNet2DModel folder/repo (or a pipeline with unet/).")
     g.add_argument("--edm_pickle", default=None,
                    help="An NVlabs EDM network pickle ({'ema': net}) instead of --model (student or, with --teacher, "
@@ -105,7 +106,8 @@ def load_generator(args, device):
     unet, sched = load_diffusers(args.model, args.teacher)
     unet = unet.to(device).eval().requires_grad_(False)
     if sched is not None:  # the student pipeline's own σ's
-        args.sigma_min, args.sigma_max, args.sigma_data = (sched.config[k] for k in ("sigma_min", "sigma_max", "sigma_data"))
+        args.sigma_min, args.sigma_max, args.sigma_data = (
+            sched.config[k] for k in ("sigma_min", "sigma_max", "sigma_data"))
     if args.teacher:
         def generate(noise, labels):
             def denoise(x, s):

@@ -32,7 +32,8 @@ def textured_image(rng, size, shift):
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     phase, freq = rng.uniform(0, 6, 3), rng.uniform(3, 12)
-    img = np.stack([np.sin(freq * xx + phase[k] + shift) * 0.5 + 0.5 for k in range(3)], -1) * (0.4 + 0.6 * yy[..., None])
+    img = np.stack([np.sin(freq * xx + phase[k] + shift) * 0.5 + 0.5 for k in range(3)], -1)
+    img = img * (0.4 + 0.6 * yy[..., None])
     return (img * 255 + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
 
 
