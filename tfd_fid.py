@@ -71,14 +71,18 @@ def _download_cleanfid_inception(timeout=30.0):
 
 def inception_path(offline=None):
     """TFD_INCEPTION_PATH, else clean-fid's file (downloaded if allowed), else fid-helper's copy."""
-    explicit = os.environ.get("TFD_INCEPTION_PATH")
+    return _inception_path(os.environ.get("TFD_INCEPTION_PATH"), fid_offline() if offline is None else offline)
+
+
+@functools.lru_cache(maxsize=None)
+def _inception_path(explicit, offline):  # cached: a failed download is tried once per process
     if explicit:
         if not os.path.isfile(explicit):
             raise FileNotFoundError(f"TFD_INCEPTION_PATH={explicit} does not exist.")
         return explicit
     if os.path.isfile(CLEANFID_INCEPTION):
         return CLEANFID_INCEPTION
-    if not (fid_offline() if offline is None else offline):
+    if not offline:
         try:
             return _download_cleanfid_inception()
         except Exception as err:  # no network: the offline copy is the same network
