@@ -200,6 +200,9 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
         "--resume_from_checkpoint", str(out_a / "checkpoint-2"), *precision)))
     log_b = metrics(out_b)
     assert sorted(log_b) == [3, 4]
+    # Misses were generated on the fly and written; the resumed run finds every entry it needs.
+    assert log_a[1]["cache/generated"] >= 1 and log_a[4]["cache/hits"] + log_a[4]["cache/generated"] == 8
+    assert log_b[4]["cache/generated"] == 0 and log_b[4]["cache/hits"] == 4
     for step in (3, 4):
         assert log_b[step]["loss/total"] == log_a[step]["loss/total"]
         assert log_b[step]["train/grad_norm"] == log_a[step]["train/grad_norm"]
