@@ -357,6 +357,20 @@ def test_load_prompts_matching_subsets_and_text_files(data_dir, tmp_path):
     args.max_train_samples = 1
     assert len(script.load_prompts(args)[0]) in (2, 3)
 
+    # A plain image folder with metadata.jsonl captions (datasets' imagefolder), loaded offline.
+    from PIL import Image
+
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    for i, cap in enumerate(["a boat", "a tree"]):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n"
+                                                   for i, c in enumerate(["a boat", "a tree"])))
+    args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(folder),
+                              "--image_column", "image"])
+    prompts, real, ds, _ = script.load_prompts(args)
+    assert sorted(prompts) == ["a boat", "a tree"] and ds[real["a tree"][0]]["text"] == "a tree"
+
     text = tmp_path / "prompts.txt"
     text.write_text("a red cube\n\nA red cube.\na tree\n")
     args = script.parse_args(["--pretrained_model_name_or_path", "x", "--prompts_file", str(text)])
