@@ -156,6 +156,15 @@ def test_drifting_loss_matches_reference_wide_radii():
         assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
 
 
+def test_drifting_loss_matches_reference_with_offset_features():
+    # teacher features are not centred (e.g. after SiLU): a common offset must not cost precision
+    g = torch.Generator().manual_seed(9)
+    gen, pos = torch.randn(2, 4, 512, generator=g) + 5.0, torch.randn(2, 4, 512, generator=g) + 5.3
+    loss, grad = _grad_per_group(lambda x: drifting_loss(x, pos, [0.02, 0.05, 0.2]), gen)
+    ref_loss, ref_grad, _ = reference_drift(gen.double().numpy(), pos.double().numpy(), [0.02, 0.05, 0.2], "drifting")
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
+
+
 def test_drifting_loss_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="meanshift"):
         drifting_loss(torch.randn(1, 2, 3), torch.randn(1, 2, 3), [0.1], kernel="gaussian")
