@@ -165,12 +165,22 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
     path = cache.path("a green cone", ["teacher", "teacher"])
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(tfd_utils.CacheEntryError):
+    with pytest.raises(tfd_utils.CacheEntryError, match="unreadable"):
         cache.load("a green cone", ["teacher", "teacher"])
+    star = cache.load("a yellow star", ["teacher", "teacher"])
+    flipped = cache.path("a yellow star", ["teacher", "teacher"])  # same size, one data byte changed
+    with open(flipped, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(tfd_utils.CacheEntryError, match="checksum"):
+        cache.load("a yellow star", ["teacher", "teacher"])
     caplog.set_level("WARNING")
-    assert script.main(script.parse_args(argv)) == {"hits": 3, "generated": 1, "regenerated": 1}
-    assert "unreadable" in caplog.text and "regenerating" in caplog.text
+    assert script.main(script.parse_args(argv)) == {"hits": 2, "generated": 2, "regenerated": 2}
+    assert "unreadable" in caplog.text and "checksum mismatch" in caplog.text and "regenerating" in caplog.text
     torch.testing.assert_close(cache.load("a green cone", ["teacher", "teacher"])["positives"], cone["positives"])
+    torch.testing.assert_close(cache.load("a yellow star", ["teacher", "teacher"])["positives"], star["positives"])
 
     # Other settings never reuse these entries: they get their own cache folder.
     other = script.main(script.parse_args(argv[:-1] + ["--positive_guidance_scale", "3.0",
