@@ -279,6 +279,15 @@ def test_resumed_run_continues_exactly(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_gradient_accumulation_counts_updates_not_micro_batches(tiny, tmp_path):
+    out = run(tiny, tmp_path / "accum", "--gradient_accumulation_steps", "2", "--max_train_steps", "2",
+              "--checkpointing_steps", "2")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    sampler = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert sampler["draws"] == 4  # two micro-batches per update, each its own class draw
+
+
 def test_the_student_learns_the_class_images(tiny, tmp_path):
     """Distance from each class's one-step samples to that class's real images falls while training."""
     from diffusers import UNet2DModel
@@ -303,6 +312,17 @@ def test_the_student_learns_the_class_images(tiny, tmp_path):
     after = class_distance(UNet2DModel.from_pretrained(out / "unet"))
     print(f"class distance before {before:.4f} after {after:.4f}")
     assert after < 0.7 * before, (before, after)
+
+
+def test_periodic_fid_runs_through_the_project_fid_code(tiny, tmp_path):
+    import tfd_fid
+
+    ref = tmp_path / "ref.npz"  # any valid statistics do: this checks the code path, not the number
+    tfd_fid.save_reference_stats(ref, np.zeros(2048), np.eye(2048))
+    out = run(tiny, tmp_path / "fid", "--eval_fid_every", "2", "--fid_reference_stats", ref, "--fid_num_samples", "6",
+              "--fid_batch_size", "6")
+    fids = [r["eval/fid"] for r in metrics(out) if "eval/fid" in r]
+    assert len(fids) == 1 and np.isfinite(fids[0]) and fids[0] > 0
 
 
 def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny, tmp_path):
