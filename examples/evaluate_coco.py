@@ -64,11 +64,14 @@ def parse_args(argv=None):
     g.add_argument("--skip_clip", action="store_true", help="Only FID.")
     g.add_argument("--skip_fid", action="store_true", help="Only generate the images (no metrics).")
     g.add_argument("--output_dir", required=True,
-                   help="prompts.json, generated/ and real/ (index-named PNGs, reused when present), results.json.")
+                   help="prompts.json, generated/ and real/ (index-named PNGs, reused when present; the settings "
+                        "they were made with in settings.json must match), results.json.")
     args = p.parse_args(argv)
     for path, what in ((args.captions, "captions file"), (args.images, "image folder")):
         if not os.path.exists(path):
             p.error(f"COCO {what} {path} not found. Get {COCO_URLS}.")
+    if os.path.isfile(os.path.join(args.model, "pytorch_lora_weights.safetensors")) and args.base_model is None:
+        p.error(f"{args.model} holds LoRA weights: pass --base_model (the SDXL pipeline it was trained on).")
     if args.num_prompts < 2:
         p.error("--num_prompts must be at least 2 (FID needs a covariance).")
     return args
@@ -155,8 +158,6 @@ def load_pipeline(args, device):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     lora_file = os.path.join(args.model, "pytorch_lora_weights.safetensors")
     if os.path.isfile(lora_file):
-        if args.base_model is None:
-            raise ValueError(f"{args.model} holds LoRA weights: pass --base_model (the SDXL it was trained on).")
         pipe = DiffusionPipeline.from_pretrained(args.base_model, torch_dtype=dtype)
         pipe.load_lora_weights(args.model)
         if os.path.isfile(os.path.join(args.model, "scheduler", "scheduler_config.json")):
@@ -247,6 +248,19 @@ def total_over_processes(count, state):
     return sum(gather_object([count])) if state.num_processes > 1 else count
 
 
+def check_settings(path, settings):
+    """The settings the images in this folder were made with: a resumed run must match them."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"The images next to {path} were made with other settings {changed} (old, new): use a "
+                             "new --output_dir, or delete that folder.")
+    else:
+        write_json(path, settings)
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -263,8 +277,11 @@ def main(args):
     state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1")
     os.makedirs(args.output_dir, exist_ok=True)
     gen_dir, real_dir = (os.path.join(args.output_dir, d) for d in ("generated", "real"))
+    keys = ("model", "base_model", "num_inference_steps", "guidance_scale", "resolution", "dtype", "seed",
+            "eval_resolution")
     if state.is_main_process:
         load_or_make_subset(args)  # writes prompts.json once; fails early on missing images
+        check_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     subset = load_or_make_subset(args)
     for d in (gen_dir, real_dir):

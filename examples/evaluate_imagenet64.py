@@ -59,8 +59,8 @@ def parse_args(argv=None):
                    help="Inception preprocessing: legacy_tensorflow = EDM's (matches imagenet-64x64.npz); clean = "
                         "clean-fid's.")
     g.add_argument("--output_dir", required=True,
-                   help="Images go to OUTPUT_DIR/images (index-named PNGs, reused when present); results to "
-                        "OUTPUT_DIR/fid.json.")
+                   help="Images go to OUTPUT_DIR/images (index-named PNGs, reused when present; the settings "
+                        "they were made with in settings.json must match); results to OUTPUT_DIR/fid.json.")
     g.add_argument("--skip_fid", action="store_true", help="Only generate the images.")
     args = p.parse_args(argv)
     if (args.model is None) == (args.edm_pickle is None):
@@ -225,6 +225,19 @@ def write_json(path, obj):
     tfd_utils.atomic_write(path, write)
 
 
+def check_settings(path, settings):
+    """The settings the images in this folder were made with: a resumed run must match them."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"The images next to {path} were made with other settings {changed} (old, new): use a "
+                             "new --output_dir, or delete that folder.")
+    else:
+        write_json(path, settings)
+
+
 def main(args):
     from accelerate import PartialState
 
@@ -233,6 +246,11 @@ def main(args):
     reference = None if args.skip_fid else tfd_fid.load_reference_stats(args.ref)  # fail before sampling
     image_dir = os.path.join(args.output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
+    keys = ("model", "edm_pickle", "teacher", "num_steps", "precond", "sigma_min", "sigma_max", "sigma_data",
+            "num_classes", "seed", "mixed_precision")
+    if state.is_main_process:
+        check_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+    state.wait_for_everyone()
     t0 = time.time()
     written = total_over_processes(generate_missing(args, state, image_dir), state)
     if args.skip_fid:

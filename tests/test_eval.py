@@ -237,6 +237,8 @@ def test_evaluate_imagenet64_end_to_end_matches_the_pipeline_and_resumes(tiny_cm
     assert {f: os.stat(out / "images" / f).st_mtime_ns for f in files[:2]} == kept
     for f, p in pixels.items():
         assert np.array_equal(np.asarray(Image.open(out / "images" / f)), p)
+    with pytest.raises(ValueError, match="other settings"):  # never mixes images of two settings
+        run_imagenet(*argv[:-1], 4)
 
 
 def test_evaluate_imagenet64_teacher_and_edm_pickle_rows(tiny_cm, tmp_path):
@@ -376,9 +378,11 @@ def test_evaluate_coco_end_to_end_and_resume(fake_coco, tiny_sdxl_dir, tmp_path,
     assert np.array_equal(np.asarray(Image.open(out / "generated" / gen[0])), pixels)
     with pytest.raises(ValueError, match="another subset"):
         run_coco(coco_args(fake_coco, tiny_sdxl_dir, out, "--seed", 1))
+    with pytest.raises(ValueError, match="other settings"):
+        run_coco(coco_args(fake_coco, tiny_sdxl_dir, out, "--guidance_scale", 1.5))
 
 
-def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path):
+def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -389,8 +393,9 @@ def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path):
     lora_dir = tmp_path / "lora"
     StableDiffusionXLPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     out = tmp_path / "eval"
-    with pytest.raises(ValueError, match="--base_model"):
-        run_coco(coco_args(fake_coco, lora_dir, out, "--skip_fid"))
+    with pytest.raises(SystemExit):
+        coco_args(fake_coco, lora_dir, out, "--skip_fid")
+    assert "--base_model" in capsys.readouterr().err
     run_coco(coco_args(fake_coco, lora_dir, out, "--skip_fid", "--base_model", tiny_sdxl_dir))
     subset = json.loads((out / "prompts.json").read_text())
 
