@@ -110,8 +110,9 @@ def rel_err(a, b):
 
 
 def _grad_per_group(loss_fn, gen):
-    """Gradients of every group's loss w.r.t. its own rows; the loss of group g must not touch
-    other groups, so a random weighting of the groups separates them."""
+    """Gradients of every group's loss w.r.t. its own rows, from one backward of Σ_g g·L_g: the
+    loss of group g has no gradient path to other groups (s and the target are constants), so
+    dividing by the group weight recovers dL_g/dx_g; a cross-group leak would break the match."""
     gen = gen.clone().requires_grad_(True)
     loss = loss_fn(gen)
     weights = torch.arange(1, loss.shape[0] + 1, dtype=torch.float32)
