@@ -1,0 +1,142 @@
+"""Faults: runs SIGKILLed while writing a checkpoint or a cache entry, then resumed; non-finite
+losses and gradients (skipped, counted, and a stop naming the last good checkpoint).
+
+Kills happen at test-only pause points (tfd_utils.pause_for_test, TFD_TEST_PAUSE): after
+accelerator.save_state wrote checkpoint-N.incomplete but before its completion marker, and after
+a cache entry's temporary file was written but before its rename. Non-finite values are injected
+with TFD_TEST_NONFINITE_STEPS (tfd_utils.inject_test_fault). Both are no-ops outside tests.
+"""
+
+import os
+import time
+
+import pytest
+
+import tfd_utils
+from scaling_helpers import (PROMPTS, debug_records, imagenet_args, prompts_file, read_jsonl,  # noqa: F401
+                             run_in_process, run_until_pause_then_kill, sdxl_args, tiny_imagenet)
+
+LOSS_KEYS = ("loss/total", "loss/drift", "sigma/mean", "train/grad_norm")
+MARKER = tfd_utils.CHECKPOINT_COMPLETE
+
+
+def assert_killed_mid_checkpoint(out, step, last_good):
+    """What the kill left: the previous checkpoint complete; checkpoint-`step` written but unmarked
+    under its temporary name; no export."""
+    assert (out / f"checkpoint-{last_good}" / MARKER).exists()
+    tmp = out / f"checkpoint-{step}.incomplete"
+    assert (tmp / "unet").is_dir() and (tmp / "optimizer.bin").exists() and not (tmp / MARKER).exists()
+    assert not (out / f"checkpoint-{step}").exists() and not (out / "unet").exists()
+    assert tfd_utils.list_checkpoints(str(out)) == [(last_good, str(out / f"checkpoint-{last_good}"))]
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        tfd_utils.resolve_resume_checkpoint(str(out), str(tmp))
+
+
+def assert_resumed(out, caplog, killed, last_good, step):
+    assert "Ignoring incomplete checkpoint" in caplog.text and f"checkpoint-{step}.incomplete" in caplog.text
+    assert f"Resumed from {out / f'checkpoint-{last_good}'} at step {last_good}." in caplog.text
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, step + 1))  # the killed run's lines replaced, once each
+    for a, b in zip(killed[last_good:], resumed[last_good:]):
+        for key in LOSS_KEYS:
+            assert a[key] == b[key], (a["step"], key)  # the uninterrupted run's losses, exactly
+    assert (out / f"checkpoint-{step}" / MARKER).exists() and not (out / f"checkpoint-{step}.incomplete").exists()
+
+
+def test_imagenet64_killed_while_checkpointing_resumes_from_the_last_complete_one(tiny_imagenet, tmp_path, caplog):
+    import train_tfd_imagenet64 as script
+
+    out = tmp_path / "run"
+    argv = imagenet_args(tiny_imagenet, out, "--max_train_steps", 4, "--checkpointing_steps", 2)
+    run_until_pause_then_kill(script, argv, tmp_path / "killed.log", "checkpoint:4")
+    assert_killed_mid_checkpoint(out, 4, 2)
+    killed = read_jsonl(out / "metrics.jsonl")  # steps 1–4 of an uninterrupted run
+    assert [r["step"] for r in killed] == [1, 2, 3, 4]
+
+    caplog.set_level("INFO")
+    run_in_process(script, argv + ["--resume_from_checkpoint", "latest"])
+    assert_resumed(out, caplog, killed, 2, 4)
+    assert (out / "unet").is_dir()
+
+
+def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_file, tmp_path, caplog):
+    import train_tfd_sdxl as script
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    # 1. Killed while writing the second cache entry: the first is complete, the second only a temporary file.
+    prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
+    run_until_pause_then_kill(script, prepare, tmp_path / "cache_kill.log", f"cache_entry:{PROMPTS[1]}")
+    (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    store = tfd_utils.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    slots = ["teacher", "teacher"]
+    entries = sorted(settings_dir.glob("entries/*/*"))
+    (leftover,) = [p for p in entries if ".tmp-" in p.name]
+    assert leftover.name.startswith(os.path.basename(store.path(PROMPTS[1], slots)) + ".tmp-")
+    assert [p for p in entries if p != leftover] == [__import__("pathlib").Path(store.path(PROMPTS[0], slots))]
+    assert store.load(PROMPTS[0], slots) is not None
+    assert store.load(PROMPTS[1], slots) is None and not store.exists(PROMPTS[1], slots)  # the leftover is ignored
+    old = time.time() - 2 * tfd_utils.STALE_TMP_SECONDS  # as if the kill happened a while ago
+    os.utime(leftover, (old, old))
+
+    # 2. A training run on that cache (it cleans the leftover, fills misses on the fly), killed mid-checkpoint.
+    argv = sdxl_args(tiny_sdxl_dir, prompts_file, out, cache, "--max_train_steps", 4, "--checkpointing_steps", 2)
+    run_until_pause_then_kill(script, argv, tmp_path / "killed.log", "checkpoint:4")
+    assert not leftover.exists()
+    assert_killed_mid_checkpoint(out, 4, 2)
+    killed = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in killed] == [1, 2, 3, 4]
+
+    # 3. Resumed: from checkpoint-2, the same losses; the cache holds complete, valid entries only.
+    caplog.set_level("INFO")
+    run_in_process(script, argv + ["--resume_from_checkpoint", "latest"])
+    assert_resumed(out, caplog, killed, 2, 4)
+    files = sorted(settings_dir.glob("entries/*/*"))
+    assert files and all(p.suffix == ".safetensors" for p in files)
+    for p in PROMPTS:
+        if store.exists(p, slots):
+            assert store.load(p, slots)["positives"].shape == (2, 4, 8, 8)  # checksum verified
+
+
+def test_imagenet64_nonfinite_losses_are_skipped_counted_then_stop(tiny_imagenet, tmp_path, monkeypatch):
+    import train_tfd_imagenet64 as script
+    from diffusers import UNet2DModel
+
+    out, dbg = tmp_path / "run", tmp_path / "debug"
+    monkeypatch.setenv("TFD_DEBUG_DIR", str(dbg))
+    monkeypatch.setenv("TFD_TEST_NONFINITE_STEPS", "3,4,5")
+    monkeypatch.setenv("TFD_TEST_NONFINITE_KIND", "inf")
+    with pytest.raises(RuntimeError, match=r"3 consecutive non-finite steps: stopping\. Last good checkpoint: "
+                                           r".*checkpoint-2\. "):
+        run_in_process(script, imagenet_args(tiny_imagenet, out, "--max_train_steps", 8, "--checkpointing_steps", 2,
+                                             "--max_bad_steps", 3))
+    assert_stopped_with_nothing_overwritten(out, dbg, UNet2DModel)
+
+
+def test_sdxl_infinite_gradients_are_skipped_counted_then_stop(tiny_sdxl_dir, prompts_file, tmp_path, monkeypatch):
+    import train_tfd_sdxl as script
+    from diffusers import UNet2DConditionModel
+
+    out, dbg = tmp_path / "run", tmp_path / "debug"
+    monkeypatch.setenv("TFD_DEBUG_DIR", str(dbg))
+    monkeypatch.setenv("TFD_TEST_NONFINITE_STEPS", "3,4,5")
+    monkeypatch.setenv("TFD_TEST_NONFINITE_KIND", "grad")  # the loss stays finite: the gradient check catches it
+    with pytest.raises(RuntimeError, match=r"3 consecutive non-finite steps: stopping\. Last good checkpoint: "
+                                           r".*checkpoint-2\. "):
+        run_in_process(script, sdxl_args(tiny_sdxl_dir, prompts_file, out, tmp_path / "cache", "--max_train_steps", 8,
+                                         "--checkpointing_steps", 2, "--max_bad_steps", 3))
+    assert_stopped_with_nothing_overwritten(out, dbg, UNet2DConditionModel)
+
+
+def assert_stopped_with_nothing_overwritten(out, dbg, model_cls):
+    steps = debug_records(dbg, "steps", 0)
+    # (the stop at step 5 comes before its record)
+    assert [(r["step"], r["ok"]) for r in steps] == [(1, True), (2, True), (3, False), (4, False)]
+    digest = {r["step"]: r["digest"] for r in steps}
+    assert digest[2] != digest[1] and digest[3] == digest[4] == digest[2]  # skipped: weights untouched
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["train/bad_steps"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 2)]  # counted
+    # No checkpoint inside the bad run, the good one holds the step-2 weights, nothing exported.
+    assert tfd_utils.list_checkpoints(str(out)) == [(2, str(out / "checkpoint-2"))]
+    assert not [p for p in os.listdir(out) if p.endswith(".incomplete")]
+    assert tfd_utils.state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
+    assert not (out / "unet").exists() and not (out / "model_index.json").exists()
