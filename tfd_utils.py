@@ -980,7 +980,10 @@ def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", 
         labels, fetch = _edm_dataset_source(path)
         return labels, fetch, f"EDM dataset {path}"
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except IndexError:  # what datasets raises for a saved data set without rows (no shards)
+            raise ValueError(f"{path} holds no images.") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"{path} has splits {list(ds)}, not {split!r}: pass --dataset_split.")
@@ -1408,3 +1411,24 @@ def debug_record(accelerator, name, make_record):
 def state_digest(model):
     """SHA-256 of a module's state dict (names, dtypes, shapes, bytes): equal digests, equal weights."""
     return _tensor_digest(dict(model.state_dict()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The update after the backward: the same lines in both training scripts and the step benchmark.
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum, max_grad_norm):
+    """Clip the gradients, step the optimiser and LR schedule only when the gradient norm and the
+    loss (summed over processes) are finite, zero the gradients. Returns (ok, grad_norm); `ok` is a
+    bool, so this is the step's one host sync. A GradScaler (fp16) steps either way: it skips the
+    update and lowers its scale itself."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
+              torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
+    if ok or accelerator.scaler is not None:
+        optimizer.step()
+    if ok:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok, grad_norm
