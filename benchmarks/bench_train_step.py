@@ -12,7 +12,8 @@
 # configs with random weights; the data are random tensors in the scripts' formats (uint8 images
 # through LabelledImages; SDXL positives and text embeddings through a PositiveCache on disk).
 #
-# Time split (CUDA events on GPU, perf_counter on CPU; markers are a FeatureExtractor subclass and
+# Time split (CUDA events on GPU; on a CPU the process's CPU time with --threads 1, which a machine
+# shared with other jobs does not inflate as it does wall time; markers are a FeatureExtractor subclass and
 # tensor hooks, so the step itself is unchanged):
 #   student   = one-step generator forward + its backward (after the gradient reaches its output)
 #   teacher_gen = teacher feature pass on the generated samples: forward + backward to the input
@@ -57,6 +58,8 @@ ADM_IMAGENET64 = dict(
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
     resnet_time_scale_shift="scale_shift", upsample_type="resnet", downsample_type="resnet",
 )
+# The same layout at a third of the width (64 px), for CPU measurements that need many passes.
+ADM_REDUCED = dict(ADM_IMAGENET64, block_out_channels=(64, 128, 192, 256))
 # The same layout at toy width (the 16 encoder units that enc:6/enc:11/bottleneck need stay).
 ADM_TINY = dict(ADM_IMAGENET64, sample_size=16, num_class_embeds=10, block_out_channels=(8, 16, 16, 16),
                 attention_head_dim=8, norm_num_groups=8)
@@ -95,6 +98,9 @@ def parse_args(argv=None):
                    help="ImageNet-64 rows: dtype(s) of the teacher feature pass, comma-separated (fp32, bf16, fp16; "
                         "default fp32,bf16 on a GPU, fp32 on a CPU). The student autocast follows the script: bf16 on "
                         "a GPU, none on a CPU.")
+    p.add_argument("--imagenet_unet", default=None, choices=("full", "reduced", "tiny"),
+                   help="ImageNet-64 UNet: the real ADM config (default), the same layout at 1/3 width (reduced) or a "
+                        "toy one (--tiny).")
     p.add_argument("--imagenet_batch", default=None,
                    help="ImageNet-64 batch per GPU as GROUPSxN,P,M (default 10x4,4,4; on a CPU 1x2,2,2; tiny 2x2,2,2).")
     p.add_argument("--sdxl_prompts", default=None, help="SDXL prompts per GPU, comma-separated rows (default 1,2; tiny 1).")
@@ -113,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--measure", default="step,nostop,floor,dmd2",
                    help="What to time per row: step (TFD, early stop), nostop (TFD, teacher run to the end), floor, "
                         "dmd2.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default 1 on a CPU: times are then this process's CPU time).")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher (module.compile()).")
     p.add_argument("--channels_last", action="store_true", help="Networks and inputs in channels-last memory format.")
     p.add_argument("--find_max_batch", action="store_true",
@@ -150,6 +158,9 @@ def parse_args(argv=None):
         raise ValueError(f"--imagenet_batch {imagenet_batch!r}: write GROUPSxN,P,M, e.g. 10x4,4,4.") from None
     args.sdxl_prompts = [int(v) for v in (args.sdxl_prompts or ("1" if args.tiny else "1,2")).split(",")]
     args.sdxl_batch = tuple(int(v) for v in (args.sdxl_batch or ("2,2" if args.tiny else "4,4")).split(","))
+    args.threads = args.threads or (1 if cpu else torch.get_num_threads())
+    torch.set_num_threads(args.threads)
+    args.imagenet_unet = args.imagenet_unet or ("tiny" if args.tiny else "full")
     args.sdxl_unet = args.sdxl_unet or ("tiny" if args.tiny else "reduced" if cpu else "full")
     args.sdxl_resolution = args.sdxl_resolution or {"full": 1024, "reduced": 256, "tiny": 128}[args.sdxl_unet]
     args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
@@ -164,8 +175,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def cpu_clock():
+    """Process CPU time (all threads): on a shared machine it counts only this process's work."""
+    return time.process_time()
+
+
 class Marks:
-    """Named time points of one step: CUDA events on a GPU, perf_counter on a CPU. Usable from
+    """Named time points of one step: CUDA events on a GPU, process CPU time on a CPU. Usable from
     autograd hooks (they record on the backward's stream without a host sync)."""
 
     def __init__(self, device):
@@ -178,7 +194,7 @@ class Marks:
             ev.record()
             self.t[name] = ev
         else:
-            self.t[name] = time.perf_counter()
+            self.t[name] = cpu_clock()
 
     def ms(self, a, b):
         if self.cuda:
@@ -235,11 +251,12 @@ def time_steps(step_fn, device, warmup, repeats, marked=False):
     totals, splits = [], []
     for _ in range(repeats):
         marks = Marks(device) if marked else no_mark
+        clock = time.perf_counter if device.type == "cuda" else cpu_clock
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         step_fn(marks)
         sync(device)
-        totals.append((time.perf_counter() - t0) * 1e3)
+        totals.append((clock() - t0) * 1e3)
         if marked:
             splits.append(split_of(marks))
     out = {"ms": statistics.median(totals), "ms_all": totals}
@@ -344,8 +361,9 @@ class ImageNet64Row:
             "--num_generated", str(n), "--num_positives", str(p), "--num_anchors", str(m),
             "--teacher_dtype", teacher_dtype])
         ta = self.targs
-        self.config = ADM_TINY if args.tiny else ADM_IMAGENET64
-        self.name = f"ImageNet-64 ADM{' (tiny)' if args.tiny else ''}, teacher {teacher_dtype}"
+        self.config = {"full": ADM_IMAGENET64, "reduced": ADM_REDUCED, "tiny": ADM_TINY}[args.imagenet_unet]
+        size = {"full": "", "reduced": " (1/3 width)", "tiny": " (tiny)"}[args.imagenet_unet]
+        self.name = f"ImageNet-64 ADM{size}, teacher {teacher_dtype}"
         # The script's default: bf16 autocast on a GPU, none on a CPU.
         mixed = ta.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
         self.accelerator = make_accelerator(self.device, mixed)
@@ -651,20 +669,14 @@ def unprepared_copy(model):
 
 def optimizer_update(row, logs, logs_sum, loss, loss_sum, max_grad_norm):
     """The scripts' update after the backward (gradient_accumulation_steps = 1): log accumulation,
-    clipping, the finiteness check (one host sync), optimiser and LR step, zero_grad."""
-    accelerator = row.accelerator
+    then tfd_utils.clip_and_step (clipping, the finiteness check: one host sync, optimiser and LR
+    step, zero_grad)."""
     for k, v in logs.items():
         logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float()
     loss_sum = loss_sum + loss.detach()
-    if accelerator.sync_gradients:
-        grad_norm = accelerator.clip_grad_norm_(row.params, max_grad_norm)
-        ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
-                  torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
-        if ok or accelerator.scaler is not None:
-            row.optimizer.step()
-        if ok:
-            row.lr_scheduler.step()
-        row.optimizer.zero_grad(set_to_none=True)
+    if row.accelerator.sync_gradients:
+        return tfd_utils.clip_and_step(row.accelerator, row.optimizer, row.lr_scheduler, row.params, loss_sum,
+                                       max_grad_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -935,8 +947,10 @@ def fmt_mem(b):
 
 
 def markdown_tables(results, env):
-    lines = [f"Device: {env['device_name']}; torch {env['torch']}; {env['when']}; load average {env['loadavg']}; "
-             f"warmup {env['warmup']}, repeats {env['repeats']} (median)."]
+    clock = "wall time" if env["cuda"] else f"process CPU time, {env['threads']} thread(s)"
+    lines = [f"Device: {env['device_name']}; torch {env['torch']}; {env['when']}; load average {env['loadavg']} -> "
+             f"{env.get('loadavg_end', '?')}; {clock}; warmup {env['warmup']}, repeats {env['repeats']} (median)"
+             f"{'; channels-last' if env['channels_last'] else ''}{'; torch.compile' if env['compile'] else ''}."]
     lines += ["", "| configuration | params | batch | step ms | img/s | peak mem | floor ms | step/floor | no-stop ms "
               "| no-stop/floor | early stop saves | losses+pool | DMD2 ms | TFD/DMD2 |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -976,7 +990,7 @@ def environment(args):
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     return {"device_name": name, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "loadavg": load, "threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
+            "loadavg": load, "threads": torch.get_num_threads(), "cuda": dev.type == "cuda", "warmup": args.warmup, "repeats": args.repeats,
             "compile": args.compile, "channels_last": args.channels_last, "tiny": args.tiny,
             "git": git_rev()}
 
