@@ -279,6 +279,13 @@ def test_resumed_run_continues_exactly(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_bf16_student_autocast_and_bf16_teacher(tiny, tmp_path):
+    out = run(tiny, tmp_path / "bf16", "--mixed_precision", "bf16", "--teacher_dtype", "bf16")
+    rows = metrics(out)
+    assert len(rows) == 2 and all(np.isfinite(r["loss/total"]) and r["train/bad_steps"] == 0 for r in rows)
+    assert unet_weights(out / "unet")["conv_in.weight"].dtype == torch.float32  # master weights stay fp32
+
+
 def test_gradient_accumulation_counts_updates_not_micro_batches(tiny, tmp_path):
     out = run(tiny, tmp_path / "accum", "--gradient_accumulation_steps", "2", "--max_train_steps", "2",
               "--checkpointing_steps", "2")
