@@ -58,6 +58,7 @@ def folders(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # clean-fid's sqrtm of a rank-2 product
 def test_fid_matches_clean_fid_compute_fid_on_two_folders(folders):
     from cleanfid import fid as cleanfid
 
