@@ -119,3 +119,20 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     assert rows[-1]["cache/generated"] == 0 and rows[-1]["cache/hits"] >= 1  # the prepared cache served it
     assert log.count("Saved checkpoint") == 1 and log.count("update skipped") == 1
     assert "Every prompt is cached" in log
+
+
+def test_accelerate_configs_load():
+    """The README's configs are valid accelerate config files with the engines they name."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = os.path.join(ROOT, "examples", "accelerate_configs")
+    want = {"1gpu.yaml": ("NO", 1), "8gpu_ddp.yaml": ("MULTI_GPU", 8), "fsdp_full_shard.yaml": ("FSDP", 8),
+            "deepspeed_zero2.yaml": ("DEEPSPEED", 8)}
+    assert sorted(os.listdir(folder)) == sorted(want)
+    for name, (engine, processes) in want.items():
+        config = load_config_from_file(os.path.join(folder, name))
+        assert (config.distributed_type.value, config.num_processes, config.mixed_precision) == (engine, processes,
+                                                                                                   "bf16"), name
+    fsdp = load_config_from_file(os.path.join(folder, "fsdp_full_shard.yaml")).fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is True
+    assert load_config_from_file(os.path.join(folder, "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
