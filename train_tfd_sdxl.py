@@ -361,8 +361,12 @@ def main(args):
         latents = [None] * len(slots)
         for i, tag in enumerate(slots):
             if tag.startswith("real:"):
-                image = dataset[int(tag[5:])][args.image_column]
-                latents[i] = encode_image(vae, image, args.resolution, device)
+                try:
+                    image = dataset[int(tag[5:])][args.image_column]
+                    latents[i] = encode_image(vae, image, args.resolution, device)
+                except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for truncated/garbled files
+                    raise ValueError(f"Row {tag[5:]} of {args.dataset_name}: its {args.image_column!r} image cannot be "
+                                     f"decoded ({type(e).__name__}: {e}); remove or re-encode it.") from e
         teacher_slots = [i for i, tag in enumerate(slots) if tag == "teacher"]
         if teacher_slots:
             gens = [torch.Generator().manual_seed(tfd_utils.positive_seed(prompt, i, args.positive_seed))
