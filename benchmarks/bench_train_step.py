@@ -117,8 +117,8 @@ def parse_args(argv=None):
                    help="SDXL resolution in pixels (latents are 1/8; default 1024, reduced 256, tiny 128).")
     p.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (default 64; tiny 4).")
     p.add_argument("--measure", default="step,nostop,floor,dmd2",
-                   help="What to time per row: step (TFD, early stop), nostop (TFD, teacher run to the end), floor, "
-                        "dmd2.")
+                   help="What to time per row, in this order: step (TFD, early stop), nostop (TFD, teacher run to the "
+                        "end), floor, dmd2.")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default 1 on a CPU: times are then this process's CPU time).")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher (module.compile()).")
@@ -196,6 +196,11 @@ class Marks:
         else:
             self.t[name] = cpu_clock()
 
+    def once(self, name):
+        """Marks `name` only the first time in this step."""
+        if name not in self.t:
+            self(name)
+
     def ms(self, a, b):
         if self.cuda:
             return self.t[a].elapsed_time(self.t[b])
@@ -206,9 +211,14 @@ def no_mark(name):
     pass
 
 
+no_mark.once = no_mark
+
+
 class TimedExtractor(tfd_utils.FeatureExtractor):
-    """FeatureExtractor that marks the end of each teacher pass and, in backward, the moment the
-    gradient reaches the pooled features (the end of the losses' backward)."""
+    """FeatureExtractor that marks the end of each teacher pass and, in backward, the end of the
+    losses' backward: the FIRST pooled feature whose backward node runs. Autograd runs ready nodes
+    latest-created first, so every loss node (created after the teacher pass) runs before it, and
+    the shallower layers' pooling nodes run only inside the teacher's backward."""
 
     mark = staticmethod(no_mark)
 
@@ -218,7 +228,7 @@ class TimedExtractor(tfd_utils.FeatureExtractor):
             self.mark("teacher_gen_fwd")
             for f in feats.values():
                 if f.requires_grad:
-                    f.register_hook(lambda g: self.mark("loss_bwd"))
+                    f.register_hook(lambda g: self.mark.once("loss_bwd"))
         else:
             self.mark("teacher_ref")
         return feats
@@ -814,7 +824,7 @@ def measure_row(row, args, base_rss):
             free_memory()
             return None
 
-    if "step" in args.measure:
+    def measure_step():
         def run_step():
             ex = row.extractor(stop_early=True)
             with PeakMemory(dev, base_rss) as pm:
@@ -827,19 +837,23 @@ def measure_row(row, args, base_rss):
             res.update(step_ms=step["ms"], step_all=step["ms_all"], split=step["split"], peak_bytes=step["peak_bytes"],
                        images_per_s=row.images_per_step / step["ms"] * 1e3)
             res["pool_ms"] = attempt("pool", lambda: pooling_ms(row, r))
-            print(f"   TFD step {step['ms']:.1f} ms  split {fmt_split(step['split'])}", flush=True)
-    if "nostop" in args.measure:
+            print(f"   TFD step {step['ms']:.1f} ms  split {fmt_split(step['split'])}  pool {res['pool_ms']}", flush=True)
+
+    def measure_nostop():
         ex = row.extractor(stop_early=False)
         nostop = attempt("nostop", lambda: time_steps(lambda m: step_with(row, ex, m), dev, w, r, marked=True))
         if nostop:
             res.update(nostop_ms=nostop["ms"], nostop_split=nostop["split"])
-            print(f"   TFD step, teacher run to the end {nostop['ms']:.1f} ms", flush=True)
-    if "floor" in args.measure:
+            print(f"   TFD step, teacher run to the end {nostop['ms']:.1f} ms  split {fmt_split(nostop['split'])}",
+                  flush=True)
+
+    def measure_floor():
         floor = attempt("floor", lambda: time_steps(lambda m: floor_step(row, m), dev, w, r))
         if floor:
             res["floor_ms"] = floor["ms"]
             print(f"   floor {floor['ms']:.1f} ms", flush=True)
-    if "dmd2" in args.measure:
+
+    def measure_dmd2():
         def run_dmd2():
             fake, opt, params = dmd2_setup(row)
             try:
@@ -857,6 +871,10 @@ def measure_row(row, args, base_rss):
         if dmd2:
             res.update(dmd2_ms=dmd2["ms"], dmd2_peak_bytes=dmd2["peak_bytes"])
             print(f"   DMD2-shaped step {dmd2['ms']:.1f} ms", flush=True)
+
+    measures = {"step": measure_step, "nostop": measure_nostop, "floor": measure_floor, "dmd2": measure_dmd2}
+    for name in args.measure:  # in the order given
+        measures[name]()
     derive(res)
     if args.find_max_batch:
         res["max_groups"] = find_max_groups(row, args)
