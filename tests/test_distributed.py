@@ -80,15 +80,15 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
 
     cache, out, dbg = tmp_path / "cache", tmp_path / "out", tmp_path / "debug"
     prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
-    # A 2-process --prepare_positives_only launch and an independent single-process one, at the same time.
+    # A 2-process --prepare_positives_only launch and two independent single-process ones, all at the same time.
+    single = [os.sys.executable, os.path.join(ROOT, "train_tfd_sdxl.py"), *prepare]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, e in ((launch_cmd("train_tfd_sdxl.py", prepare), env_cpu()),
-                            ([os.sys.executable, os.path.join(ROOT, "train_tfd_sdxl.py"), *prepare], env()))]
+             for cmd, e in ((launch_cmd("train_tfd_sdxl.py", prepare), env_cpu()), (single, env()), (single, env()))]
     logs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
     done = [tuple(map(int, m)) for log in logs
             for m in re.findall(r"this process: (\d+) reused, (\d+) generated", log)]
-    assert len(done) == 3 and sorted(sum(d) for d in done) == [3, 3, 6]  # ranks: half each; the other run: all
+    assert len(done) == 4 and sorted(sum(d) for d in done) == [3, 3, 6, 6]  # ranks: half each; the others: all
 
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
     files = sorted(glob.glob(str(settings_dir / "entries" / "*" / "*")))
