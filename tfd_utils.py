@@ -790,19 +790,25 @@ def edm_net_one_step(net, noise, class_labels, sigma_max=80.0, label_dim=None):
     return net(noise.float() * sigma_max, sigma, onehot).float()
 
 
+def to_uint8(images):
+    """SPEC §5: images in [−1, 1], [B, C, H, W] → uint8 [B, H, W, C] via clamp((x + 1)·127.5)
+    (truncating, the evaluation protocol's conversion)."""
+    x = ((images.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()
+
+
 def image_grid(images, nrow=None):
     """Images in [−1, 1], [B, C, H, W] → one PIL grid image (rows of nrow)."""
     from PIL import Image
 
-    b, c, h, w = images.shape
+    b, h, w, c = (x := to_uint8(images)).shape
     nrow = nrow or math.ceil(math.sqrt(b))
     ncol = math.ceil(b / nrow)
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = torch.zeros(c, ncol * h, nrow * w, dtype=torch.uint8)
+    grid = torch.zeros(ncol * h, nrow * w, c, dtype=torch.uint8)
     for i in range(b):
         r, q = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    arr = grid.numpy()
     return Image.fromarray(arr[..., 0] if c == 1 else arr)
 
 

@@ -547,7 +547,7 @@ def evaluate_fid(accelerator, student, ema, generate, classes, shape, reference,
         noise = torch.randn(len(idx), channels, resolution, resolution, generator=gen).to(accelerator.device)
         with accelerator.autocast():
             x = generate(model, noise, labels).float()
-        u8 = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        u8 = tfd_utils.to_uint8(x)  # the evaluation protocol's conversion (SPEC §5)
         chunks.append(u8.expand(*u8.shape[:3], 3) if channels == 1 else u8)
     model.train()
     if ema is not None:

@@ -140,11 +140,6 @@ def load_diffusers(path, teacher):
         return UNet2DModel.from_pretrained(path, subfolder="unet"), None
 
 
-def to_uint8(x):
-    """SPEC §5: uint8 via clamp((x + 1)·127.5), [B, C, H, W] → [B, H, W, C]."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def image_path(image_dir, i):
     return os.path.join(image_dir, f"{i:06d}.png")
 
@@ -181,7 +176,7 @@ def generate_missing(args, state, image_dir):
         noise = noise_for(idx, (channels, res, res), args.seed).to(state.device)
         labels = (torch.tensor(idx) % num_classes).to(state.device) if num_classes else None
         with torch.no_grad(), torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-            images = to_uint8(generate(noise, labels))
+            images = tfd_utils.to_uint8(generate(noise, labels)).numpy()
         for i, a in zip(idx, images):
             save_png(image_path(image_dir, i), a)
     return len(todo)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import tfd_fid
+import tfd_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -262,7 +263,7 @@ def test_evaluate_imagenet64_teacher_and_edm_pickle_rows(tiny_cm, tmp_path):
     noise = evaluate_imagenet64.noise_for([2], (3, RES, RES), 0)
     with torch.no_grad():
         x = tfd_utils.edm_net_one_step(net, noise, torch.tensor([2 % NUM_CLASSES]))
-    expect = evaluate_imagenet64.to_uint8(x)[0]
+    expect = tfd_utils.to_uint8(x)[0].numpy()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "edm" / "images" / "000002.png")), expect)
 
 
