@@ -341,6 +341,7 @@ def main(args):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP clips the prepared model's own
     accelerator.register_for_checkpointing(sampler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)

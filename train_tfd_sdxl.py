@@ -449,6 +449,7 @@ def main(args):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    params = [prm for prm in student.parameters() if prm.requires_grad]  # FSDP clips the prepared model's own
     if lora:
         teacher_unet = accelerator.unwrap_model(student)
     extractor = tfd_utils.FeatureExtractor(teacher_unet, args.feature_layers, args.feature_pool_size)
@@ -543,15 +544,9 @@ def main(args):
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float() / args.gradient_accumulation_steps
                 loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
-                              torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
-                    if ok or accelerator.scaler is not None:  # a GradScaler skips and lowers its scale itself
-                        optimizer.step()
-                    if ok:
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                    ok, grad_norm = tfd_utils.clip_and_step(accelerator, optimizer, lr_scheduler, params,
+                                                            loss_sum, args.max_grad_norm)
         if ok:
             bad_steps = 0
         else:
