@@ -84,7 +84,7 @@ def train_classifier(x_train, y_train, epochs=15, batch_size=64, lr=2e-3, seed=0
 def load_classifier(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = DigitClassifier()
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt.pop("state_dict"))
     return model.eval().requires_grad_(False), ckpt
 
 

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher_dir", default="outputs/digits/teacher", help="The teacher pipeline folder.")
     p.add_argument("--classifier_dir", default="outputs/digits/classifier", help="The metric classifier folder.")
     p.add_argument("--runs", nargs="*", default=[],
-                   help="TFD runs as NAME=OUTPUT_DIR (each a ConsistencyModelPipeline folder); the first is the main "
+                   help="TFD runs as LABEL=OUTPUT_DIR (each a ConsistencyModelPipeline folder); the first is the main "
                         "student, the others are its ablations.")
     p.add_argument("--output_dir", default="outputs/digits", help="Where results.md and the figures are written.")
     p.add_argument("--num_samples", type=int, default=1000, help="Class-balanced samples per seed for FD/accuracy.")
@@ -87,9 +87,16 @@ def teacher_one_step(unet, labels, noise, sigma_max=80.0):
 
 
 @torch.no_grad()
-def pipeline_one_step(pipe, labels, noise):
-    """The saved student, run as a user runs it: pipe(class_labels, num_inference_steps=1)."""
-    out = pipe(class_labels=labels, num_inference_steps=1, latents=noise, output_type="pt").images
+def pipeline_one_step(pipe, labels, seed):
+    """The saved student, run as a user runs it: pipe(class_labels, num_inference_steps=1).
+
+    One call for the whole batch with a CPU generator seeded `seed`: the pipeline then draws
+    exactly `unit_noise(len(labels), ..., seed)`, the other rows' noise (its `latents=` argument
+    cannot be used: ConsistencyModelPipeline.check_inputs expects 3 channels).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(batch_size=len(labels), class_labels=labels, num_inference_steps=1, generator=gen,
+               output_type="pt").images
     return (out * 255).round().to(torch.uint8)
 
 
@@ -221,7 +228,7 @@ def evaluate_row(name, sample_fn, nfe, ctx, args, cache_id):
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     atomic_write(cache, lambda p: torch.save({"settings": settings, "row": row}, p))
     print(f"  {name}: FD {row['fd_mean']:.2f} ± {row['fd_std']:.2f}, acc {row['acc']:.3f}, "
-          f"max SSIM {row['ssim']:.3f}, FID {row['fid']}, {row['seconds']} s")
+          f"max SSIM {row['ssim']:.3f}, FID {fmt(row['fid'], 1)}, {row['seconds']} s")
     return row
 
 
@@ -234,7 +241,8 @@ def load_pipeline(path):
 
 
 def model_files(path):
-    return glob.glob(os.path.join(path, "unet", "*.safetensors")) + glob.glob(os.path.join(path, "*.json"))
+    """The files that define a saved pipeline's model (not the logs and caches beside it)."""
+    return glob.glob(os.path.join(path, "unet", "*")) + [os.path.join(path, "model_index.json")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +307,7 @@ def sample_grid_figure(rows, path, per_class=2):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 1.25 * per_class * len(rows) / 2 + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(5.0, 1.35 * per_class * len(rows) / 2 + 0.2), squeeze=False)
     for ax, row in zip(axes[:, 0], rows):
         g = row["grid"][:per_class * NUM_CLASSES, 0].numpy()  # labels i mod 10: row-major per class
         h, w = g.shape[-2:]
@@ -311,14 +319,14 @@ def sample_grid_figure(rows, path, per_class=2):
         ax.set_xticks([c * (w + 1) + w / 2 for c in range(NUM_CLASSES)], [str(c) for c in range(NUM_CLASSES)],
                       fontsize=7)
         ax.set_yticks([])
-        ax.set_ylabel(row["label"], rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_title(row["label"], loc="left", fontsize=8, pad=2)
         ax.tick_params(length=0)
     fig.tight_layout(pad=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def curves_figure(curves, metrics, teacher_multi_fd, path):
+def curves_figure(curves, metrics, teacher_multi_fd, teacher_nfe, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +344,7 @@ def curves_figure(curves, metrics, teacher_multi_fd, path):
     for name, curve in curves.items():
         if curve:
             ax_fd.plot(*zip(*curve), marker="o", ms=3, label=name, lw=1)
-    ax_fd.axhline(teacher_multi_fd, color="k", ls="--", lw=1, label="teacher, Heun (35 NFE)")
+    ax_fd.axhline(teacher_multi_fd, color="k", ls="--", lw=1, label=f"teacher, Heun ({teacher_nfe} NFE)")
     ax_fd.axhline(1.5 * teacher_multi_fd, color="gray", ls=":", lw=1, label="target: 1.5× teacher")
     ax_fd.set_yscale("log")
     ax_fd.set_xlabel("TFD step")
@@ -403,13 +411,12 @@ def main(argv=None):
         lambda l, n: teacher_heun(teacher, l, n, args.heun_steps), lab, z, bs), 2 * args.heun_steps - 1, teacher_id)
     add("teacher, one step", lambda lab, z, seed: batched(lambda l, n: teacher_one_step(teacher, l, n), lab, z, bs), 1,
         teacher_id)
-    runs = [r.split("=", 1) for r in args.runs]
+    runs = [r.rsplit("=", 1) for r in args.runs]
     for name, path in runs:
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(f"{path} holds no saved pipeline (model_index.json): did its training finish?")
         pipe = load_pipeline(path)
-        add(name, lambda lab, z, seed, pipe=pipe: batched(lambda l, n: pipeline_one_step(pipe, l, n), lab, z, bs), 1,
-            source_key(model_files(path)))
+        add(name, lambda lab, z, seed, pipe=pipe: pipeline_one_step(pipe, lab, seed), 1, source_key(model_files(path)))
 
     print("FD curves over the checkpoints ...")
     curves = {name: run_curve(path, teacher, ctx, args) for name, path in tqdm(runs, desc="curves")}
@@ -440,7 +447,7 @@ def main(argv=None):
     sample_grid_figure(rows[:4], os.path.join(args.output_dir, "samples.png"))
     if len(rows) > 4:
         sample_grid_figure(rows[1:2] + rows[3:], os.path.join(args.output_dir, "samples_ablations.png"))
-    curves_figure(curves, metrics, multi["fd_mean"], os.path.join(args.output_dir, "curves.png"))
+    curves_figure(curves, metrics, multi["fd_mean"], multi["nfe"], os.path.join(args.output_dir, "curves.png"))
     print(md)
     print(f"Evaluation took {time.time() - t0:.0f} s; figures in {args.output_dir}")
     return rows

@@ -31,7 +31,7 @@ RUN_COMPLETE = "demo_run_complete.json"
 SCALES = {
     "full": dict(
         num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32", classifier_epochs=15,
-        tfd_steps=150, checkpointing_steps=25, classes_per_batch=10, num_generated=8, num_positives=8,
+        tfd_steps=120, checkpointing_steps=20, classes_per_batch=10, num_generated=8, num_positives=8,
         num_anchors=4, num_samples=1000, seeds="0,1,2", fid_samples=100, fid_reference_max=400, heun_steps=18,
         ssim_per_class=32, curve_samples=500,
     ),
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=",".join(RUNS), help=f"TFD runs to train and evaluate, from {', '.join(RUNS)}.")
     p.add_argument("--tfd_steps", type=int, default=None, help="Override the TFD updates per run.")
     p.add_argument("--teacher_steps", type=int, default=None, help="Override the teacher's training steps.")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="TFD runs trained at the same time, each with cpu_count/jobs threads (default: one per core).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the data split, the teacher and the TFD runs.")
     return p.parse_args(argv)
 
@@ -133,27 +135,69 @@ def tfd_command(teacher_dir, data_dir, run_dir, cfg, extra, seed):
     return launch + [os.path.join(ROOT, "train_tfd_imagenet64.py")] + args
 
 
-def stage_tfd(name, teacher_dir, data_dir, run_dir, cfg, extra, seed):
-    """One TFD run; a finished run with the same command is reused, an unfinished one resumed."""
+def start_tfd(name, teacher_dir, data_dir, run_dir, cfg, extra, seed, threads):
+    """Start one TFD run (log in run_dir/train.log); None when a finished run with the same command exists.
+
+    A run killed before the end resumes from its last checkpoint (--resume_from_checkpoint latest).
+    """
     cmd = tfd_command(teacher_dir, data_dir, run_dir, cfg, extra, seed)
     marker = os.path.join(run_dir, RUN_COMPLETE)
     if os.path.isfile(marker):
         if json.load(open(marker)).get("command") == cmd[1:]:
             print(f"Reusing finished run {run_dir}")
-            return
+            return None
         print(f"{run_dir} was trained with other settings: retraining it.")
         shutil.rmtree(run_dir)
-    print(" ".join(cmd), flush=True)
-    start = time.time()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DIFFUSERS_OFFLINE="1")
-    result = subprocess.run(cmd, cwd=ROOT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"TFD run {name} failed (exit {result.returncode}); rerun to resume from its last "
-                           f"checkpoint, or delete {run_dir} to start over.")
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"[{name}] {' '.join(cmd)}\n[{name}] log: {os.path.join(run_dir, 'train.log')}", flush=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DIFFUSERS_OFFLINE="1",
+               OMP_NUM_THREADS=str(threads))
+    log = open(os.path.join(run_dir, "train.log"), "a")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return dict(name=name, proc=proc, log=log, cmd=cmd, marker=marker, start=time.time(), run_dir=run_dir)
+
+
+def finish_tfd(job):
+    job["log"].close()
+    if job["proc"].returncode != 0:
+        tail = open(os.path.join(job["run_dir"], "train.log")).read()[-3000:]
+        raise RuntimeError(f"TFD run {job['name']} failed (exit {job['proc'].returncode}); its log ends:\n{tail}\n"
+                           f"Rerun to resume from its last checkpoint, or delete {job['run_dir']} to start over.")
     from tfd_utils import atomic_write
 
-    info = {"command": cmd[1:], "seconds": round(time.time() - start, 1)}
-    atomic_write(marker, lambda p: json.dump(info, open(p, "w"), indent=1))
+    info = {"command": job["cmd"][1:], "seconds": round(time.time() - job["start"], 1)}
+    atomic_write(job["marker"], lambda p: json.dump(info, open(p, "w"), indent=1))
+    print(f"[{job['name']}] finished in {info['seconds']:.0f} s", flush=True)
+
+
+def stage_tfd(runs, teacher_dir, data_dir, out, cfg, seed, jobs):
+    """The TFD runs, `jobs` at a time (each with cpu_count // jobs threads)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, active, last_report = list(runs), [], time.time()
+    while pending or active:
+        while pending and len(active) < jobs:
+            key = pending.pop(0)
+            job = start_tfd(key, teacher_dir, data_dir, os.path.join(out, "runs", key), cfg, RUNS[key][1], seed,
+                            threads)
+            if job is not None:
+                active.append(job)
+        time.sleep(1)
+        for job in [j for j in active if j["proc"].poll() is not None]:
+            active.remove(job)
+            finish_tfd(job)
+        if active and time.time() - last_report > 30:
+            last_report = time.time()
+            print("  " + ", ".join(f"[{j['name']}] step {last_step(j['run_dir'])}/{cfg['tfd_steps']}" for j in active),
+                  flush=True)
+
+
+def last_step(run_dir):
+    """The last step logged in a run's metrics.jsonl (0 before the first log line)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    lines = [ln for ln in open(path) if ln.strip()]
+    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def main(argv=None):
@@ -174,12 +218,10 @@ def main(argv=None):
     timer.run("1 data", stage_data, data_dir, cfg, args.seed)
     timer.run("2 teacher", stage_teacher, data_dir, teacher_dir, cfg, args.seed)
     timer.run("3 classifier", stage_classifier, data_dir, clf_dir, cfg, args.seed)
-    run_args = []
-    for key in runs:
-        label, extra = RUNS[key]
-        run_dir = os.path.join(out, "runs", key)
-        timer.run(f"4 TFD: {key}", stage_tfd, key, teacher_dir, data_dir, run_dir, cfg, extra, args.seed)
-        run_args.append(f"{label}={run_dir}")
+    jobs = args.jobs or min(len(runs), os.cpu_count() or 1)
+    timer.run(f"4 TFD: {len(runs)} runs, {jobs} at a time", stage_tfd, runs, teacher_dir, data_dir, out, cfg,
+              args.seed, jobs)
+    run_args = [f"{RUNS[key][0]}={os.path.join(out, 'runs', key)}" for key in runs]
 
     import evaluate
 
