@@ -607,6 +607,80 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """Atomically write obj as indented JSON (non-JSON values via str)."""
+    import json
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def check_run_settings(path, settings):
+    """Record the settings a resumable output folder is made with (first run), or require a
+    resumed run to match them: images made with other settings are never mixed."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        write_json(path, settings)
+        return
+    with open(path) as f:
+        old = json.load(f)
+    changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if changed:
+        raise ValueError(f"The images next to {path} were made with other settings {changed} (old, new): use a "
+                         "new --output_dir, or delete that folder.")
+
+
+def load_edm_pickle(path, edm_repo=None):
+    """The network of an NVlabs EDM pickle ({'ema': net}, a path or URL); its classes unpickle from
+    an NVlabs/edm checkout put on sys.path (edm_repo)."""
+    import os
+    import pickle
+    import sys
+
+    if edm_repo and os.path.abspath(edm_repo) not in sys.path:
+        sys.path.insert(0, os.path.abspath(edm_repo))
+    url = path.startswith(("http://", "https://"))
+    if not url and not os.path.isfile(path):
+        raise FileNotFoundError(f"EDM pickle {path} not found.")
+    try:
+        if url:
+            import dnnlib  # from edm_repo
+
+            with dnnlib.util.open_url(path) as f:
+                data = pickle.load(f)
+        else:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"Unpickling {path} needs the NVlabs EDM code ({e.name}): pass --edm_repo "
+                                  "PATH_TO_EDM_CHECKOUT (git clone https://github.com/NVlabs/edm).") from e
+    return data["ema"] if isinstance(data, dict) else data
+
+
+def save_png(path, image):
+    """Atomic PNG write of a PIL image: a killed run never leaves a truncated file behind."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="png"))
+
+
+def shard(num_items, rank, world):
+    """This process's contiguous, disjoint index range of num_items."""
+    per = -(-num_items // world)
+    return range(rank * per, min((rank + 1) * per, num_items))
+
+
+def total_over_processes(count, state):
+    """Sum of an int over all processes of an accelerate state (also a barrier)."""
+    from accelerate.utils import gather_object
+
+    return sum(gather_object([count])) if state.num_processes > 1 else count
+
+
 def list_checkpoints(output_dir, logger=None):
     """Complete `checkpoint-N` folders under output_dir as [(N, path)], oldest first.
 

@@ -10,13 +10,11 @@
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
 import pickle
 import shutil
-import sys
 import time
 
 import torch
@@ -189,21 +187,7 @@ def load_teacher(args):
     """The frozen teacher: a diffusers UNet2DModel or an NVlabs EDM network (from its pickle)."""
     path = args.pretrained_teacher_model
     if path.endswith(".pkl") or os.path.isfile(path):
-        if args.edm_repo and os.path.abspath(args.edm_repo) not in sys.path:
-            sys.path.insert(0, os.path.abspath(args.edm_repo))
-        try:
-            if path.startswith(("http://", "https://")):
-                import dnnlib  # from --edm_repo
-
-                with dnnlib.util.open_url(path) as f:
-                    data = pickle.load(f)
-            else:
-                with open(path, "rb") as f:
-                    data = pickle.load(f)
-        except ModuleNotFoundError as e:
-            raise ModuleNotFoundError(f"Unpickling {path} needs the NVlabs EDM code ({e.name}): pass --edm_repo "
-                                      "PATH_TO_EDM_CHECKOUT (git clone https://github.com/NVlabs/edm).") from e
-        return data["ema"] if isinstance(data, dict) else data
+        return tfd_utils.load_edm_pickle(path, args.edm_repo)
     from diffusers import UNet2DModel
 
     kw = dict(revision=args.revision, cache_dir=args.cache_dir)
@@ -367,8 +351,7 @@ def main(args):
     if accelerator.is_main_process:
         tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
         os.makedirs(args.output_dir, exist_ok=True)
-        tfd_utils.atomic_write(os.path.join(args.output_dir, "training_args.json"),
-                               lambda t: json.dump(vars(args), open(t, "w"), indent=2, default=str))
+        tfd_utils.write_json(os.path.join(args.output_dir, "training_args.json"), vars(args))
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
@@ -479,8 +462,7 @@ def main(args):
                 accelerator.log(values, step=step)
                 progress.set_postfix(loss=f"{values['loss/total']:.4g}", lr=f"{values['train/lr']:.3g}")
                 if accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, **values}) + "\n")
+                    tfd_utils.append_metrics(metrics_path, {"step": step, **values})
 
             if step % args.checkpointing_steps == 0:
                 if bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
@@ -495,8 +477,7 @@ def main(args):
                 if accelerator.is_main_process:
                     logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
                     accelerator.log({"eval/fid": fid}, step=step)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "eval/fid": fid}) + "\n")
+                    tfd_utils.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
 
     # Export: the student (its EMA with --use_ema), a sample grid and a model card.
     accelerator.wait_for_everyone()

@@ -15,9 +15,7 @@
 import argparse
 import copy
 import contextlib
-import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -25,7 +23,7 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 import tfd_utils
@@ -465,8 +463,7 @@ def main(args):
     if accelerator.is_main_process:
         tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
         os.makedirs(args.output_dir, exist_ok=True)
-        tfd_utils.atomic_write(os.path.join(args.output_dir, "training_args.json"),
-                               lambda t: json.dump(vars(args), open(t, "w"), indent=2, default=str))
+        tfd_utils.write_json(os.path.join(args.output_dir, "training_args.json"), vars(args))
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
 

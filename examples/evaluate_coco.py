@@ -115,7 +115,7 @@ def load_or_make_subset(args):
                 raise ValueError(f"{path} is from another subset (captions/--num_prompts/--seed); use a new "
                                  "--output_dir or delete it.")
     else:
-        write_json(path, subset)
+        tfd_utils.write_json(path, subset)
     missing = [s["file_name"] for s in subset if not os.path.isfile(os.path.join(args.images, s["file_name"]))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} subset images are missing from {args.images} (e.g. {missing[0]}).")
@@ -135,20 +135,8 @@ def center_crop_resize(image, size):
     return image.convert("RGB").crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
 
 
-def save_png(path, image):
-    """Atomic PNG write (temp + rename): a killed run never leaves a truncated image behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    image.save(tmp, format="png")
-    os.replace(tmp, path)
-
-
 def png(folder, i):
     return os.path.join(folder, f"{i:05d}.png")
-
-
-def shard(n, rank, world):
-    per = -(-n // world)
-    return range(rank * per, min((rank + 1) * per, n))
 
 
 def load_pipeline(args, device):
@@ -172,7 +160,7 @@ def load_pipeline(args, device):
 
 def generate_missing(args, state, subset, gen_dir):
     """This process's generated PNGs that are not there yet (one-step, eval_resolution)."""
-    todo = [i for i in shard(len(subset), state.process_index, state.num_processes)
+    todo = [i for i in tfd_utils.shard(len(subset), state.process_index, state.num_processes)
             if not os.path.isfile(png(gen_dir, i))]
     if not todo:
         return 0
@@ -186,16 +174,16 @@ def generate_missing(args, state, subset, gen_dir):
                    guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                    generator=gens, output_type="pil")
         for i, im in zip(idx, out.images):
-            save_png(png(gen_dir, i), center_crop_resize(im, args.eval_resolution))
+            tfd_utils.save_png(png(gen_dir, i), center_crop_resize(im, args.eval_resolution))
     return len(todo)
 
 
 def prepare_real(args, state, subset, real_dir):
     """The matching real images, center-cropped and resized like the generated ones."""
-    for i in shard(len(subset), state.process_index, state.num_processes):
+    for i in tfd_utils.shard(len(subset), state.process_index, state.num_processes):
         if not os.path.isfile(png(real_dir, i)):
             with Image.open(os.path.join(args.images, subset[i]["file_name"])) as im:
-                save_png(png(real_dir, i), center_crop_resize(im, args.eval_resolution))
+                tfd_utils.save_png(png(real_dir, i), center_crop_resize(im, args.eval_resolution))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,35 +229,6 @@ def clip_score(paths, captions, args, device):
     return float(torch.cat(scores).double().mean())
 
 
-def total_over_processes(count, state):
-    """Sum of an int over all processes (also a barrier)."""
-    from accelerate.utils import gather_object
-
-    return sum(gather_object([count])) if state.num_processes > 1 else count
-
-
-def check_settings(path, settings):
-    """The settings the images in this folder were made with: a resumed run must match them."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            raise ValueError(f"The images next to {path} were made with other settings {changed} (old, new): use a "
-                             "new --output_dir, or delete that folder.")
-    else:
-        write_json(path, settings)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    tfd_utils.atomic_write(path, write)
-
-
 def main(args):
     from accelerate import PartialState
 
@@ -281,13 +240,13 @@ def main(args):
             "eval_resolution")
     if state.is_main_process:
         load_or_make_subset(args)  # writes prompts.json once; fails early on missing images
-        check_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        tfd_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     subset = load_or_make_subset(args)
     for d in (gen_dir, real_dir):
         os.makedirs(d, exist_ok=True)
     t0 = time.time()
-    written = total_over_processes(generate_missing(args, state, subset, gen_dir), state)
+    written = tfd_utils.total_over_processes(generate_missing(args, state, subset, gen_dir), state)
     prepare_real(args, state, subset, real_dir)
     state.wait_for_everyone()
     if not state.is_main_process or args.skip_fid:
@@ -306,7 +265,7 @@ def main(args):
         "clip_resolution": args.clip_resolution, "clip_prefix": args.clip_prefix, "seed": args.seed,
         "generated_now": written, "num_processes": state.num_processes, "seconds": round(time.time() - t0, 1),
     }
-    write_json(os.path.join(args.output_dir, "results.json"), result)
+    tfd_utils.write_json(os.path.join(args.output_dir, "results.json"), result)
     n = len(subset)
     clip_text = "" if clip is None else f", CLIP score {clip:.4f} ({args.clip_model} {args.clip_pretrained})"
     print(f"COCO-2014 FID-{f'{n // 1000}k' if n % 1000 == 0 else n} {fid:.4f}{clip_text} "

@@ -10,9 +10,7 @@
 # number of processes, and a killed run resumes: PNGs already written are skipped.
 
 import argparse
-import json
 import os
-import pickle
 import sys
 import time
 
@@ -70,25 +68,10 @@ def parse_args(argv=None):
     return args
 
 
-def load_edm_pickle(path, edm_repo=None):
-    """The network of an NVlabs EDM pickle ({'ema': net}); its classes come from --edm_repo."""
-    if edm_repo:
-        sys.path.insert(0, os.path.abspath(edm_repo))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"EDM pickle {path} not found.")
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"Unpickling {path} needs the NVlabs EDM code ({e.name}): pass --edm_repo "
-                                  "PATH_TO_EDM_CHECKOUT (git clone https://github.com/NVlabs/edm).") from e
-    return data["ema"] if isinstance(data, dict) else data
-
-
 def load_generator(args, device):
     """(generate(noise, labels) → x in [−1, 1], num_classes, channels, resolution)."""
     if args.edm_pickle:
-        net = load_edm_pickle(args.edm_pickle, args.edm_repo).to(device).eval().requires_grad_(False)
+        net = tfd_utils.load_edm_pickle(args.edm_pickle, args.edm_repo).to(device).eval().requires_grad_(False)
         label_dim = int(net.label_dim or 0)
 
         def generate(noise, labels):
@@ -144,29 +127,16 @@ def image_path(image_dir, i):
     return os.path.join(image_dir, f"{i:06d}.png")
 
 
-def save_png(path, array):
-    """Atomic PNG write (temp + rename): a killed run never leaves a truncated image behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="png")
-    os.replace(tmp, path)
-
-
 def noise_for(indices, shape, seed):
     """Per-sample noise: sample i is torch.randn under seed + i, whatever the batch or process."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in indices])
-
-
-def shard(num_samples, rank, world):
-    """This process's contiguous, disjoint index range."""
-    per = -(-num_samples // world)
-    return range(rank * per, min((rank + 1) * per, num_samples))
 
 
 def generate_missing(args, state, image_dir):
     """Write every PNG of this process's range that is not there yet; returns how many were written."""
     generate, num_classes, channels, res = load_generator(args, state.device)
     num_classes = args.num_classes or num_classes
-    todo = [i for i in shard(args.num_samples, state.process_index, state.num_processes)
+    todo = [i for i in tfd_utils.shard(args.num_samples, state.process_index, state.num_processes)
             if not os.path.isfile(image_path(image_dir, i))]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     batches = [todo[s:s + args.batch_size] for s in range(0, len(todo), args.batch_size)]
@@ -178,13 +148,13 @@ def generate_missing(args, state, image_dir):
         with torch.no_grad(), torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
             images = tfd_utils.to_uint8(generate(noise, labels)).numpy()
         for i, a in zip(idx, images):
-            save_png(image_path(image_dir, i), a)
+            tfd_utils.save_png(image_path(image_dir, i), Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a))
     return len(todo)
 
 
 def shard_features(args, state, image_dir):
     """Inception features of this process's images, read back from the PNGs (what is stored is what counts)."""
-    idx = list(shard(args.num_samples, state.process_index, state.num_processes))
+    idx = list(tfd_utils.shard(args.num_samples, state.process_index, state.num_processes))
     feats = [np.zeros((0, tfd_fid.FEATURE_DIM), np.float32)]
     for s in range(0, len(idx), args.batch_size):
         images = [tfd_fid.load_image(image_path(image_dir, i)) for i in idx[s:s + args.batch_size]]
@@ -204,35 +174,6 @@ def gather_features(feats, state, num_samples):
     return gather(padded).cpu().numpy()[:num_samples]
 
 
-def total_over_processes(count, state):
-    """Sum of an int over all processes (also a barrier)."""
-    from accelerate.utils import gather_object
-
-    return sum(gather_object([count])) if state.num_processes > 1 else count
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    tfd_utils.atomic_write(path, write)
-
-
-def check_settings(path, settings):
-    """The settings the images in this folder were made with: a resumed run must match them."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            raise ValueError(f"The images next to {path} were made with other settings {changed} (old, new): use a "
-                             "new --output_dir, or delete that folder.")
-    else:
-        write_json(path, settings)
-
-
 def main(args):
     from accelerate import PartialState
 
@@ -244,10 +185,10 @@ def main(args):
     keys = ("model", "edm_pickle", "teacher", "num_steps", "precond", "sigma_min", "sigma_max", "sigma_data",
             "num_classes", "seed", "mixed_precision")
     if state.is_main_process:
-        check_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        tfd_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     t0 = time.time()
-    written = total_over_processes(generate_missing(args, state, image_dir), state)
+    written = tfd_utils.total_over_processes(generate_missing(args, state, image_dir), state)
     if args.skip_fid:
         return None
     feats = gather_features(shard_features(args, state, image_dir), state, args.num_samples)
@@ -262,7 +203,7 @@ def main(args):
         "images": os.path.abspath(image_dir), "generated_now": written, "num_processes": state.num_processes,
         "seconds": round(time.time() - t0, 1),
     }
-    write_json(os.path.join(args.output_dir, "fid.json"), result)
+    tfd_utils.write_json(os.path.join(args.output_dir, "fid.json"), result)
     n = args.num_samples
     steps = f"{result['num_steps']}-step" if args.teacher else "one-step"
     print(f"FID-{f'{n // 1000}k' if n % 1000 == 0 else n} {fid:.4f} ({steps} {what}, {n} samples, "
