@@ -1512,3 +1512,69 @@ def clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum, max_gr
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return ok, grad_norm
+
+
+class TrainingMonitor:
+    """Bookkeeping of the training loop shared by both scripts: logs averaged over micro-steps, the
+    non-finite-step guard, periodic logging (trackers, tqdm, metrics.jsonl) and checkpoints that
+    are never taken inside a run of skipped updates."""
+
+    def __init__(self, accelerator, args, progress, metrics_path, first_step, images_per_step, logger):
+        import time
+
+        self.accelerator, self.args, self.progress, self.logger = accelerator, args, progress, logger
+        self.metrics_path, self.images_per_step = metrics_path, images_per_step
+        self.bad_steps, self.last_time, self.last_step = 0, time.perf_counter(), first_step
+        self.logs = {}
+
+    def add(self, logs):
+        """Accumulate one micro-step's logs (tensors), averaged over gradient accumulation."""
+        n = self.args.gradient_accumulation_steps
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v.detach().float() / n
+
+    def end_step(self, step, ok, grad_norm, extra=None):
+        """After an update: count a skipped one (stop after --max_bad_steps in a row, naming the last
+        good checkpoint), log every --logging_steps (with `extra` scalars), checkpoint every
+        --checkpointing_steps."""
+        args, accelerator = self.args, self.accelerator
+        self.bad_steps = 0 if ok else self.bad_steps + 1
+        if not ok:
+            self.logger.warning(f"Step {step}: non-finite loss or gradient norm; update skipped "
+                                f"({self.bad_steps} in a row).")
+            if self.bad_steps >= args.max_bad_steps:
+                ckpts = list_checkpoints(args.output_dir)
+                last = ckpts[-1][1] if ckpts else "none (no checkpoint yet)"
+                accelerator.end_training()
+                raise RuntimeError(f"{self.bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
+                                   f"{last}. Lower --learning_rate or use --mixed_precision no/bf16.")
+        self.progress.update(1)
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            self._log(step, grad_norm, extra or {})
+        self.logs = {}
+        if step % args.checkpointing_steps == 0:
+            if self.bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
+                self.logger.warning(f"Step {step}: not checkpointing during {self.bad_steps} non-finite steps in a row.")
+            else:
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, self.logger)
+
+    def _log(self, step, grad_norm, extra):
+        import time
+
+        device = self.accelerator.device
+        logs = dict(self.logs, **{"train/grad_norm": torch.as_tensor(grad_norm, device=device).float(),
+                                  "train/bad_steps": torch.tensor(float(self.bad_steps), device=device)})
+        keys = list(logs)
+        vals = self.accelerator.reduce(torch.stack([logs[k].reshape(()).to(device) for k in keys]), "mean")
+        values = scalars(dict(zip(keys, vals)))
+        covered = [v for k, v in values.items() if k.startswith("covered/")]
+        if covered:
+            values["anchor/covered"] = sum(covered) / len(covered)
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        values.update({"train/steps_per_s": rate, "train/images_per_s": rate * self.images_per_step}, **extra)
+        self.accelerator.log(values, step=step)
+        self.progress.set_postfix(loss=f"{values['loss/total']:.4g}", lr=f"{values.get('train/lr', 0):.3g}")
+        if self.accelerator.is_main_process:
+            append_metrics(self.metrics_path, {"step": step, **values})

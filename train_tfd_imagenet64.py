@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import shutil
-import time
 
 import torch
 from accelerate import Accelerator
@@ -378,7 +377,7 @@ def main(args):
         if step is not None:
             os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
             grid.save(os.path.join(args.output_dir, "validation", f"step-{step}.png"))
-            log_image(accelerator, grid, step)
+            tfd_utils.log_image(accelerator, grid, step)
         return grid
 
     fid_reference = None
@@ -395,10 +394,10 @@ def main(args):
                 f"layers {extractor.names} *****")
     progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    bad_steps, last_log_time, last_log_step = 0, time.perf_counter(), first_step
+    monitor = tfd_utils.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update, logger)
     with extractor:
         for step in range(first_step + 1, args.max_train_steps + 1):
-            logs_sum, loss_sum = {}, 0.0
+            loss_sum = 0.0
             for _ in range(args.gradient_accumulation_steps):
                 with accelerator.accumulate(student):
                     step_classes, idx = sampler()
@@ -422,53 +421,16 @@ def main(args):
                     loss = tfd_utils.inject_test_fault(loss, step, accelerator.process_index)  # no-op outside tests
                     accelerator.backward(loss)
                     logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
-                    for k, v in logs.items():
-                        logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float() / args.gradient_accumulation_steps
+                    monitor.add(logs)
                     loss_sum = loss_sum + loss.detach()
                     if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
                         ok, grad_norm = tfd_utils.clip_and_step(accelerator, optimizer, lr_scheduler, params,
                                                                 loss_sum, args.max_grad_norm)
-            if ok:
-                bad_steps = 0
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(student).parameters())
-            else:
-                bad_steps += 1
-                logger.warning(f"Step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row).")
-                if bad_steps >= args.max_bad_steps:
-                    ckpts = tfd_utils.list_checkpoints(args.output_dir)
-                    last = ckpts[-1][1] if ckpts else "none (no checkpoint yet)"
-                    accelerator.end_training()
-                    raise RuntimeError(f"{bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
-                                       f"{last}. Lower --learning_rate or use --mixed_precision no/bf16.")
+            if ok and ema is not None:
+                ema.step(accelerator.unwrap_model(student).parameters())
+            monitor.end_step(step, ok, grad_norm, {"train/lr": lr_scheduler.get_last_lr()[0]})
             tfd_utils.debug_record(accelerator, "steps", lambda: {
                 "step": step, "ok": ok, "digest": tfd_utils.state_digest(accelerator.unwrap_model(student))})
-            progress.update(1)
-
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                logs_sum.update({"train/grad_norm": torch.as_tensor(grad_norm, device=device).float(),
-                                 "train/bad_steps": torch.tensor(float(bad_steps), device=device)})
-                keys = list(logs_sum)
-                vals = accelerator.reduce(torch.stack([logs_sum[k].reshape(()).to(device) for k in keys]), "mean")
-                values = tfd_utils.scalars(dict(zip(keys, vals)))
-                covered = [v for k, v in values.items() if k.startswith("covered/")]
-                if covered:
-                    values["anchor/covered"] = sum(covered) / len(covered)
-                now = time.perf_counter()
-                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, step
-                values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/steps_per_s": rate,
-                               "train/images_per_s": rate * images_per_update})
-                accelerator.log(values, step=step)
-                progress.set_postfix(loss=f"{values['loss/total']:.4g}", lr=f"{values['train/lr']:.3g}")
-                if accelerator.is_main_process:
-                    tfd_utils.append_metrics(metrics_path, {"step": step, **values})
-
-            if step % args.checkpointing_steps == 0:
-                if bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
-                    logger.warning(f"Step {step}: not checkpointing during {bad_steps} non-finite steps in a row.")
-                else:
-                    tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
             if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process:
                 sample_grid(step)
             if fid_reference is not None and step % args.eval_fid_every == 0:
@@ -490,22 +452,9 @@ def main(args):
         export_student(model, edm_net, args)
         write_model_card(args, data_desc, len(classes), edm_net)
         if args.push_to_hub:
-            push_to_hub(args)
+            tfd_utils.push_folder_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         logger.info(f"Saved the one-step student to {args.output_dir}")
     accelerator.end_training()
-
-
-def log_image(accelerator, grid, step):
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        arr = np.asarray(grid.convert("RGB"))
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", arr, step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(grid)]}, step=step)
 
 
 @torch.no_grad()
@@ -602,15 +551,6 @@ Distilled with Teacher-Feature Drifting (`train_tfd_imagenet64.py`) on {data_des
 {settings}
 """
     ModelCard(content).save(os.path.join(args.output_dir, "README.md"))
-
-
-def push_to_hub(args):
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True,
-                          token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                  commit_message="TFD one-step student", ignore_patterns=["checkpoint-*", "*.incomplete*", "*.tmp-*"])
 
 
 if __name__ == "__main__":

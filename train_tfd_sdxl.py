@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 
 import torch
 from accelerate import Accelerator
@@ -503,9 +502,10 @@ def main(args):
                 f"{extractor.names}, σ in [{args.feature_noise_min}, {args.feature_noise_max}] *****")
     progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    bad_steps, last_log_time, last_log_step = 0, time.perf_counter(), first_step
+    images_per_step = G * N * args.gradient_accumulation_steps * accelerator.num_processes
+    monitor = tfd_utils.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_step, logger)
     for step in range(first_step + 1, args.max_train_steps + 1):
-        logs_sum, loss_sum = {}, 0.0
+        loss_sum = 0.0
         for micro in range(args.gradient_accumulation_steps):
             # Every draw of this micro-step comes from its own seed: a resumed run repeats it exactly.
             seed = ((args.seed * 1_000_003 + step) * 1009 + micro) * 4099 + accelerator.process_index
@@ -538,47 +538,16 @@ def main(args):
                 loss = tfd_utils.inject_test_fault(loss, step, accelerator.process_index)  # no-op outside tests
                 accelerator.backward(loss)
                 logs.update({"sigma/mean": sigma.mean()})
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float() / args.gradient_accumulation_steps
+                monitor.add(logs)
                 loss_sum = loss_sum + loss.detach()
                 if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
                     ok, grad_norm = tfd_utils.clip_and_step(accelerator, optimizer, lr_scheduler, params,
                                                             loss_sum, args.max_grad_norm)
-        if ok:
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            logger.warning(f"Step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row).")
-            if bad_steps >= args.max_bad_steps:
-                ckpts = tfd_utils.list_checkpoints(args.output_dir)
-                accelerator.end_training()
-                raise RuntimeError(f"{bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
-                                   f"{ckpts[-1][1] if ckpts else 'none'}. Lower --learning_rate or use bf16.")
+        monitor.end_step(step, ok, grad_norm, {"train/lr": lr_scheduler.get_last_lr()[0], "cache/hits": stats["hits"],
+                                               "cache/generated": stats["generated"],
+                                               "cache/regenerated": stats["regenerated"]})
         tfd_utils.debug_record(accelerator, "steps", lambda: {
             "step": step, "ok": ok, "digest": tfd_utils.state_digest(accelerator.unwrap_model(student))})
-        progress.update(1)
-
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
-            logs_sum.update({"train/grad_norm": torch.as_tensor(grad_norm, device=device).float(),
-                             "train/bad_steps": torch.tensor(float(bad_steps), device=device)})
-            keys = list(logs_sum)
-            vals = accelerator.reduce(torch.stack([logs_sum[k].reshape(()).to(device) for k in keys]), "mean")
-            values = tfd_utils.scalars(dict(zip(keys, vals)))
-            now = time.perf_counter()
-            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_step = now, step
-            values.update({"train/lr": lr_scheduler.get_last_lr()[0], "train/steps_per_s": rate,
-                           "cache/hits": stats["hits"], "cache/generated": stats["generated"],
-                           "cache/regenerated": stats["regenerated"]})
-            accelerator.log(values, step=step)
-            progress.set_postfix(loss=f"{values['loss/total']:.4g}", lr=f"{values['train/lr']:.3g}")
-            if accelerator.is_main_process:
-                tfd_utils.append_metrics(metrics_path, {"step": step, **values})
-        if step % args.checkpointing_steps == 0:
-            if bad_steps:  # a checkpoint inside a run of skipped updates would not be a good one to resume
-                logger.warning(f"Step {step}: not checkpointing during {bad_steps} non-finite steps in a row.")
-            else:
-                tfd_utils.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
         if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process and not fsdp:
             validation_grid(step)  # (FSDP: the main process alone cannot run the sharded student)
 
