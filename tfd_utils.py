@@ -1514,6 +1514,44 @@ def clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum, max_gr
     return ok, grad_norm
 
 
+def start_run(accelerator, args, resume, logger):
+    """Load the checkpoint to resume from (None: a new run), drop a killed run's metrics lines past
+    it, record the settings and start the trackers. Returns (first_step, metrics.jsonl path)."""
+    import os
+
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    first_step = 0
+    if resume is None and args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    if resume is not None:
+        accelerator.load_state(resume)
+        first_step = checkpoint_step(resume)
+        logger.info(f"Resumed from {resume} at step {first_step}.")
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(os.path.join(args.output_dir, "training_args.json"), vars(args))
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    return first_step, metrics_path
+
+
+def save_pipeline(pipe, output_dir):
+    """pipe.save_pretrained into a temporary folder, then move each component in, complete."""
+    import os
+    import shutil
+
+    tmp = os.path.join(output_dir, ".pipeline.incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        dst = os.path.join(output_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    os.rmdir(tmp)
+
+
 class TrainingMonitor:
     """Bookkeeping of the training loop shared by both scripts: logs averaged over micro-steps, the
     non-finite-step guard, periodic logging (trackers, tqdm, metrics.jsonl) and checkpoints that

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import pickle
-import shutil
 
 import torch
 from accelerate import Accelerator
@@ -337,22 +336,9 @@ def main(args):
         return tfd_utils.edm_one_step(model, noise, class_labels, args.sigma_max, args.sigma_min, args.precond,
                                       args.sigma_data)
 
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    first_step = 0
-    if resume is None and args.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-    if resume is not None:
-        accelerator.load_state(resume)
-        if ema is not None:
-            ema.to(device)
-        first_step = tfd_utils.checkpoint_step(resume)
-        logger.info(f"Resumed from {resume} at step {first_step}.")
-    if accelerator.is_main_process:
-        tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
-        os.makedirs(args.output_dir, exist_ok=True)
-        tfd_utils.write_json(os.path.join(args.output_dir, "training_args.json"), vars(args))
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+    first_step, metrics_path = tfd_utils.start_run(accelerator, args, resume, logger)
+    if ema is not None:
+        ema.to(device)
 
     # Fixed noise and classes for the validation grid.
     n_val = args.num_validation_images
@@ -496,22 +482,18 @@ def export_student(model, edm_net, args):
     if edm_net:
         net = copy.deepcopy(model).eval().requires_grad_(False).cpu()
         path = os.path.join(args.output_dir, "network-snapshot.pkl")
-        tfd_utils.atomic_write(path, lambda t: pickle.dump({"ema": net}, open(t, "wb")))
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                pickle.dump({"ema": net}, f)
+
+        tfd_utils.atomic_write(path, write)
         return
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
     scheduler = CMStochasticIterativeScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                                                sigma_data=args.sigma_data, clip_denoised=False)
     pipe = ConsistencyModelPipeline(unet=model.float(), scheduler=scheduler)
-    tmp = os.path.join(args.output_dir, ".pipeline.incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for name in os.listdir(tmp):  # replace the previous export piece by piece, each complete
-        dst = os.path.join(args.output_dir, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    os.rmdir(tmp)
+    tfd_utils.save_pipeline(pipe, args.output_dir)
 
 
 def write_model_card(args, data_desc, num_classes, edm_net):

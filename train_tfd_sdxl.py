@@ -17,7 +17,6 @@ import copy
 import contextlib
 import logging
 import os
-import shutil
 
 import torch
 from accelerate import Accelerator
@@ -451,20 +450,7 @@ def main(args):
         teacher_unet = accelerator.unwrap_model(student)
     extractor = tfd_utils.FeatureExtractor(teacher_unet, args.feature_layers, args.feature_pool_size)
 
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    first_step = 0
-    if resume is None and args.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-    if resume is not None:
-        accelerator.load_state(resume)
-        first_step = tfd_utils.checkpoint_step(resume)
-        logger.info(f"Resumed from {resume} at step {first_step}.")
-    if accelerator.is_main_process:
-        tfd_utils.truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
-        os.makedirs(args.output_dir, exist_ok=True)
-        tfd_utils.write_json(os.path.join(args.output_dir, "training_args.json"), vars(args))
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+    first_step, metrics_path = tfd_utils.start_run(accelerator, args, resume, logger)
 
     lcm_config = one_step_scheduler_config(teacher_scheduler.config)
 
@@ -566,7 +552,7 @@ def main(args):
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=model,
                                              scheduler=LCMScheduler.from_config(lcm_config))
-            save_pipeline(pipe, args.output_dir)
+            tfd_utils.save_pipeline(pipe, args.output_dir)
         write_model_card(args, data_desc, len(prompts))
         if args.push_to_hub:
             tfd_utils.push_folder_to_hub(args.output_dir, args.hub_model_id, args.hub_token, "TFD one-step SDXL student")
@@ -666,19 +652,6 @@ def import_unet(unet, input_dir, lora):
     result = set_peft_model_state_dict(unet, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"LoRA checkpoint {input_dir} does not fit this UNet: {result.unexpected_keys[:5]}")
-
-
-def save_pipeline(pipe, output_dir):
-    """save_pretrained into a temporary folder, then move each component in complete."""
-    tmp = os.path.join(output_dir, ".pipeline.incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        dst = os.path.join(output_dir, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    os.rmdir(tmp)
 
 
 def write_model_card(args, data_desc, num_prompts):
