@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 RUN_COMPLETE = "demo_run_complete.json"
 
-# The demo's settings (see docs in /work/shared/notes/digits-feasibility.md for where they come from).
+# The demo's settings: sized for a 2-core CPU (README, "The demo", has the measured results and times).
 SCALES = {
     "full": dict(
         num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32", classifier_epochs=15,
