@@ -427,7 +427,8 @@ class ImageNet64Row:
         ta, accelerator, device = self.targs, self.accelerator, self.device
         group_shape = (ta.classes_per_batch, ta.num_generated, self.channels, self.resolution, self.resolution)
         mark("start")
-        logs_sum, loss_sum = {}, 0.0
+        loss_sum = 0.0
+        self.step_count = getattr(self, "step_count", 0) + 1
         with extractor, accelerator.accumulate(self.student):
             step_classes, idx = self.sampler()
             real = tfd_utils.uint8_to_model(self.data.get(idx), device)
@@ -448,11 +449,12 @@ class ImageNet64Row:
                 extractor, forward, generated, positives, anchors if ta.num_anchors > 0 else None, sigma,
                 ta.drift_radii, ta.drift_kernel, ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature,
                 ta.anchor_bandwidth)
+            loss = tfd_utils.inject_test_fault(loss, self.step_count, accelerator.process_index)
             mark("loss_fwd")
             accelerator.backward(loss)
             mark("backward")
             logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
-            optimizer_update(self, logs, logs_sum, loss, loss_sum, ta.max_grad_norm)
+            optimizer_update(self, logs, loss, loss_sum, ta.max_grad_norm)
         mark("optim")
         return loss
 
@@ -593,13 +595,14 @@ class SDXLRow:
         shape = (4, self.latent, self.latent)
         self.step_count += 1
         mark("start")
-        logs_sum, loss_sum = {}, 0.0
+        loss_sum = 0.0
         seed = (ta.seed * 1_000_003 + self.step_count) * 1009 * 4099
+        shared = torch.Generator().manual_seed(seed - 1)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         with accelerator.accumulate(self.student):
-            batch = [self.cache.load(self.prompts[i], self.slots)
-                     for i in torch.randint(len(self.prompts), (G,), generator=gen).tolist()]
+            drawn = tfd_utils.shared_draw(len(self.prompts), 0, G, shared).tolist()
+            batch = [self.cache.load(self.prompts[i], self.slots) for i in drawn]
             positives = torch.stack([e["positives"] for e in batch]).to(device, torch.float32)
             pe = torch.stack([e["prompt_embeds"] for e in batch]).to(device, self.student_dtype)
             cond = {"text_embeds": torch.stack([e["pooled_prompt_embeds"] for e in batch]).to(device, self.student_dtype),
@@ -620,11 +623,12 @@ class SDXLRow:
                 loss, logs = tfd_utils.tfd_step_loss(
                     extractor, forward, generated, positives, None, sigma, ta.drift_radii, ta.drift_kernel,
                     ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature, ta.anchor_bandwidth)
+            loss = tfd_utils.inject_test_fault(loss, self.step_count, accelerator.process_index)
             mark("loss_fwd")
             accelerator.backward(loss)
             mark("backward")
             logs.update({"sigma/mean": sigma.mean()})
-            optimizer_update(self, logs, logs_sum, loss, loss_sum, ta.max_grad_norm)
+            optimizer_update(self, logs, loss, loss_sum, ta.max_grad_norm)
         mark("optim")
         return loss
 
@@ -677,12 +681,13 @@ def unprepared_copy(model):
     return fake
 
 
-def optimizer_update(row, logs, logs_sum, loss, loss_sum, max_grad_norm):
-    """The scripts' update after the backward (gradient_accumulation_steps = 1): log accumulation,
-    then tfd_utils.clip_and_step (clipping, the finiteness check: one host sync, optimiser and LR
-    step, zero_grad)."""
-    for k, v in logs.items():
-        logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float()
+def optimizer_update(row, logs, loss, loss_sum, max_grad_norm):
+    """The scripts' update after the backward (gradient_accumulation_steps = 1): TrainingMonitor's
+    log accumulation, then tfd_utils.clip_and_step (clipping, the finiteness check: one host sync,
+    optimiser and LR step, zero_grad). The monitor's end_step (logging/checkpoint cadence) is not run."""
+    if getattr(row, "monitor", None) is None:
+        row.monitor = tfd_utils.TrainingMonitor(row.accelerator, row.targs, None, None, 0, row.images_per_step, None)
+    row.monitor.add(logs)
     loss_sum = loss_sum + loss.detach()
     if row.accelerator.sync_gradients:
         return tfd_utils.clip_and_step(row.accelerator, row.optimizer, row.lr_scheduler, row.params, loss_sum,
