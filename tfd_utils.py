@@ -1128,6 +1128,26 @@ def uint8_to_model(images, device, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------
 
 
+def sdxl_student_and_teacher(unet, train_mode, device, teacher_dtype, lora_rank=64, lora_alpha=64,
+                             lora_target_modules=("to_k", "to_q", "to_v", "to_out.0")):
+    """(student, teacher) from the teacher's UNet: `full` trains a float32 copy next to the frozen
+    teacher (in teacher_dtype); `lora` adds float32 LoRA adapters to the UNet itself, which is then
+    also the teacher with its adapters disabled (`teacher_mode`): no second 2.6B copy."""
+    import copy
+
+    unet.requires_grad_(False).to(device, teacher_dtype)
+    if train_mode == "full":
+        return copy.deepcopy(unet).to(torch.float32).requires_grad_(True), unet
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                target_modules=list(lora_target_modules)))
+    for prm in unet.parameters():
+        if prm.requires_grad:
+            prm.data = prm.data.float()
+    return unet, unet
+
+
 def vp_teacher_forward(unet, alphas_cumprod, encoder_hidden_states, added_cond_kwargs):
     """`forward(sample, sigma)` for `group_features`: a VP (ε-prediction) UNet fed the VE-noised
     sample as vp_scale_input(sample, σ) at the fractional timestep vp_timestep_for_sigma(σ) (§2).

@@ -13,7 +13,6 @@
 # loop around it: prompts, the positive cache, student, optimiser, logging, checkpoints, export.
 
 import argparse
-import copy
 import contextlib
 import logging
 import os
@@ -324,19 +323,9 @@ def main(args):
     # Teacher UNet: a frozen copy (full) or the student's own base weights (lora).
     if args.prepare_positives_only:
         student, teacher_unet = None, unet.to(device, teacher_dtype)
-    elif lora:
-        from peft import LoraConfig
-
-        unet.to(device, teacher_dtype)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=args.lora_target_modules))
-        for prm in unet.parameters():
-            if prm.requires_grad:
-                prm.data = prm.data.float()
-        student, teacher_unet = unet, unet
     else:
-        teacher_unet = unet.to(device, teacher_dtype)
-        student = copy.deepcopy(unet).to(torch.float32).requires_grad_(True)
+        student, teacher_unet = tfd_utils.sdxl_student_and_teacher(
+            unet, args.train_mode, device, teacher_dtype, args.lora_rank, args.lora_alpha, args.lora_target_modules)
     teacher_pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=teacher_unet,
                                              scheduler=teacher_scheduler)

@@ -531,19 +531,8 @@ class SDXLRow:
         self.num_params = count_params(unet)
         unet.requires_grad_(False).eval()
         # As in the script: LoRA adapters (fp32) on the teacher's weights, or a float32 copy.
-        if lora:
-            from peft import LoraConfig
-
-            unet.to(self.device, teacher_dtype)
-            unet.add_adapter(LoraConfig(r=ta.lora_rank, lora_alpha=ta.lora_alpha, init_lora_weights="gaussian",
-                                        target_modules=ta.lora_target_modules))
-            for prm in unet.parameters():
-                if prm.requires_grad:
-                    prm.data = prm.data.float()
-            student, teacher = unet, unet
-        else:
-            teacher = unet.to(self.device, teacher_dtype)
-            student = copy.deepcopy(unet).to(torch.float32).requires_grad_(True)
+        student, teacher = tfd_utils.sdxl_student_and_teacher(
+            unet, ta.train_mode, self.device, teacher_dtype, ta.lora_rank, ta.lora_alpha, ta.lora_target_modules)
         if ta.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             if not lora:
