@@ -31,7 +31,7 @@ RUN_COMPLETE = "demo_run_complete.json"
 SCALES = {
     "full": dict(
         num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32", classifier_epochs=15,
-        tfd_steps=120, checkpointing_steps=20, classes_per_batch=10, num_generated=8, num_positives=8,
+        tfd_steps=360, checkpointing_steps=40, classes_per_batch=10, num_generated=8, num_positives=8,
         num_anchors=4, num_samples=1000, seeds="0,1,2", fid_samples=100, fid_reference_max=400, heun_steps=18,
         ssim_per_class=32, curve_samples=500,
     ),
