@@ -31,23 +31,14 @@ SDXL_RADII = [0.02, 0.05, 0.2]
 
 
 def adm_config(tiny=False):
-    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow)."""
-    return dict(
-        sample_size=64 if not tiny else 32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=3,
-        block_out_channels=(192, 384, 576, 768) if not tiny else (16, 32, 48, 64),
-        attention_head_dim=64 if not tiny else 16,
-        down_block_types=("ResnetDownsampleBlock2D",) + ("AttnDownBlock2D",) * 3,
-        up_block_types=("AttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
-        resnet_time_scale_shift="scale_shift",
-        upsample_type="resnet",
-        downsample_type="resnet",
-        num_class_embeds=1000,
-        norm_eps=1e-5,
-        norm_num_groups=32 if not tiny else 8,
-    )
+    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow), as the
+    step benchmark defines it."""
+    from bench_train_step import ADM_IMAGENET64
+
+    if not tiny:
+        return ADM_IMAGENET64
+    return dict(ADM_IMAGENET64, sample_size=32, block_out_channels=(16, 32, 48, 64), attention_head_dim=16,
+                norm_num_groups=8)
 
 
 def pooled_dims(config, pool=4):

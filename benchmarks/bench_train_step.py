@@ -56,7 +56,7 @@ ADM_IMAGENET64 = dict(
     block_out_channels=(192, 384, 576, 768), attention_head_dim=64, norm_num_groups=32,
     down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    resnet_time_scale_shift="scale_shift", upsample_type="resnet", downsample_type="resnet",
+    resnet_time_scale_shift="scale_shift", upsample_type="resnet", downsample_type="resnet", norm_eps=1e-5,
 )
 # The same layout at a third of the width (64 px), for CPU measurements that need many passes.
 ADM_REDUCED = dict(ADM_IMAGENET64, block_out_channels=(64, 128, 192, 256))
