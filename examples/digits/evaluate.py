@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from classifier import get_classifier  # noqa: E402
 from prepare_data import load_split  # noqa: E402
-from tfd_utils import atomic_write, edm_denoise, edm_heun_sample, edm_one_step  # noqa: E402
+from tfd_utils import atomic_write, edm_denoise, edm_heun_sample, edm_one_step, write_json  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -284,7 +284,7 @@ def run_curve(run_dir, teacher, ctx, args):
         with torch.no_grad():
             images = batched(lambda lab, z: to_uint8(edm_one_step(unet, z, lab)), labels, noise, args.batch_size)
         curve.append((step, frechet(classifier_outputs(ctx["clf"], images)[0], ctx["ref_stats"])))
-    atomic_write(cache, lambda p: json.dump({"key": key, "curve": curve}, open(p, "w")))
+    write_json(cache, {"key": key, "curve": curve})
     return curve
 
 
@@ -442,8 +442,7 @@ def main(argv=None):
     md = results_markdown(rows, info)
     atomic_write(os.path.join(args.output_dir, "results.md"), lambda p: open(p, "w").write(md))
     table = [{k: v for k, v in r.items() if k != "grid"} for r in rows]
-    atomic_write(os.path.join(args.output_dir, "results.json"), lambda p: json.dump(
-        {"rows": table, "curves": curves, "classifier": clf_info}, open(p, "w"), indent=1))
+    write_json(os.path.join(args.output_dir, "results.json"), {"rows": table, "curves": curves, "classifier": clf_info})
     sample_grid_figure(rows[:4], os.path.join(args.output_dir, "samples.png"))
     if len(rows) > 4:
         sample_grid_figure(rows[1:2] + rows[3:], os.path.join(args.output_dir, "samples_ablations.png"))

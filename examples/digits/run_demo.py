@@ -163,10 +163,10 @@ def finish_tfd(job):
         tail = open(os.path.join(job["run_dir"], "train.log")).read()[-3000:]
         raise RuntimeError(f"TFD run {job['name']} failed (exit {job['proc'].returncode}); its log ends:\n{tail}\n"
                            f"Rerun to resume from its last checkpoint, or delete {job['run_dir']} to start over.")
-    from tfd_utils import atomic_write
+    from tfd_utils import write_json
 
     info = {"command": job["cmd"][1:], "seconds": round(time.time() - job["start"], 1)}
-    atomic_write(job["marker"], lambda p: json.dump(info, open(p, "w"), indent=1))
+    write_json(job["marker"], info)
     print(f"[{job['name']}] finished in {info['seconds']:.0f} s", flush=True)
 
 

@@ -12,7 +12,6 @@ with a finished teacher in --output_dir returns at once.
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from prepare_data import load_split  # noqa: E402
-from tfd_utils import atomic_write, edm_denoise  # noqa: E402
+from tfd_utils import edm_denoise, write_json  # noqa: E402
 
 COMPLETE = "teacher_complete.json"
 
@@ -95,7 +94,7 @@ def save_teacher(unet, output_dir, info):
     if os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
-    atomic_write(os.path.join(output_dir, COMPLETE), lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+    write_json(os.path.join(output_dir, COMPLETE), info)
 
 
 def main(argv=None):
