@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-# Teacher-Feature Drifting (TFD): distil a class-conditional EDM teacher into a one-step student.
+# Teacher-Feature Drifting (TFD): distil a class-conditional EDM teacher (ImageNet-64 and the like)
+# into a one-step student.
 #
-#   accelerate launch train_tfd_imagenet64.py \
-#     --pretrained_teacher_model openai/diffusers-cd_imagenet64_l2 --dataset_name PATH_OR_HUB_ID \
-#     --output_dir tfd-imagenet64
+#   accelerate launch train_tfd_imagenet64.py --pretrained_model_name_or_path edm-imagenet-64x64-cond-adm.pkl \
+#     --edm_repo edm --dataset_name datasets/imagenet-64x64.zip --output_dir tfd-imagenet64
 #
-# Defaults follow SPEC.md §2–§4 (ImageNet-64 column). The method lives in tfd_utils.py; this file
-# is the training loop around it: data, sampler, student, optimiser, logging, checkpoints, export.
+# To fork, copy this file with tfd_utils.py (the method) and tfd_training.py (the loop's plumbing).
+# `train_step` is the step; `main` reads top to bottom; what only this script uses (EDM pickles,
+# labelled image sources, the class-grouped sampler) follows it.
 
 import argparse
 import copy
+import io
+import json
 import logging
 import math
 import os
 import pickle
+import sys
+import zipfile
 
 import torch
 from accelerate import Accelerator
@@ -21,19 +26,22 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+import tfd_training
 import tfd_utils
 
 logger = get_logger(__name__, log_level="INFO")
 
 IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="TFD one-step distillation of a class-conditional EDM teacher.")
     g = p.add_argument_group("teacher")
-    g.add_argument("--pretrained_teacher_model", required=True,
-                   help="diffusers UNet2DModel with class embeddings (local folder, pipeline folder or Hub id), or "
-                        "an NVlabs EDM network pickle (.pkl path or URL, {'ema': net}).")
+    g.add_argument("--pretrained_model_name_or_path", "--pretrained_teacher_model", required=True,
+                   dest="pretrained_model_name_or_path",
+                   help="The teacher: a diffusers UNet2DModel with class embeddings (local folder, pipeline folder or "
+                        "Hub id), or an NVlabs EDM network pickle (.pkl path or URL, {'ema': net}).")
     g.add_argument("--teacher_subfolder", default=None,
                    help="Subfolder of the teacher repo holding the UNet (default: the root, else 'unet').")
     g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
@@ -47,16 +55,18 @@ def parse_args(argv=None):
     g.add_argument("--sigma_min", type=float, default=0.002,
                    help="σ_min of the consistency-model boundary scalings (diffusers students).")
     g.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="dtype of the frozen teacher for the feature pass (the recipe: fp32).")
+                   help="dtype of the frozen diffusers teacher for the feature pass (the recipe: fp32). An EDM pickle's "
+                        "feature pass always runs in float32.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
-                   help="Hub id or local path of a labelled image data set: anything datasets.load_dataset takes, a "
-                        "folder written by save_to_disk, or an EDM/StyleGAN dataset zip/folder (dataset.json labels).")
+                   help="Labelled images: a Hub id or local path datasets.load_dataset takes, a save_to_disk folder, or "
+                        "an EDM/StyleGAN dataset zip/folder (dataset.json labels).")
     g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
     g.add_argument("--train_data_dir", default=None,
                    help="An imagefolder (one sub-folder per class) or an EDM dataset folder; instead of --dataset_name.")
-    g.add_argument("--dataset_split", default="train", help="Split to train on.")
+    g.add_argument("--dataset_split", default="train",
+                   help="Split, optionally sliced as datasets does it: 'train', 'train[:100000]'.")
     g.add_argument("--image_column", default="image", help="Image column of the data set.")
     g.add_argument("--label_column", default="label", help="Integer class-label column of the data set.")
     g.add_argument("--class_ids", default=None,
@@ -67,27 +77,17 @@ def parse_args(argv=None):
                         "process; larger ones (ImageNet-64: 15.7 GB) are decoded on the fly.")
     g.add_argument("--cache_dir", default=None, help="datasets/diffusers cache directory.")
 
-    g = p.add_argument_group("TFD objective (SPEC §1–§2)")
-    g.add_argument("--feature_layers", default=IMAGENET64_LAYERS,
-                   help="Teacher layers (enc:K, dec:K, bottleneck, input, or module names), spaces or commas.")
-    g.add_argument("--feature_pool_size", type=int, default=4, help="Average-pool kernel/stride of feature maps.")
-    g.add_argument("--drift_radii", default="0.02,0.05,0.1,0.2", help="Kernel radii R, summed over.")
-    g.add_argument("--drift_kernel", default="drifting", choices=tfd_utils.DRIFT_KERNELS,
-                   help="drifting = the authors' double-softmax kernel; meanshift = the paper's Eq. (2)-(4).")
-    g.add_argument("--feature_noise_mean", type=float, default=-1.2, help="Mean of log σ of the feature noise.")
-    g.add_argument("--feature_noise_std", type=float, default=1.2, help="Std of log σ of the feature noise.")
-    g.add_argument("--feature_noise_min", type=float, default=0.02,
-                   help="Lower truncation of σ (min == max fixes σ; 0 and 0: clean features).")
-    g.add_argument("--feature_noise_max", type=float, default=0.1, help="Upper truncation of σ.")
+    g = p.add_argument_group("batch and student")
     g.add_argument("--classes_per_batch", type=int, default=10, help="Classes (groups) per step per process.")
     g.add_argument("--num_generated", type=int, default=4, help="Generated samples per class (N, at least 2).")
     g.add_argument("--num_positives", type=int, default=4, help="Real images per class as positives (P).")
     g.add_argument("--num_anchors", type=int, default=4,
                    help="Real images per class as anchors (M); 0 reuses the positives as anchors.")
-    g.add_argument("--anchor_weight", type=float, default=1.0, help="λ of the anchor-margin loss (0 disables it).")
-    g.add_argument("--anchor_alpha", type=float, default=0.5, help="Margin α of the anchor-margin loss.")
-    g.add_argument("--anchor_temperature", type=float, default=1.0, help="τ: bandwidth = median distance × τ.")
-    g.add_argument("--anchor_bandwidth", type=float, default=None, help="A fixed anchor bandwidth instead of τ.")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="Dropout probability in the student while training (replaces the teacher's own, e.g. ADM's "
+                        "0.1); the exported one-step generator never drops out.")
+    tfd_utils.TFDLoss.add_arguments(p, layers=IMAGENET64_LAYERS, radii="0.02,0.05,0.1,0.2", sigma_min=0.02,
+                                    sigma_max=0.1)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=2e-6, help="AdamW learning rate.")
@@ -103,17 +103,18 @@ def parse_args(argv=None):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
     g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="Student autocast precision (default: bf16 on GPU, no on CPU; the recipe: bf16).")
-    g.add_argument("--dropout", type=float, default=0.0,
-                   help="Dropout probability in the student while training (replaces the teacher's own, e.g. ADM's "
-                        "0.1); the exported one-step generator never drops out.")
+                   help="Autocast of the student (default: the accelerate config's setting; the recipe: bf16). The "
+                        "student's weights stay float32.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the student.")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
+                   help="Recompute the teacher pass of the generated samples in backward instead of keeping its "
+                        "activations (default: on with --gradient_checkpointing).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (diffusers EMAModel).")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with EMAModel's warm-up).")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="Stop after this many consecutive updates with a non-finite loss or gradient (skipped).")
-    g.add_argument("--seed", type=int, default=0, help="Seed (each process adds its rank).")
+    g.add_argument("--seed", type=int, default=0, help="Seed of everything: class draws, noise (per step and process).")
 
     g = p.add_argument_group("logging, validation, checkpoints, output")
     g.add_argument("--output_dir", default="tfd-imagenet64", help="Where checkpoints, logs and the student go.")
@@ -126,7 +127,8 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a checkpoint every N updates.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
-                   help="'latest' (the newest complete checkpoint in --output_dir) or a checkpoint-N path.")
+                   help="'latest' (the newest complete checkpoint in --output_dir; a new run if there is none) or a "
+                        "checkpoint-N path.")
     g.add_argument("--eval_fid_every", type=int, default=0, help="FID of one-step samples every N updates (0: off).")
     g.add_argument("--fid_reference_stats", default=None,
                    help="Reference statistics (.npz with mu, sigma; e.g. EDM's imagenet-64x64.npz) for FID.")
@@ -134,9 +136,11 @@ def parse_args(argv=None):
     g.add_argument("--fid_batch_size", type=int, default=250, help="Batch size of FID sampling and Inception.")
     g.add_argument("--fid_mode", default="legacy_tensorflow", choices=("legacy_tensorflow", "clean"),
                    help="Inception resizing: legacy_tensorflow matches EDM's reference stats, clean is clean-fid's.")
-    g.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Create the Hub repo at the start, upload --output_dir at the end.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
+    g.add_argument("--hub_token", default=None,
+                   help="Hub token (default: the cached `hf auth login`). Never written to any file or tracker.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -144,26 +148,341 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Bad settings fail here, before any model or data is loaded."""
-    if args.num_generated < 2:
-        raise ValueError("--num_generated must be at least 2: with one generated sample per class the drifting "
-                         "self-mask leaves no negatives.")
-    if args.num_positives < 1 or args.num_anchors < 0 or args.classes_per_batch < 1:
-        raise ValueError("--num_positives and --classes_per_batch must be >= 1 and --num_anchors >= 0.")
-    if args.feature_noise_min > args.feature_noise_max or args.feature_noise_min < 0:
-        raise ValueError("Need 0 <= --feature_noise_min <= --feature_noise_max.")
     if not args.dataset_name and not args.train_data_dir:
         raise ValueError("Give the training images: --dataset_name or --train_data_dir.")
-    if args.eval_fid_every > 0:
-        if not args.fid_reference_stats or not os.path.isfile(args.fid_reference_stats):
-            raise FileNotFoundError(f"--eval_fid_every needs --fid_reference_stats pointing to an existing .npz; got "
-                                    f"{args.fid_reference_stats!r}.")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError("Do not pass --hub_token together with --report_to wandb (it would be logged); "
-                         "use `hf auth login` instead.")
-    args.feature_layers = args.feature_layers.replace(",", " ").split()
-    args.drift_radii = tfd_utils.parse_floats(args.drift_radii)
+    tfd_training.check_ranges(args, {
+        **tfd_training.COMMON_RANGES, "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
+        "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
+        "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
+        "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"})
+    if args.sigma_min >= args.sigma_max:
+        raise ValueError(f"--sigma_min {args.sigma_min} must be below --sigma_max {args.sigma_max}.")
+    if args.eval_fid_every > 0 and (not args.fid_reference_stats or not os.path.isfile(args.fid_reference_stats)):
+        raise FileNotFoundError(f"--eval_fid_every needs --fid_reference_stats pointing to an existing .npz; got "
+                                f"{args.fid_reference_stats!r}.")
+    tfd_utils.TFDLoss.check_arguments(args)
+    tfd_training.check_hub_args(args)
+    tfd_training.split_and_slice(args.dataset_split)
     if args.class_ids is not None:
         parse_class_ids(args.class_ids)  # a typo fails here, before anything is loaded
+    if args.teacher_checkpointing is None:
+        args.teacher_checkpointing = args.gradient_checkpointing
+
+
+def main(args):
+    # 1. Accelerator, logging and the seed.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    device = accelerator.device
+
+    # 2. Another run's output folder is continued only on request; the Hub repo exists before training.
+    resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
+    tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
+
+    # 3. The frozen teacher; bad layer names fail here with the valid ones listed.
+    teacher = load_teacher(args)
+    edm_net = tfd_utils.is_edm_network(teacher)
+    num_classes = num_class_labels(teacher)
+    if num_classes == 0:
+        raise ValueError(f"{args.pretrained_model_name_or_path} has no class embeddings (num_class_embeds / label_dim "
+                         "is unset): this script distils class-conditional teachers.")
+    if edm_net and args.teacher_dtype != "fp32":
+        raise ValueError("An EDM pickle's feature pass runs in float32 (its layers cast their weights to the input's "
+                         "dtype): drop --teacher_dtype.")
+    if args.precond == "edm" and not edm_net:
+        raise ValueError("--precond edm needs an NVlabs EDM network pickle: diffusers' ConsistencyModelPipeline always "
+                         "conditions a UNet2DModel on 250·ln σ (--precond cm).")
+    if edm_net:
+        channels, resolution = teacher.img_channels, teacher.img_resolution
+        args.sigma_data = float(teacher.sigma_data)
+    else:
+        channels, size = teacher.config.in_channels, teacher.config.sample_size
+        resolution = size if isinstance(size, int) else size[0]
+    tfd_utils.resolve_layers(teacher, args.feature_layers)
+
+    # 4. Data: labelled images in the teacher's format, drawn in class groups.
+    labels, fetch, data_desc = open_labelled_images(args.dataset_name, args.train_data_dir, args.dataset_split,
+                                                    args.image_column, args.label_column, args.dataset_config_name,
+                                                    args.cache_dir)
+    classes = select_classes(labels, num_classes, args.class_ids)
+    data = LabelledImages(labels, fetch, channels, resolution, args.preload_max_gb,
+                          progress=accelerator.is_local_main_process)
+    sampler = ClassGroupedSampler(labels, classes, args.classes_per_batch, args.num_positives + args.num_anchors,
+                                  args.seed, accelerator.process_index, logger)
+    if args.classes_per_batch * accelerator.num_processes > len(classes):
+        logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed the "
+                       f"{len(classes)} classes: some classes are drawn by two processes in the same step.")
+    logger.info(f"Data: {data_desc}: {len(labels)} images, {len(classes)} classes, {channels}x{resolution}x"
+                f"{resolution}, {'in memory' if data.data is not None else 'decoded on the fly'}.")
+
+    # 5. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
+    student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
+    teacher.to(device).eval().requires_grad_(False).to(DTYPES[args.teacher_dtype])
+    set_dropout(student, args.dropout)
+    if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
+        student.enable_gradient_checkpointing()
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=None if edm_net else type(student),
+                       model_config=None if edm_net else student.config)
+        ema.to(device)
+
+    # 6. The loss, the optimiser and its schedule; checkpoints hold the student as a diffusers folder.
+    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, checkpoint_teacher=args.teacher_checkpointing)
+    register_checkpoint_hooks(accelerator, edm_net)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = tfd_training.make_optimizer(params, args)
+    lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP clips the prepared model's own
+    accelerator.register_for_checkpointing(sampler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # 7. Resume, record the settings, start the trackers; fixed noise and classes for the grids.
+    first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
+    if ema is not None:
+        ema.to(device)
+    n_val = args.num_validation_images
+    val_labels = torch.tensor([classes[(i * len(classes)) // n_val] if n_val <= len(classes)
+                               else classes[i % len(classes)] for i in range(n_val)], device=device)
+    val_noise = torch.randn(n_val, channels, resolution, resolution,
+                            generator=torch.Generator().manual_seed(args.seed)).to(device)
+    fid_reference = None
+    if args.eval_fid_every > 0:
+        import tfd_fid
+
+        fid_reference = tfd_fid.load_reference_stats(args.fid_reference_stats)
+
+    def sample_grid():
+        with averaged(accelerator.unwrap_model(student), ema) as model:
+            with accelerator.autocast():
+                return tfd_training.image_grid(generate(model, val_noise, val_labels, args, num_classes))
+
+    # 8. Train.
+    G, N = args.classes_per_batch, args.num_generated
+    images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
+    logger.info(f"***** TFD: {args.max_train_steps} updates, {G} classes x (N={N}, P={args.num_positives}, "
+                f"M={args.num_anchors}) per process, {accelerator.num_processes} processes, layers {loss_fn.layers} "
+                "*****")
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
+                                           logger)
+    rank = accelerator.process_index
+    for step in range(first_step + 1, args.max_train_steps + 1):
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+            batch = class_batch(sampler, data, args, (channels, resolution, resolution), gen, device)
+            tfd_training.debug_record(accelerator, "draws", lambda: {"step": step, "classes": batch[0].tolist(),
+                                                                     "indices": sampler.last_indices.tolist()})
+            with accelerator.accumulate(student):
+                loss, logs = train_step(args, accelerator, student, teacher, loss_fn, batch, num_classes, gen)
+                accelerator.backward(tfd_training.fault_loss(loss, step, rank))
+                monitor.add(logs)
+                loss_sum = loss_sum + loss.detach()
+                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                    ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
+                                                               args.max_grad_norm)
+        if ok and ema is not None:
+            ema.step(accelerator.unwrap_model(student).parameters())
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0]})
+        tfd_training.debug_record(accelerator, "steps", lambda: {
+            "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
+        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger,
+                                         before_commit=tfd_training.fault_pause("checkpoint"))
+        if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = sample_grid()
+            os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+            tfd_training.save_png(os.path.join(args.output_dir, "validation", f"step-{step}.png"), grid)
+            tfd_training.log_image(accelerator, grid, step)
+        if fid_reference is not None and step % args.eval_fid_every == 0:
+            fid = evaluate_fid(accelerator, student, ema, classes, (channels, resolution), fid_reference, args,
+                               num_classes)
+            if accelerator.is_main_process:
+                logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
+                accelerator.log({"eval/fid": fid}, step=step)
+                tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+
+    # 9. Export: the student (its EMA with --use_ema), a sample grid and a model card.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(student)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), sample_grid())
+        export_student(model, edm_net, args)
+        write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(classes), edm_net)
+        if args.push_to_hub:
+            tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token)
+        logger.info(f"Saved the one-step student to {args.output_dir}")
+    accelerator.end_training()
+
+
+def train_step(args, accelerator, student, teacher, loss_fn, batch, num_classes, generator):
+    """One micro-step: N one-step samples per class, then the TFD loss in the teacher's features.
+
+    batch: (classes [G], positives [G, P, C, H, W], anchors [G, M, C, H, W] or None, noise [G·N, C, H, W]).
+    Returns (loss, logs); the caller runs the backward.
+    """
+    classes, positives, anchors, noise = batch
+    G, N = classes.shape[0], noise.shape[0] // classes.shape[0]
+    with accelerator.autocast():
+        generated = generate(student, noise, classes.repeat_interleave(N), args, num_classes)
+    generated = generated.float().reshape(G, N, *noise.shape[1:])
+    forward = tfd_utils.edm_teacher_forward(teacher, classes, args.precond, args.sigma_data)
+    return loss_fn(forward, generated, positives, anchors, generator=generator)
+
+
+def generate(model, noise, class_labels, args, num_classes):
+    """The student's one-step sample: the exact function the saved pipeline (or EDM pickle) runs."""
+    if tfd_utils.is_edm_network(getattr(model, "module", model)):
+        return tfd_utils.edm_net_one_step(model, noise, class_labels, args.sigma_max, num_classes)
+    return tfd_utils.edm_one_step(model, noise, class_labels, args.sigma_max, args.sigma_min, args.precond,
+                                  args.sigma_data)
+
+
+def class_batch(sampler, data, args, image_shape, generator, device):
+    """The next draw of classes and their real images → (classes, positives, anchors or None, noise)."""
+    classes, idx = sampler()
+    real = uint8_to_model(data.get(idx), device)  # [G, P+M, C, H, W]
+    anchors = real[:, args.num_positives:] if args.num_anchors > 0 else None
+    noise = torch.randn(len(classes) * args.num_generated, *image_shape, generator=generator).to(device)
+    return classes.to(device), real[:, :args.num_positives], anchors, noise
+
+
+class averaged:
+    """The unwrapped student in eval mode with its EMA weights swapped in (if any), restored on exit."""
+
+    def __init__(self, model, ema):
+        self.model, self.ema = model, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train()
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+
+
+@torch.no_grad()
+def evaluate_fid(accelerator, student, ema, classes, shape, reference, args, num_classes):
+    """FID of fid_num_samples one-step samples (labels i mod classes, fixed noise) against the reference."""
+    import tfd_fid
+
+    channels, resolution = shape
+    n, world, rank = args.fid_num_samples, accelerator.num_processes, accelerator.process_index
+    per_rank = math.ceil(n / world)
+    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    chunks = []
+    with averaged(accelerator.unwrap_model(student), ema) as model:
+        for start in range(rank * per_rank, (rank + 1) * per_rank, args.fid_batch_size):
+            idx = torch.arange(start, min(start + args.fid_batch_size, (rank + 1) * per_rank))
+            labels = torch.as_tensor(classes)[idx % len(classes)].to(accelerator.device)
+            noise = torch.randn(len(idx), channels, resolution, resolution, generator=gen).to(accelerator.device)
+            with accelerator.autocast():
+                u8 = tfd_training.to_uint8(generate(model, noise, labels, args, num_classes).float())
+            chunks.append(u8.expand(*u8.shape[:3], 3) if channels == 1 else u8)
+    feats = tfd_fid.inception_features(torch.cat(chunks).cpu(), args.fid_batch_size, accelerator.device, args.fid_mode)
+    feats = accelerator.gather(torch.as_tensor(feats, device=accelerator.device))[:n]
+    if not accelerator.is_main_process:
+        return None
+    mu, sigma = tfd_fid.feature_stats(feats.cpu().numpy())
+    return float(tfd_fid.frechet_distance(mu, sigma, *reference))
+
+
+def register_checkpoint_hooks(accelerator, edm_net):
+    """Checkpoints hold a diffusers student as checkpoint-N/unet (an EDM network: accelerate's own file)."""
+    def save_model_hook(models, weights, output_dir):
+        if edm_net:
+            return
+        for model in models:
+            full = tfd_training.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
+            if accelerator.is_main_process:
+                full.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:  # empty under FSDP/DeepSpeed, which save their own (sharded) state next to it
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if edm_net or accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            return  # accelerate loads the engine's own state
+        for _ in range(len(models)):
+            model = accelerator.unwrap_model(models.pop())
+            model.load_state_dict(type(model).from_pretrained(input_dir, subfolder="unet").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def export_student(model, edm_net, args):
+    """diffusers: a ConsistencyModelPipeline (one step). EDM: network-snapshot.pkl ({'ema': net}, EDM's own
+    format, with the teacher's use_fp16 setting, so EDM's generate.py and fid.py treat it as the teacher)."""
+    if edm_net:
+        net = copy.deepcopy(model).eval().requires_grad_(False).cpu()
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                pickle.dump({"ema": net}, f)
+
+        tfd_training.atomic_write(os.path.join(args.output_dir, "network-snapshot.pkl"), write)
+        return
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+    scheduler = CMStochasticIterativeScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                               sigma_data=args.sigma_data, clip_denoised=False)
+    tfd_training.save_pipeline(ConsistencyModelPipeline(unet=model.float(), scheduler=scheduler), args.output_dir)
+
+
+def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
+    teacher = args.pretrained_model_name_or_path
+    if edm_net:
+        usage = ("import pickle, torch  # with the NVlabs/edm code on sys.path\n"
+                 "net = pickle.load(open('network-snapshot.pkl', 'rb'))['ema']\n"
+                 "z = torch.randn(4, net.img_channels, net.img_resolution, net.img_resolution)\n"
+                 "labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), net.label_dim).float()\n"
+                 f"x = net(z * {args.sigma_max}, torch.full((4,), {args.sigma_max}), labels)  # one step, in [-1, 1]")
+    else:
+        usage = ("from diffusers import DiffusionPipeline\n\n"
+                 f"pipe = DiffusionPipeline.from_pretrained('{repo_id}')\n"
+                 "image = pipe(class_labels=[0], num_inference_steps=1).images[0]")
+    source = teacher if not os.path.exists(teacher) else "a local teacher"
+    data = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else "a local data set"
+    settings = {"data": f"{data}, {num_classes} classes", "updates": args.max_train_steps,
+                "classes × (generated, positives, anchors) per process":
+                f"{args.classes_per_batch} × ({args.num_generated}, {args.num_positives}, {args.num_anchors})",
+                "teacher layers": " ".join(args.feature_layers), "feature noise σ":
+                f"log-normal({args.feature_noise_mean}, {args.feature_noise_std}) in [{args.feature_noise_min}, "
+                f"{args.feature_noise_max}]", "radii": args.drift_radii, "learning rate": args.learning_rate,
+                "EMA": args.ema_decay if args.use_ema else "none"}
+    tfd_training.save_model_card(
+        args, repo_id, teacher if not os.path.exists(teacher) else None,
+        ["diffusers" if not edm_net else "edm", "class-conditional", "image-generation", "one-step", "tfd"],
+        f"One-step TFD student of {source}",
+        "Distilled with Teacher-Feature Drifting (`train_tfd_imagenet64.py`): one network evaluation per image.",
+        usage, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# What only this script uses: the teacher, its classes, labelled image sources, the sampler.
+# ----------------------------------------------------------------------------------------------
 
 
 def parse_class_ids(text):
@@ -183,9 +502,9 @@ def parse_class_ids(text):
 
 def load_teacher(args):
     """The frozen teacher: a diffusers UNet2DModel or an NVlabs EDM network (from its pickle)."""
-    path = args.pretrained_teacher_model
+    path = args.pretrained_model_name_or_path
     if path.endswith(".pkl") or os.path.isfile(path):
-        return tfd_utils.load_edm_pickle(path, args.edm_repo)
+        return load_edm_pickle(path, args.edm_repo)
     from diffusers import UNet2DModel
 
     kw = dict(revision=args.revision, cache_dir=args.cache_dir)
@@ -220,319 +539,260 @@ def select_classes(labels, num_teacher_classes, class_ids):
     return classes
 
 
-def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=mixed,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    device = accelerator.device
+def load_edm_pickle(path, edm_repo=None):
+    """The network of an NVlabs EDM pickle ({'ema': net}, a path or URL); its classes unpickle from
+    an NVlabs/edm checkout put on sys.path (edm_repo)."""
+    if edm_repo and os.path.abspath(edm_repo) not in sys.path:
+        sys.path.insert(0, os.path.abspath(edm_repo))
+    url = path.startswith(("http://", "https://"))
+    if not url and not os.path.isfile(path):
+        raise FileNotFoundError(f"EDM pickle {path} not found.")
+    try:
+        if url:
+            import dnnlib  # from edm_repo
 
-    # An output folder with checkpoints is another run's: continue it only on request.
-    resume = tfd_utils.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
-    tfd_utils.check_output_dir(args.output_dir, args.resume_from_checkpoint)
-    set_seed(args.seed, device_specific=True)
+            with dnnlib.util.open_url(path) as f:
+                data = pickle.load(f)
+        else:
+            with open(path, "rb") as f:
+                data = pickle.load(f)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"Unpickling {path} needs the NVlabs EDM code ({e.name}): pass --edm_repo "
+                                  "PATH_TO_EDM_CHECKOUT (git clone https://github.com/NVlabs/edm).") from e
+    return data["ema"] if isinstance(data, dict) else data
 
-    # Teacher (frozen) and its feature hooks; bad layer names fail here with the valid ones listed.
-    teacher = load_teacher(args)
-    edm_net = tfd_utils.is_edm_network(teacher)
-    num_teacher_classes = tfd_utils.num_class_labels(teacher)
-    if num_teacher_classes == 0:
-        raise ValueError(f"{args.pretrained_teacher_model} has no class embeddings (num_class_embeds / label_dim is "
-                         "unset): this script distils class-conditional teachers.")
-    if args.precond == "edm" and not edm_net:
-        raise ValueError("--precond edm needs an NVlabs EDM network pickle: diffusers' ConsistencyModelPipeline always "
-                         "conditions a UNet2DModel on 250·ln σ (--precond cm).")
-    if edm_net:
-        channels, resolution = teacher.img_channels, teacher.img_resolution
-        args.sigma_data = float(teacher.sigma_data)
+
+def num_class_labels(model):
+    """Number of class labels the network is conditioned on (0 for an unconditional one)."""
+    if tfd_utils.is_edm_network(model):
+        return int(model.label_dim or 0)
+    return int(getattr(model.config, "num_class_embeds", None) or 0)
+
+
+def set_dropout(model, p):
+    """Set every dropout probability of a model: torch Dropout modules and float `dropout` attributes
+    (NVlabs EDM's UNetBlock calls functional dropout with self.dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p
+    return model
+
+
+def to_teacher_image(image, channels, resolution):
+    """A PIL image → uint8 [C, H, W] with the teacher's channels (1: L, 3: RGB) and resolution
+    (shorter side resized with bicubic filtering, then center-cropped)."""
+    import numpy as np
+    from PIL import Image
+
+    image = tfd_training.eight_bit(image).convert({1: "L", 3: "RGB"}[channels])
+    w, h = image.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, channels)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class ClassGroupedSampler:
+    """Draws, per step, `classes_per_batch` distinct classes and `per_class` image indices of each.
+
+    Indices of a class are drawn without replacement; a class with fewer images is drawn with
+    replacement (warned about once). Draw k of process `rank` depends only on (seed, rank, k), so
+    the state is the draw counter: register the sampler with accelerator.register_for_checkpointing
+    and a resumed run continues exactly (the counter is the same on every process). The classes of
+    draw k come from one sequence shared by all processes, rank r taking positions [r·G, (r+1)·G):
+    processes train disjoint classes while G·processes ≤ classes.
+    """
+
+    def __init__(self, labels, classes, classes_per_batch, per_class, seed=0, rank=0, logger=None):
+        labels = torch.as_tensor(labels).reshape(-1)
+        self.classes = torch.as_tensor(sorted(int(c) for c in classes), dtype=torch.long)
+        if classes_per_batch > len(self.classes):
+            raise ValueError(
+                f"classes_per_batch={classes_per_batch} but only {len(self.classes)} classes are trained "
+                f"({self.classes.tolist()[:20]}...): lower --classes_per_batch."
+            )
+        self.index = {int(c): (labels == c).nonzero().flatten() for c in self.classes}
+        empty = [c for c, idx in self.index.items() if len(idx) == 0]
+        if empty:
+            raise ValueError(f"Classes {empty} have no images in the data set.")
+        self.classes_per_batch, self.per_class = classes_per_batch, per_class
+        self.seed, self.rank, self.draws = int(seed), int(rank), 0
+        small = {c: len(i) for c, i in self.index.items() if len(i) < per_class}
+        if small and logger is not None:
+            logger.warning(
+                f"{len(small)} classes have fewer than {per_class} images (e.g. {dict(list(small.items())[:5])}): "
+                "they are drawn with replacement."
+            )
+
+    def __call__(self):
+        """(classes [G], indices [G, per_class]) for the next step."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.draws)
+        shared = torch.Generator().manual_seed((self.seed * 1_000_003 - 1) * 1_000_033 + self.draws)
+        self.draws += 1
+        # Classes: positions [rank·G, (rank+1)·G) of a sequence shared by all processes (disjoint across them).
+        G = self.classes_per_batch
+        classes = self.classes[tfd_training.shared_draw(len(self.classes), self.rank * G, G, shared)]
+        rows = []
+        for c in classes.tolist():
+            pool = self.index[c]
+            if len(pool) >= self.per_class:
+                rows.append(pool[torch.randperm(len(pool), generator=g)[: self.per_class]])
+            else:
+                rows.append(pool[torch.randint(len(pool), (self.per_class,), generator=g)])
+        self.last_indices = torch.stack(rows)
+        return classes, self.last_indices
+
+    def state_dict(self):
+        return {"draws": self.draws, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.draws = int(state["draws"])
+
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
+
+def _is_edm_dataset(path):
+    """An NVlabs EDM/StyleGAN dataset: a .zip or a folder of images with dataset.json labels."""
+    return bool(path) and (str(path).endswith(".zip") or os.path.isfile(os.path.join(path, "dataset.json")))
+
+
+def _edm_dataset_source(path):
+    """(labels [N], fetch(indices) → PIL images) of an EDM dataset zip or folder (dataset_tool.py)."""
+    from PIL import Image
+
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
+        read = lambda name: open(os.path.join(path, name), "rb").read()  # noqa: E731
     else:
-        channels, size = teacher.config.in_channels, teacher.config.sample_size
-        resolution = size if isinstance(size, int) else size[0]
-    extractor = tfd_utils.FeatureExtractor(teacher, args.feature_layers, args.feature_pool_size)
-    teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.teacher_dtype]
-
-    # Data: labelled images in the teacher's format, and the class-grouped sampler.
-    labels, fetch, data_desc = tfd_utils.open_labelled_images(
-        args.dataset_name, args.train_data_dir, args.dataset_split, args.image_column, args.label_column,
-        args.dataset_config_name, args.cache_dir)
-    classes = select_classes(labels, num_teacher_classes, args.class_ids)
-    data = tfd_utils.LabelledImages(labels, fetch, channels, resolution, args.preload_max_gb,
-                                    progress=accelerator.is_local_main_process)
-    per_class = args.num_positives + args.num_anchors
-    sampler = tfd_utils.ClassGroupedSampler(labels, classes, args.classes_per_batch, per_class, args.seed,
-                                            accelerator.process_index, logger)
-    if args.classes_per_batch * accelerator.num_processes > len(classes):
-        logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed the "
-                       f"{len(classes)} classes: some classes are drawn by two processes in the same step.")
-    logger.info(f"Data: {data_desc}: {len(labels)} images, {len(classes)} classes, {channels}x{resolution}x"
-                f"{resolution}, {'in memory' if data.data is not None else 'decoded on the fly'}.")
-
-    # Student: a trainable copy of the teacher.
-    student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
-    teacher.to(device).eval().requires_grad_(False)
-    if teacher_dtype != torch.float32:
-        teacher.to(teacher_dtype)
-    tfd_utils.set_dropout(student, args.dropout)
-    if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
-        student.enable_gradient_checkpointing()
-    ema = None
-    if args.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=None if edm_net else type(student),
-                       model_config=None if edm_net else student.config)
-        ema.to(device)
-
-    # Checkpoints hold the student as a diffusers folder (checkpoint-N/unet) when it is one.
-    def save_model_hook(models, weights, output_dir):
-        if edm_net:
-            return
-        for model in models:
-            full = tfd_utils.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
-            if accelerator.is_main_process:
-                full.save_pretrained(os.path.join(output_dir, "unet"))
-            if weights:  # empty under FSDP/DeepSpeed, which save their own (sharded) state next to it
-                weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if edm_net or accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            return  # accelerate loads the engine's own state
-        for _ in range(len(models)):
-            model = models.pop()
-            loaded = type(accelerator.unwrap_model(model)).from_pretrained(input_dir, subfolder="unet")
-            accelerator.unwrap_model(model).load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    from diffusers.optimization import get_scheduler
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = tfd_utils.make_optimizer(params, args.learning_rate, (args.adam_beta1, args.adam_beta2),
-                                         args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    params = [p for p in student.parameters() if p.requires_grad]  # FSDP clips the prepared model's own
-    accelerator.register_for_checkpointing(sampler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    label_dim = num_teacher_classes
-
-    def generate(model, noise, class_labels):
-        """The student's one-step sample: the exact function the saved pipeline/pickle runs."""
-        if edm_net:
-            return tfd_utils.edm_net_one_step(model, noise, class_labels, args.sigma_max, label_dim)
-        return tfd_utils.edm_one_step(model, noise, class_labels, args.sigma_max, args.sigma_min, args.precond,
-                                      args.sigma_data)
-
-    first_step, metrics_path = tfd_utils.start_run(accelerator, args, resume, logger)
-    if ema is not None:
-        ema.to(device)
-
-    # Fixed noise and classes for the validation grid.
-    n_val = args.num_validation_images
-    val_labels = torch.tensor([classes[(i * len(classes)) // n_val] if n_val <= len(classes)
-                               else classes[i % len(classes)] for i in range(n_val)], device=device)
-    val_noise = torch.randn(n_val, channels, resolution, resolution,
-                            generator=torch.Generator().manual_seed(args.seed)).to(device)
-
-    @torch.no_grad()
-    def sample_grid(step):
-        model = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        with accelerator.autocast():
-            images = generate(model, val_noise, val_labels)
-        model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
-        grid = tfd_utils.image_grid(images)
-        if step is not None:
-            os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-            grid.save(os.path.join(args.output_dir, "validation", f"step-{step}.png"))
-            tfd_utils.log_image(accelerator, grid, step)
-        return grid
-
-    fid_reference = None
-    if args.eval_fid_every > 0:
-        import tfd_fid
-
-        fid_reference = tfd_fid.load_reference_stats(args.fid_reference_stats)
-
-    # Training.
-    group_shape = (args.classes_per_batch, args.num_generated, channels, resolution, resolution)
-    images_per_update = math.prod(group_shape[:2]) * args.gradient_accumulation_steps * accelerator.num_processes
-    logger.info(f"***** TFD: {args.max_train_steps} updates, {args.classes_per_batch} classes x (N={args.num_generated}, "
-                f"P={args.num_positives}, M={args.num_anchors}) per process, {accelerator.num_processes} processes, "
-                f"layers {extractor.names} *****")
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    monitor = tfd_utils.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update, logger)
-    with extractor:
-        for step in range(first_step + 1, args.max_train_steps + 1):
-            loss_sum = 0.0
-            for _ in range(args.gradient_accumulation_steps):
-                with accelerator.accumulate(student):
-                    step_classes, idx = sampler()
-                    tfd_utils.debug_record(accelerator, "draws", lambda: {"step": step, "classes": step_classes.tolist(),
-                                                                          "indices": idx.tolist()})
-                    real = tfd_utils.uint8_to_model(data.get(idx), device)  # [G, P+M, C, H, W]
-                    positives, anchors = real[:, :args.num_positives], real[:, args.num_positives:]
-                    step_classes = step_classes.to(device)
-                    noise = torch.randn(math.prod(group_shape[:2]), *group_shape[2:], device=device)
-                    with accelerator.autocast():
-                        generated = generate(student, noise, step_classes.repeat_interleave(args.num_generated))
-                    generated = generated.float().reshape(group_shape)
-                    sigma = tfd_utils.sample_feature_sigmas(
-                        args.classes_per_batch, args.feature_noise_mean, args.feature_noise_std,
-                        args.feature_noise_min, args.feature_noise_max, device=device)
-                    forward = tfd_utils.edm_teacher_forward(teacher, step_classes, args.precond, args.sigma_data)
-                    loss, logs = tfd_utils.tfd_step_loss(
-                        extractor, forward, generated, positives, anchors if args.num_anchors > 0 else None, sigma,
-                        args.drift_radii, args.drift_kernel, args.anchor_weight, args.anchor_alpha,
-                        args.anchor_temperature, args.anchor_bandwidth)
-                    loss = tfd_utils.inject_test_fault(loss, step, accelerator.process_index)  # no-op outside tests
-                    accelerator.backward(loss)
-                    logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
-                    monitor.add(logs)
-                    loss_sum = loss_sum + loss.detach()
-                    if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                        ok, grad_norm = tfd_utils.clip_and_step(accelerator, optimizer, lr_scheduler, params,
-                                                                loss_sum, args.max_grad_norm)
-            if ok and ema is not None:
-                ema.step(accelerator.unwrap_model(student).parameters())
-            monitor.end_step(step, ok, grad_norm, {"train/lr": lr_scheduler.get_last_lr()[0]})
-            tfd_utils.debug_record(accelerator, "steps", lambda: {
-                "step": step, "ok": ok, "digest": tfd_utils.state_digest(accelerator.unwrap_model(student))})
-            if args.validation_steps > 0 and step % args.validation_steps == 0 and accelerator.is_main_process:
-                sample_grid(step)
-            if fid_reference is not None and step % args.eval_fid_every == 0:
-                fid = evaluate_fid(accelerator, student, ema, generate, classes, (channels, resolution), fid_reference,
-                                   args)
-                if accelerator.is_main_process:
-                    logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
-                    accelerator.log({"eval/fid": fid}, step=step)
-                    tfd_utils.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
-
-    # Export: the student (its EMA with --use_ema), a sample grid and a model card.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        grid = sample_grid(None)
-        grid.save(os.path.join(args.output_dir, "samples.png"))
-        export_student(model, edm_net, args)
-        write_model_card(args, data_desc, len(classes), edm_net)
-        if args.push_to_hub:
-            tfd_utils.push_folder_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-        logger.info(f"Saved the one-step student to {args.output_dir}")
-    accelerator.end_training()
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+        read = zf.read
+    if "dataset.json" not in names:
+        raise ValueError(f"{path} has no dataset.json: the EDM dataset format needs class labels in it.")
+    meta = json.loads(read("dataset.json"))
+    if not meta.get("labels"):
+        raise ValueError(f"{path}/dataset.json has no labels: class-conditional distillation needs them.")
+    table = {fname.replace("\\", "/"): int(label) for fname, label in meta["labels"]}
+    images = sorted(n for n in names if n.lower().endswith(_IMAGE_EXTENSIONS))
+    unlabelled = [n for n in images if n not in table]
+    if unlabelled:
+        raise ValueError(f"{len(unlabelled)} images of {path} have no label in dataset.json, e.g. {unlabelled[:3]}.")
+    labels = torch.tensor([table[n] for n in images], dtype=torch.long)
+    return labels, lambda idx: [Image.open(io.BytesIO(read(images[i]))) for i in idx]
 
 
-@torch.no_grad()
-def evaluate_fid(accelerator, student, ema, generate, classes, shape, reference, args):
-    """FID of fid_num_samples one-step samples (labels i mod classes, fixed noise) vs the reference."""
-    import tfd_fid
+def _hf_dataset_source(ds, image_column, label_column, where):
+    """(labels [N], fetch(indices) → PIL images) of a datasets.Dataset."""
+    from PIL import Image
 
-    channels, resolution = shape
-    model = accelerator.unwrap_model(student)
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    model.eval()
-    n, world, rank = args.fid_num_samples, accelerator.num_processes, accelerator.process_index
-    per_rank = math.ceil(n / world)
-    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
-    chunks = []
-    for start in range(rank * per_rank, (rank + 1) * per_rank, args.fid_batch_size):
-        idx = torch.arange(start, min(start + args.fid_batch_size, (rank + 1) * per_rank))
-        labels = torch.as_tensor(classes)[idx % len(classes)].to(accelerator.device)
-        noise = torch.randn(len(idx), channels, resolution, resolution, generator=gen).to(accelerator.device)
-        with accelerator.autocast():
-            x = generate(model, noise, labels).float()
-        u8 = tfd_utils.to_uint8(x)  # the evaluation protocol's conversion (SPEC §5)
-        chunks.append(u8.expand(*u8.shape[:3], 3) if channels == 1 else u8)
-    model.train()
-    if ema is not None:
-        ema.restore(model.parameters())
-    feats = tfd_fid.inception_features(torch.cat(chunks).cpu(), args.fid_batch_size, accelerator.device, args.fid_mode)
-    feats = accelerator.gather(torch.as_tensor(feats, device=accelerator.device))[:n]
-    if not accelerator.is_main_process:
-        return None
-    mu, sigma = tfd_fid.feature_stats(feats.cpu().numpy())
-    return float(tfd_fid.frechet_distance(mu, sigma, *reference))
+    for kind, col in (("image", image_column), ("label", label_column)):
+        if col not in ds.column_names:
+            raise ValueError(
+                f"{where} has no {kind} column {col!r}; its columns are {ds.column_names}. "
+                f"Pass --{kind}_column."
+            )
+    labels = torch.as_tensor(list(ds[label_column]))
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
+        raise ValueError(f"Column {label_column!r} of {where} must hold one integer class id per image.")
+
+    def as_pil(v):
+        if isinstance(v, Image.Image):
+            return v
+        if isinstance(v, dict):
+            return Image.open(v["path"] if v.get("bytes") is None else io.BytesIO(v["bytes"]))
+        if isinstance(v, str):
+            return Image.open(v)
+        import numpy as np
+
+        return Image.fromarray(np.asarray(v))
+
+    return labels.long(), lambda idx: [as_pil(v) for v in ds[list(idx)][image_column]]
 
 
-def export_student(model, edm_net, args):
-    """diffusers: a ConsistencyModelPipeline (one step); EDM: network-snapshot.pkl ({'ema': net}, EDM's format)."""
-    if edm_net:
-        net = copy.deepcopy(model).eval().requires_grad_(False).cpu()
-        path = os.path.join(args.output_dir, "network-snapshot.pkl")
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                pickle.dump({"ema": net}, f)
+def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", image_column="image",
+                         label_column="label", dataset_config_name=None, cache_dir=None):
+    """(labels [N], fetch(indices) → PIL images, description) of a labelled image data set.
 
-        tfd_utils.atomic_write(path, write)
-        return
-    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+    dataset_name: a Hub id or any local path `datasets.load_dataset` takes; a folder written by
+    Dataset/DatasetDict.save_to_disk; or an EDM dataset zip/folder. train_data_dir: an imagefolder
+    (class sub-folders) or an EDM dataset folder. The split may be sliced ('train[:1000]').
+    """
+    import datasets
 
-    scheduler = CMStochasticIterativeScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                                               sigma_data=args.sigma_data, clip_denoised=False)
-    pipe = ConsistencyModelPipeline(unet=model.float(), scheduler=scheduler)
-    tfd_utils.save_pipeline(pipe, args.output_dir)
+    path = dataset_name or train_data_dir
+    if _is_edm_dataset(path):
+        labels, fetch = _edm_dataset_source(path)
+        return labels, fetch, f"EDM dataset {path}"
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        name, part = tfd_training.split_and_slice(split)
+        try:
+            ds = datasets.load_from_disk(path)
+        except IndexError:  # what datasets raises for a saved data set without rows (no shards)
+            raise ValueError(f"{path} holds no images.") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if name not in ds:
+                raise ValueError(f"{path} has splits {list(ds)}, not {name!r}: pass --dataset_split.")
+            ds = ds[name]
+        if part is not None:
+            ds = ds.select(range(len(ds))[part])
+    elif dataset_name:
+        ds = datasets.load_dataset(path, dataset_config_name, split=split, cache_dir=cache_dir)
+    else:
+        ds = datasets.load_dataset("imagefolder", data_dir=path, split=split, cache_dir=cache_dir)
+    labels, fetch = _hf_dataset_source(ds, image_column, label_column, path)
+    if len(labels) == 0:
+        raise ValueError(f"{path} ({split}) holds no images.")
+    return labels, fetch, f"{path} ({split})"
 
 
-def write_model_card(args, data_desc, num_classes, edm_net):
-    from huggingface_hub import ModelCard
+class LabelledImages:
+    """Labelled images in the teacher's format: `labels` int64 [N], `get(indices)` → uint8 [..., C, H, W].
 
-    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(vars(args).items()) if k != "hub_token")
-    usage = (
-        "```python\nimport pickle, torch\nnet = pickle.load(open('network-snapshot.pkl', 'rb'))['ema']  # NVlabs EDM "
-        "code on sys.path\nz = torch.randn(4, net.img_channels, net.img_resolution, net.img_resolution)\nlabels = "
-        f"torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), net.label_dim).float()\nx = net(z * {args.sigma_max}, "
-        f"torch.full((4,), {args.sigma_max}), labels)  # one step, in [-1, 1]\n```"
-        if edm_net else
-        "```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained('PATH_OR_REPO')\n"
-        "image = pipe(class_labels=[0], num_inference_steps=1).images[0]\n```"
-    )
-    content = f"""---
-library_name: {'pytorch' if edm_net else 'diffusers'}
-tags: [tfd, teacher-feature-drifting, one-step, distillation, class-conditional, image-generation]
-base_model: {args.pretrained_teacher_model}
----
+    Preloaded once into one uint8 tensor when it takes at most preload_max_gb, otherwise decoded
+    on the fly (ImageNet-64 is 15.7 GB per process in memory).
+    """
 
-# One-step TFD student of `{args.pretrained_teacher_model}`
+    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True):
+        self.labels, self._fetch = labels, fetch
+        self.channels, self.resolution = channels, resolution
+        self.data = None
+        nbytes = len(labels) * channels * resolution * resolution
+        if nbytes <= preload_max_gb * 2**30:
+            self.data = torch.empty(len(labels), channels, resolution, resolution, dtype=torch.uint8)
+            chunk = 1024
+            for start in tqdm(range(0, len(labels), chunk), desc="preprocessing images", disable=not progress):
+                idx = list(range(start, min(start + chunk, len(labels))))
+                self.data[start:start + len(idx)] = self._decode(idx)
 
-Distilled with Teacher-Feature Drifting (`train_tfd_imagenet64.py`) on {data_desc}, {num_classes} classes,
-{args.max_train_steps} updates. One forward pass per image.
+    def _decode(self, idx):
+        try:
+            return torch.stack([to_teacher_image(im, self.channels, self.resolution) for im in self._fetch(idx)])
+        except Exception:  # name the culprit: PIL's error does not for in-memory bytes (datasets, zips)
+            for i in idx:
+                try:
+                    to_teacher_image(self._fetch([i])[0], self.channels, self.resolution)
+                except Exception as e:
+                    raise ValueError(f"Image {i} of the training data cannot be decoded ({type(e).__name__}: {e}): "
+                                     "remove or re-encode it.") from e
+            raise
 
-![samples](samples.png)
+    def get(self, indices):
+        indices = torch.as_tensor(indices)
+        flat = indices.reshape(-1)
+        out = self.data[flat] if self.data is not None else self._decode(flat.tolist())
+        return out.reshape(*indices.shape, *out.shape[1:])
 
-## Use
 
-{usage}
-
-## Training settings
-
-| setting | value |
-|---|---|
-{settings}
-"""
-    ModelCard(content).save(os.path.join(args.output_dir, "README.md"))
+def uint8_to_model(images, device, dtype=torch.float32):
+    """uint8 images → [−1, 1] in `dtype` on `device`."""
+    return images.to(device, non_blocking=True).to(dtype) / 127.5 - 1
 
 
 if __name__ == "__main__":

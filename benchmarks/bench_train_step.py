@@ -1,20 +1,21 @@
 #!/usr/bin/env python
 # Cost of one TFD training step: time split, memory, the floor of bare network passes, the early
-# stop, and a DMD2-shaped reference step built from the same networks (issue 7).
+# stop, and a DMD2-shaped reference step built from the same networks.
 #
 #   python benchmarks/bench_train_step.py --device cuda                  # the full-size table (GPU)
 #   python benchmarks/bench_train_step.py --device cuda --find_max_batch # + largest batch that fits
 #   python benchmarks/bench_train_step.py --tiny --config all            # seconds on a CPU (CI)
 #
-# The TFD step is the step of train_tfd_imagenet64.py / train_tfd_sdxl.py: the same tfd_utils calls
-# in the same order with the same arguments (those scripts' own argument parsers give them), under
-# the same Accelerator (autocast, GradScaler, clipping). The networks are built from the real
-# configs with random weights; the data are random tensors in the scripts' formats (uint8 images
-# through LabelledImages; SDXL positives and text embeddings through a PositiveCache on disk).
+# The TFD step is the loop body of train_tfd_imagenet64.py / train_tfd_sdxl.py, imported from them:
+# their batch function, `train_step`, the backward and tfd_training.clip_and_step, with the settings
+# their own argument parsers give, under the same Accelerator (autocast, GradScaler, clipping). The
+# networks are built from the real configs with random weights; the data are random tensors in the
+# scripts' formats (uint8 images through LabelledImages; SDXL positives and text embeddings through
+# a PositiveCache on disk).
 #
 # Time split (CUDA events on GPU; on a CPU the process's CPU time with --threads 1, which a machine
-# shared with other jobs does not inflate as it does wall time; markers are a FeatureExtractor subclass and
-# tensor hooks, so the step itself is unchanged):
+# shared with other jobs does not inflate as it does wall time; markers are hooks on the student, a
+# FeatureExtractor subclass and tensor hooks, so the step itself is unchanged):
 #   student   = one-step generator forward + its backward (after the gradient reaches its output)
 #   teacher_gen = teacher feature pass on the generated samples: forward + backward to the input
 #   teacher_ref = teacher feature pass on positives (+ anchors), no grad
@@ -48,6 +49,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import tfd_text2image  # noqa: E402
+import tfd_training  # noqa: E402
 import tfd_utils  # noqa: E402
 
 # openai consistency-models ImageNet-64 ADM UNet, as diffusers' UNet2DModel (openai/diffusers-cd_imagenet64_l2).
@@ -218,20 +221,54 @@ class TimedExtractor(tfd_utils.FeatureExtractor):
     """FeatureExtractor that marks the end of each teacher pass and, in backward, the end of the
     losses' backward: the FIRST pooled feature whose backward node runs. Autograd runs ready nodes
     latest-created first, so every loss node (created after the teacher pass) runs before it, and
-    the shallower layers' pooling nodes run only inside the teacher's backward."""
+    the shallower layers' pooling nodes run only inside the teacher's backward. A teacher pass
+    recomputed in backward (--teacher_checkpointing) marks nothing again."""
 
     mark = staticmethod(no_mark)
 
     def __call__(self, fn, sample):
         feats = super().__call__(fn, sample)
         if torch.is_grad_enabled() and sample.requires_grad:
-            self.mark("teacher_gen_fwd")
+            self.mark.once("teacher_gen_fwd")
             for f in feats.values():
                 if f.requires_grad:
                     f.register_hook(lambda g: self.mark.once("loss_bwd"))
         else:
             self.mark("teacher_ref")
         return feats
+
+
+class TimedLoss(tfd_utils.TFDLoss):
+    """The scripts' TFDLoss with a mark when the loss is computed, its extractor a TimedExtractor."""
+
+    mark = staticmethod(no_mark)
+
+    def __init__(self, teacher, args, **kw):
+        base = tfd_utils.TFDLoss.from_args(teacher, args, **kw)
+        self.__dict__.update(base.__dict__)
+        fx = base.extractor
+        self.extractor = TimedExtractor(fx.model, fx.selectors, fx.pool_size, fx.stop_early)
+
+    def set_mark(self, mark, stop_early=True):
+        self.mark = self.extractor.mark = mark
+        self.extractor.stop_early = stop_early
+
+    def __call__(self, *a, **kw):
+        out = super().__call__(*a, **kw)
+        self.mark("loss_fwd")
+        return out
+
+
+def mark_student(student, row):
+    """Forward hook on the student: marks the end of its forward and, in backward, when the gradient
+    reaches its output."""
+    def hook(module, args, output):
+        row.mark("student_fwd")
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if out.requires_grad:
+            out.register_hook(lambda g: row.mark("gen_grad"))
+
+    student.register_forward_hook(hook)
 
 
 def split_of(m):
@@ -355,44 +392,41 @@ def prepare_networks(args, *models):
 
 
 class ImageNet64Row:
-    """train_tfd_imagenet64.py's student, teacher, optimiser and step, on the ADM ImageNet-64 UNet."""
+    """train_tfd_imagenet64.py's student, teacher, loss and optimiser on the ADM ImageNet-64 UNet; the
+    step is the script's own (class_batch, train_step, the backward, clip_and_step)."""
 
     kind = "imagenet64"
+    mark = staticmethod(no_mark)
 
     def __init__(self, args, teacher_dtype):
         import train_tfd_imagenet64 as script
         from diffusers import UNet2DModel
-        from diffusers.optimization import get_scheduler
 
-        self.args, self.device = args, args.device
+        self.script, self.args, self.device = script, args, args.device
         g, n, p, m = args.imagenet_batch
-        self.targs = script.parse_args([
-            "--pretrained_teacher_model", "bench", "--dataset_name", "bench", "--classes_per_batch", str(g),
+        self.targs = ta = script.parse_args([
+            "--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--classes_per_batch", str(g),
             "--num_generated", str(n), "--num_positives", str(p), "--num_anchors", str(m),
-            "--teacher_dtype", teacher_dtype])
-        ta = self.targs
+            "--teacher_dtype", teacher_dtype, "--mixed_precision", "bf16" if self.device.type == "cuda" else "no"])
         self.config = {"full": ADM_IMAGENET64, "reduced": ADM_REDUCED, "tiny": ADM_TINY}[args.imagenet_unet]
         size = {"full": "", "reduced": " (1/3 width)", "tiny": " (tiny)"}[args.imagenet_unet]
         self.name = f"ImageNet-64 ADM{size}, teacher {teacher_dtype}"
-        # The script's default: bf16 autocast on a GPU, none on a CPU.
-        mixed = ta.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
-        self.accelerator = make_accelerator(self.device, mixed)
+        self.accelerator = make_accelerator(self.device, ta.mixed_precision)
         torch.manual_seed(args.seed)
         with torch.device(self.device):
             teacher = UNet2DModel(**self.config)
         self.num_params = count_params(teacher)
         # As in the script: a trainable float32 copy; the teacher frozen in --teacher_dtype.
         student = copy.deepcopy(teacher).to(self.device).float().train().requires_grad_(True)
-        teacher.to(self.device).eval().requires_grad_(False)
-        teacher.to(DTYPES[ta.teacher_dtype])
+        teacher.to(self.device).eval().requires_grad_(False).to(DTYPES[ta.teacher_dtype])
         prepare_networks(args, student, teacher)
         self.teacher = teacher
+        self.loss_fn = TimedLoss(teacher, ta, checkpoint_teacher=ta.teacher_checkpointing)
         self.params = [q for q in student.parameters() if q.requires_grad]
-        optimizer = tfd_utils.make_optimizer(self.params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2),
-                                             ta.adam_weight_decay, ta.adam_epsilon, ta.use_8bit_adam)
-        lr_scheduler = get_scheduler(ta.lr_scheduler, optimizer, num_warmup_steps=ta.lr_warmup_steps,
-                                     num_training_steps=ta.max_train_steps)
+        optimizer = tfd_training.make_optimizer(self.params, ta)
+        lr_scheduler = tfd_training.make_lr_scheduler(optimizer, ta, 1)
         self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
+        mark_student(self.accelerator.unwrap_model(self.student), self)
         self.channels, self.resolution = self.config["in_channels"], self.config["sample_size"]
         self.set_groups(g)
 
@@ -409,52 +443,29 @@ class ImageNet64Row:
         rng = np.random.default_rng(self.args.seed)
         images = rng.integers(0, 256, (len(labels), self.resolution, self.resolution, 3), dtype=np.uint8)
         fetch = lambda idx: [Image.fromarray(images[i]) for i in idx]  # noqa: E731
-        self.data = tfd_utils.LabelledImages(labels, fetch, self.channels, self.resolution, progress=False)
-        self.sampler = tfd_utils.ClassGroupedSampler(labels, range(num_classes), groups, per_class, self.args.seed)
+        self.data = self.script.LabelledImages(labels, fetch, self.channels, self.resolution, progress=False)
+        self.sampler = self.script.ClassGroupedSampler(labels, range(num_classes), groups, per_class, self.args.seed)
         self.groups = groups
         self.images_per_step = groups * ta.num_generated
+        self.step_count = 0
 
-    def generate(self, model, noise, class_labels):
-        ta = self.targs
-        return tfd_utils.edm_one_step(model, noise, class_labels, ta.sigma_max, ta.sigma_min, ta.precond, ta.sigma_data)
-
-    def extractor(self, stop_early=True, timed=True):
-        cls = TimedExtractor if timed else tfd_utils.FeatureExtractor
-        return cls(self.teacher, self.targs.feature_layers, self.targs.feature_pool_size, stop_early=stop_early)
-
-    def tfd_step(self, extractor, mark):
-        """train_tfd_imagenet64.py's micro-step (gradient_accumulation_steps = 1), with time marks."""
-        ta, accelerator, device = self.targs, self.accelerator, self.device
-        group_shape = (ta.classes_per_batch, ta.num_generated, self.channels, self.resolution, self.resolution)
+    def tfd_step(self, mark, stop_early=True):
+        """train_tfd_imagenet64.py's loop body (gradient_accumulation_steps = 1), with time marks."""
+        ta, acc, script = self.targs, self.accelerator, self.script
+        self.mark = mark
+        self.loss_fn.set_mark(mark, stop_early)
+        self.step_count += 1
         mark("start")
-        loss_sum = 0.0
-        self.step_count = getattr(self, "step_count", 0) + 1
-        with extractor, accelerator.accumulate(self.student):
-            step_classes, idx = self.sampler()
-            real = tfd_utils.uint8_to_model(self.data.get(idx), device)
-            positives, anchors = real[:, :ta.num_positives], real[:, ta.num_positives:]
-            step_classes = step_classes.to(device)
-            noise = torch.randn(math.prod(group_shape[:2]), *group_shape[2:], device=device)
-            mark("student_start")
-            with accelerator.autocast():
-                generated = self.generate(self.student, noise, step_classes.repeat_interleave(ta.num_generated))
-            generated = generated.float().reshape(group_shape)
-            generated.register_hook(lambda g: mark("gen_grad"))
-            mark("student_fwd")
-            sigma = tfd_utils.sample_feature_sigmas(
-                ta.classes_per_batch, ta.feature_noise_mean, ta.feature_noise_std, ta.feature_noise_min,
-                ta.feature_noise_max, device=device)
-            forward = tfd_utils.edm_teacher_forward(self.teacher, step_classes, ta.precond, ta.sigma_data)
-            loss, logs = tfd_utils.tfd_step_loss(
-                extractor, forward, generated, positives, anchors if ta.num_anchors > 0 else None, sigma,
-                ta.drift_radii, ta.drift_kernel, ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature,
-                ta.anchor_bandwidth)
-            loss = tfd_utils.inject_test_fault(loss, self.step_count, accelerator.process_index)
-            mark("loss_fwd")
-            accelerator.backward(loss)
+        _, gen = tfd_training.step_generators(ta.seed, self.step_count)
+        batch = script.class_batch(self.sampler, self.data, ta, (self.channels, self.resolution, self.resolution), gen,
+                                   self.device)
+        mark("student_start")
+        with acc.accumulate(self.student):
+            loss, logs = script.train_step(ta, acc, self.student, self.teacher, self.loss_fn, batch,
+                                           self.config["num_class_embeds"], gen)
+            acc.backward(loss)
             mark("backward")
-            logs.update({"sigma/mean": sigma.mean(), "sigma/min": sigma.min(), "sigma/max": sigma.max()})
-            optimizer_update(self, logs, loss, loss_sum, ta.max_grad_norm)
+            optimizer_update(self, logs, loss, ta.max_grad_norm)
         mark("optim")
         return loss
 
@@ -495,34 +506,33 @@ class ImageNet64Row:
 
 
 class SDXLRow:
-    """train_tfd_sdxl.py's student, teacher, optimiser and step, on the SDXL UNet (full or LoRA)."""
+    """train_tfd_sdxl.py's student, teacher, loss and optimiser on the SDXL UNet (full or LoRA); the step
+    is the script's own (prompt_batch from cache entries, train_step, the backward, clip_and_step)."""
 
     kind = "sdxl"
+    mark = staticmethod(no_mark)
 
     def __init__(self, args, mode, precision, prompts):
         import train_tfd_sdxl as script
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from diffusers.optimization import get_scheduler
 
-        self.args, self.device = args, args.device
+        self.script, self.args, self.device = script, args, args.device
         n, p = args.sdxl_batch
         flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
                  "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
                  "--resolution", str(args.sdxl_resolution),
                  "--mixed_precision", "no" if precision == "fp32" else precision,
                  "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
-                 str(args.lora_rank)]
+                 str(args.lora_rank), "--gradient_checkpointing"]
         if mode == "full":
-            flags += ["--gradient_checkpointing", "--use_8bit_adam"]
+            flags += ["--use_8bit_adam"]
         self.targs = ta = script.parse_args(flags)
         self.lora = lora = mode == "lora"
         self.config = {"full": SDXL_BASE, "reduced": SDXL_REDUCED, "tiny": SDXL_TINY}[args.sdxl_unet]
         size = {"full": "SDXL base", "reduced": "SDXL-shaped reduced", "tiny": "SDXL-shaped tiny"}[args.sdxl_unet]
-        what = f"LoRA r{args.lora_rank}" if lora else "full FT (ckpt, 8-bit AdamW)"
+        what = f"LoRA r{args.lora_rank}, ckpt" if lora else "full FT (ckpt, 8-bit AdamW)"
         self.name = f"{size} {args.sdxl_resolution}px, {what}, {precision}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)
-        teacher_dtype = DTYPES[ta.teacher_dtype]
-        self.student_dtype = teacher_dtype if lora else torch.float32
         self.alphas_cumprod = DDPMScheduler(**SDXL_SCHEDULER).alphas_cumprod.to(torch.float64)
         self.latent = args.sdxl_resolution // 8
         torch.manual_seed(args.seed)
@@ -531,22 +541,23 @@ class SDXLRow:
         self.num_params = count_params(unet)
         unet.requires_grad_(False).eval()
         # As in the script: LoRA adapters (fp32) on the teacher's weights, or a float32 copy.
-        student, teacher = tfd_utils.sdxl_student_and_teacher(
-            unet, ta.train_mode, self.device, teacher_dtype, ta.lora_rank, ta.lora_alpha, ta.lora_target_modules)
-        if ta.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-            if not lora:
-                teacher.enable_gradient_checkpointing()
+        student, teacher = tfd_text2image.student_and_teacher(
+            unet, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
+            ta.lora_target_modules)
+        student.enable_gradient_checkpointing()
+        if not lora:
+            teacher.enable_gradient_checkpointing()
         student.train()
         prepare_networks(args, *({student, teacher} if not lora else {student}))
+        self.teacher = teacher
+        self.loss_fn = TimedLoss(teacher, ta, teacher_context=self.teacher_context if lora else None,
+                                 checkpoint_teacher=ta.teacher_checkpointing)
         self.params = [q for q in student.parameters() if q.requires_grad]
         self.num_trainable = sum(q.numel() for q in self.params)
-        optimizer = tfd_utils.make_optimizer(self.params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2),
-                                             ta.adam_weight_decay, ta.adam_epsilon, ta.use_8bit_adam)
-        lr_scheduler = get_scheduler(ta.lr_scheduler, optimizer, num_warmup_steps=ta.lr_warmup_steps,
-                                     num_training_steps=ta.max_train_steps)
+        optimizer = tfd_training.make_optimizer(self.params, ta)
+        lr_scheduler = tfd_training.make_lr_scheduler(optimizer, ta, 1)
         self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
-        self.teacher = self.accelerator.unwrap_model(self.student) if lora else teacher
+        mark_student(self.accelerator.unwrap_model(self.student), self)
         self.tmp = tempfile.TemporaryDirectory(prefix="tfd-bench-cache-")
         self.set_groups(prompts)
 
@@ -554,7 +565,7 @@ class SDXLRow:
         """Batch-dependent state: one PositiveCache entry per prompt (random latents and embeddings)."""
         ta = self.targs
         ta.prompts_per_batch = groups
-        self.cache = tfd_utils.PositiveCache(self.tmp.name, {"benchmark": self.name, "groups": groups})
+        self.cache = tfd_text2image.PositiveCache(self.tmp.name, {"benchmark": self.name, "groups": groups})
         self.slots = ["teacher"] * ta.num_positives
         self.prompts = [f"benchmark prompt {i}" for i in range(max(groups, 2))]
         g = torch.Generator().manual_seed(self.args.seed)
@@ -568,56 +579,26 @@ class SDXLRow:
         self.images_per_step = groups * ta.num_generated
         self.step_count = 0
 
-    def generate(self, model, noise, pe, cond):
-        ta = self.targs
-        t = ta.conditioning_timestep
-        return tfd_utils.sdxl_one_step(model, noise, t, self.alphas_cumprod[t], pe, cond)
-
-    def extractor(self, stop_early=True, timed=True):
-        cls = TimedExtractor if timed else tfd_utils.FeatureExtractor
-        return cls(self.teacher, self.targs.feature_layers, self.targs.feature_pool_size, stop_early=stop_early)
-
-    def tfd_step(self, extractor, mark):
-        """train_tfd_sdxl.py's micro-step (gradient_accumulation_steps = 1), with time marks."""
-        ta, accelerator, device = self.targs, self.accelerator, self.device
-        G, N = ta.prompts_per_batch, ta.num_generated
-        shape = (4, self.latent, self.latent)
+    def tfd_step(self, mark, stop_early=True):
+        """train_tfd_sdxl.py's loop body (gradient_accumulation_steps = 1), with time marks; the cache
+        entries are read from disk as in training."""
+        ta, acc, script = self.targs, self.accelerator, self.script
+        self.mark = mark
+        self.loss_fn.set_mark(mark, stop_early)
         self.step_count += 1
         mark("start")
-        loss_sum = 0.0
-        seed = (ta.seed * 1_000_003 + self.step_count) * 1009 * 4099
-        shared = torch.Generator().manual_seed(seed - 1)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        with accelerator.accumulate(self.student):
-            drawn = tfd_utils.shared_draw(len(self.prompts), 0, G, shared).tolist()
-            batch = [self.cache.load(self.prompts[i], self.slots) for i in drawn]
-            positives = torch.stack([e["positives"] for e in batch]).to(device, torch.float32)
-            pe = torch.stack([e["prompt_embeds"] for e in batch]).to(device, self.student_dtype)
-            cond = {"text_embeds": torch.stack([e["pooled_prompt_embeds"] for e in batch]).to(device, self.student_dtype),
-                    "time_ids": tfd_utils.sdxl_time_ids(ta.resolution, G, device, self.student_dtype)}
-            noise = torch.randn(G * N, *shape, generator=gen).to(device)
-            sigma = tfd_utils.sample_feature_sigmas(G, ta.feature_noise_mean, ta.feature_noise_std,
-                                                    ta.feature_noise_min, ta.feature_noise_max, generator=gen,
-                                                    device=device)
-            mark("student_start")
-            with accelerator.autocast():
-                generated = self.generate(self.student, noise, pe.repeat_interleave(N, 0),
-                                          {k: v.repeat_interleave(N, 0) for k, v in cond.items()})
-            generated = generated.float().reshape(G, N, *shape)
-            generated.register_hook(lambda g: mark("gen_grad"))
-            mark("student_fwd")
-            forward = tfd_utils.vp_teacher_forward(self.teacher, self.alphas_cumprod, pe, cond)
-            with extractor, tfd_utils.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext():
-                loss, logs = tfd_utils.tfd_step_loss(
-                    extractor, forward, generated, positives, None, sigma, ta.drift_radii, ta.drift_kernel,
-                    ta.anchor_weight, ta.anchor_alpha, ta.anchor_temperature, ta.anchor_bandwidth)
-            loss = tfd_utils.inject_test_fault(loss, self.step_count, accelerator.process_index)
-            mark("loss_fwd")
-            accelerator.backward(loss)
+        shared, gen = tfd_training.step_generators(ta.seed, self.step_count)
+        drawn = tfd_training.shared_draw(len(self.prompts), 0, ta.prompts_per_batch, shared).tolist()
+        entries = [self.cache.load(self.prompts[i], self.slots) for i in drawn]
+        batch = script.prompt_batch(entries, ta.num_generated, (4, self.latent, self.latent), gen, self.device,
+                                    script.student_dtype(ta))
+        mark("student_start")
+        with acc.accumulate(self.student):
+            loss, logs = script.train_step(ta, acc, self.student, self.teacher, self.loss_fn, batch,
+                                           self.alphas_cumprod, gen)
+            acc.backward(loss)
             mark("backward")
-            logs.update({"sigma/mean": sigma.mean()})
-            optimizer_update(self, logs, loss, loss_sum, ta.max_grad_norm)
+            optimizer_update(self, logs, loss, ta.max_grad_norm)
         mark("optim")
         return loss
 
@@ -626,10 +607,10 @@ class SDXLRow:
         return x, self.text_cond(n)
 
     def text_cond(self, n):
-        ehs = torch.randn(n, 77, self.config["cross_attention_dim"], device=self.device, dtype=self.student_dtype)
-        cond = {"text_embeds": torch.randn(n, SDXL_POOLED_DIM[self.args.sdxl_unet], device=self.device,
-                                           dtype=self.student_dtype),
-                "time_ids": tfd_utils.sdxl_time_ids(self.targs.resolution, n, self.device, self.student_dtype)}
+        dt = self.script.student_dtype(self.targs)
+        ehs = torch.randn(n, 77, self.config["cross_attention_dim"], device=self.device, dtype=dt)
+        cond = {"text_embeds": torch.randn(n, SDXL_POOLED_DIM[self.args.sdxl_unet], device=self.device, dtype=dt),
+                "time_ids": self.script.sdxl_time_ids(self.targs.resolution, n, self.device, dt)}
         return ehs, cond
 
     def bare_student(self, model, x, cond):
@@ -659,7 +640,7 @@ class SDXLRow:
         return fake(x, t, encoder_hidden_states=cond[0], added_cond_kwargs=cond[1], return_dict=False)[0].float()
 
     def teacher_context(self):
-        return tfd_utils.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext()
+        return tfd_text2image.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext()
 
 
 def unprepared_copy(model):
@@ -670,17 +651,17 @@ def unprepared_copy(model):
     return fake
 
 
-def optimizer_update(row, logs, loss, loss_sum, max_grad_norm):
+def optimizer_update(row, logs, loss, max_grad_norm):
     """The scripts' update after the backward (gradient_accumulation_steps = 1): TrainingMonitor's
-    log accumulation, then tfd_utils.clip_and_step (clipping, the finiteness check: one host sync,
-    optimiser and LR step, zero_grad). The monitor's end_step (logging/checkpoint cadence) is not run."""
+    log accumulation, then tfd_training.clip_and_step (clipping, the finiteness check: one host sync,
+    optimiser and LR step, zero_grad). The monitor's end_step (logging cadence) is not run."""
     if getattr(row, "monitor", None) is None:
-        row.monitor = tfd_utils.TrainingMonitor(row.accelerator, row.targs, None, None, 0, row.images_per_step, None)
+        row.monitor = tfd_training.TrainingMonitor(row.accelerator, row.targs, None, None, 0, row.images_per_step,
+                                                   None)
     row.monitor.add(logs)
-    loss_sum = loss_sum + loss.detach()
     if row.accelerator.sync_gradients:
-        return tfd_utils.clip_and_step(row.accelerator, row.optimizer, row.lr_scheduler, row.params, loss_sum,
-                                       max_grad_norm)
+        return tfd_training.clip_and_step(row.accelerator, row.optimizer, row.lr_scheduler, row.params, loss.detach(),
+                                          max_grad_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,9 +690,7 @@ def dmd2_setup(row):
     fake = row.fake_score()
     fake.train()
     params = [q for q in fake.parameters() if q.requires_grad]
-    ta = row.targs
-    opt = tfd_utils.make_optimizer(params, ta.learning_rate, (ta.adam_beta1, ta.adam_beta2), ta.adam_weight_decay,
-                                   ta.adam_epsilon, getattr(ta, "use_8bit_adam", False))
+    opt = tfd_training.make_optimizer(params, row.targs)
     fake, opt = row.accelerator.prepare(fake, opt)
     return fake, opt, params
 
@@ -820,9 +799,8 @@ def measure_row(row, args, base_rss):
 
     def measure_step():
         def run_step():
-            ex = row.extractor(stop_early=True)
             with PeakMemory(dev, base_rss) as pm:
-                out = time_steps(lambda m: step_with(row, ex, m), dev, w, r, marked=True)
+                out = time_steps(lambda m: row.tfd_step(m), dev, w, r, marked=True)
             out["peak_bytes"] = pm.bytes
             return out
 
@@ -834,8 +812,8 @@ def measure_row(row, args, base_rss):
             print(f"   TFD step {step['ms']:.1f} ms  split {fmt_split(step['split'])}  pool {res['pool_ms']}", flush=True)
 
     def measure_nostop():
-        ex = row.extractor(stop_early=False)
-        nostop = attempt("nostop", lambda: time_steps(lambda m: step_with(row, ex, m), dev, w, r, marked=True))
+        nostop = attempt("nostop", lambda: time_steps(lambda m: row.tfd_step(m, stop_early=False), dev, w, r,
+                                                      marked=True))
         if nostop:
             res.update(nostop_ms=nostop["ms"], nostop_split=nostop["split"])
             print(f"   TFD step, teacher run to the end {nostop['ms']:.1f} ms  split {fmt_split(nostop['split'])}",
@@ -876,11 +854,6 @@ def measure_row(row, args, base_rss):
     return res
 
 
-def step_with(row, extractor, mark):
-    extractor.mark = mark
-    return row.tfd_step(extractor, mark)
-
-
 def derive(res):
     """Ratios and shares from the raw times."""
     s = res.get("split")
@@ -905,9 +878,8 @@ def find_max_groups(row, args):
     def fits(g):
         row.set_groups(g)
         try:
-            ex = row.extractor(stop_early=True, timed=False)
             for _ in range(2):
-                row.tfd_step(ex, no_mark)
+                row.tfd_step(no_mark)
             sync(row.device)
             return True
         except Exception as e:
@@ -1056,7 +1028,7 @@ def main(args):
     print("\n" + table)
     if args.output_json:
         payload = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-        tfd_utils.atomic_write(args.output_json, lambda p: json.dump(payload, open(p, "w"), indent=2))
+        tfd_training.atomic_write(args.output_json, lambda p: json.dump(payload, open(p, "w"), indent=2))
     return results
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tfd_fid  # noqa: E402
-import tfd_utils  # noqa: E402
+import eval_utils  # noqa: E402
+import tfd_training  # noqa: E402
 
 COCO_URLS = ("http://images.cocodataset.org/annotations/annotations_trainval2014.zip (captions_val2014.json) and "
              "http://images.cocodataset.org/zips/val2014.zip")
@@ -115,7 +116,7 @@ def load_or_make_subset(args):
                 raise ValueError(f"{path} is from another subset (captions/--num_prompts/--seed); use a new "
                                  "--output_dir or delete it.")
     else:
-        tfd_utils.write_json(path, subset)
+        tfd_training.write_json(path, subset)
     missing = [s["file_name"] for s in subset if not os.path.isfile(os.path.join(args.images, s["file_name"]))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} subset images are missing from {args.images} (e.g. {missing[0]}).")
@@ -160,7 +161,7 @@ def load_pipeline(args, device):
 
 def generate_missing(args, state, subset, gen_dir):
     """This process's generated PNGs that are not there yet (one-step, eval_resolution)."""
-    todo = [i for i in tfd_utils.shard(len(subset), state.process_index, state.num_processes)
+    todo = [i for i in eval_utils.shard(len(subset), state.process_index, state.num_processes)
             if not os.path.isfile(png(gen_dir, i))]
     if not todo:
         return 0
@@ -174,16 +175,16 @@ def generate_missing(args, state, subset, gen_dir):
                    guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                    generator=gens, output_type="pil")
         for i, im in zip(idx, out.images):
-            tfd_utils.save_png(png(gen_dir, i), center_crop_resize(im, args.eval_resolution))
+            tfd_training.save_png(png(gen_dir, i), center_crop_resize(im, args.eval_resolution))
     return len(todo)
 
 
 def prepare_real(args, state, subset, real_dir):
     """The matching real images, center-cropped and resized like the generated ones."""
-    for i in tfd_utils.shard(len(subset), state.process_index, state.num_processes):
+    for i in eval_utils.shard(len(subset), state.process_index, state.num_processes):
         if not os.path.isfile(png(real_dir, i)):
             with Image.open(os.path.join(args.images, subset[i]["file_name"])) as im:
-                tfd_utils.save_png(png(real_dir, i), center_crop_resize(im, args.eval_resolution))
+                tfd_training.save_png(png(real_dir, i), center_crop_resize(im, args.eval_resolution))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,13 +241,13 @@ def main(args):
             "eval_resolution")
     if state.is_main_process:
         load_or_make_subset(args)  # writes prompts.json once; fails early on missing images
-        tfd_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     subset = load_or_make_subset(args)
     for d in (gen_dir, real_dir):
         os.makedirs(d, exist_ok=True)
     t0 = time.time()
-    written = tfd_utils.total_over_processes(generate_missing(args, state, subset, gen_dir), state)
+    written = eval_utils.total_over_processes(generate_missing(args, state, subset, gen_dir), state)
     prepare_real(args, state, subset, real_dir)
     state.wait_for_everyone()
     if not state.is_main_process or args.skip_fid:
@@ -265,7 +266,7 @@ def main(args):
         "clip_resolution": args.clip_resolution, "clip_prefix": args.clip_prefix, "seed": args.seed,
         "generated_now": written, "num_processes": state.num_processes, "seconds": round(time.time() - t0, 1),
     }
-    tfd_utils.write_json(os.path.join(args.output_dir, "results.json"), result)
+    tfd_training.write_json(os.path.join(args.output_dir, "results.json"), result)
     n = len(subset)
     clip_text = "" if clip is None else f", CLIP score {clip:.4f} ({args.clip_model} {args.clip_pretrained})"
     print(f"COCO-2014 FID-{f'{n // 1000}k' if n % 1000 == 0 else n} {fid:.4f}{clip_text} "

@@ -20,7 +20,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tfd_fid  # noqa: E402
+import eval_utils  # noqa: E402
+import tfd_training  # noqa: E402
 import tfd_utils  # noqa: E402
+import train_tfd_imagenet64  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -71,7 +74,7 @@ def parse_args(argv=None):
 def load_generator(args, device):
     """(generate(noise, labels) → x in [−1, 1], num_classes, channels, resolution)."""
     if args.edm_pickle:
-        net = tfd_utils.load_edm_pickle(args.edm_pickle, args.edm_repo).to(device).eval().requires_grad_(False)
+        net = train_tfd_imagenet64.load_edm_pickle(args.edm_pickle, args.edm_repo).to(device).eval().requires_grad_(False)
         label_dim = int(net.label_dim or 0)
 
         def generate(noise, labels):
@@ -81,7 +84,7 @@ def load_generator(args, device):
                 return net(x, torch.full((x.shape[0],), float(s), device=x.device), onehot).float()
 
             if args.teacher:
-                return tfd_utils.edm_heun_sample(denoise, noise, args.num_steps, args.sigma_min, args.sigma_max)
+                return eval_utils.edm_heun_sample(denoise, noise, args.num_steps, args.sigma_min, args.sigma_max)
             return denoise(noise.float() * args.sigma_max, args.sigma_max)  # = tfd_utils.edm_net_one_step
 
         return generate, label_dim, net.img_channels, net.img_resolution
@@ -95,13 +98,13 @@ def load_generator(args, device):
         def generate(noise, labels):
             def denoise(x, s):
                 return tfd_utils.edm_denoise(unet, x, s, labels, args.precond, args.sigma_data)
-            return tfd_utils.edm_heun_sample(denoise, noise, args.num_steps, args.sigma_min, args.sigma_max)
+            return eval_utils.edm_heun_sample(denoise, noise, args.num_steps, args.sigma_min, args.sigma_max)
     else:
         def generate(noise, labels):  # the exact step ConsistencyModelPipeline runs with one step
             return tfd_utils.edm_one_step(unet, noise, labels, args.sigma_max, args.sigma_min, "cm", args.sigma_data)
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    return generate, tfd_utils.num_class_labels(unet), unet.config.in_channels, size
+    return generate, train_tfd_imagenet64.num_class_labels(unet), unet.config.in_channels, size
 
 
 def load_diffusers(path, teacher):
@@ -136,7 +139,7 @@ def generate_missing(args, state, image_dir):
     """Write every PNG of this process's range that is not there yet; returns how many were written."""
     generate, num_classes, channels, res = load_generator(args, state.device)
     num_classes = args.num_classes or num_classes
-    todo = [i for i in tfd_utils.shard(args.num_samples, state.process_index, state.num_processes)
+    todo = [i for i in eval_utils.shard(args.num_samples, state.process_index, state.num_processes)
             if not os.path.isfile(image_path(image_dir, i))]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     batches = [todo[s:s + args.batch_size] for s in range(0, len(todo), args.batch_size)]
@@ -146,15 +149,15 @@ def generate_missing(args, state, image_dir):
         noise = noise_for(idx, (channels, res, res), args.seed).to(state.device)
         labels = (torch.tensor(idx) % num_classes).to(state.device) if num_classes else None
         with torch.no_grad(), torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-            images = tfd_utils.to_uint8(generate(noise, labels)).numpy()
+            images = tfd_training.to_uint8(generate(noise, labels)).numpy()
         for i, a in zip(idx, images):
-            tfd_utils.save_png(image_path(image_dir, i), Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a))
+            tfd_training.save_png(image_path(image_dir, i), Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a))
     return len(todo)
 
 
 def shard_features(args, state, image_dir):
     """Inception features of this process's images, read back from the PNGs (what is stored is what counts)."""
-    idx = list(tfd_utils.shard(args.num_samples, state.process_index, state.num_processes))
+    idx = list(eval_utils.shard(args.num_samples, state.process_index, state.num_processes))
     feats = [np.zeros((0, tfd_fid.FEATURE_DIM), np.float32)]
     for s in range(0, len(idx), args.batch_size):
         images = [tfd_fid.load_image(image_path(image_dir, i)) for i in idx[s:s + args.batch_size]]
@@ -185,10 +188,10 @@ def main(args):
     keys = ("model", "edm_pickle", "teacher", "num_steps", "precond", "sigma_min", "sigma_max", "sigma_data",
             "num_classes", "seed", "mixed_precision")
     if state.is_main_process:
-        tfd_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     t0 = time.time()
-    written = tfd_utils.total_over_processes(generate_missing(args, state, image_dir), state)
+    written = eval_utils.total_over_processes(generate_missing(args, state, image_dir), state)
     if args.skip_fid:
         return None
     feats = gather_features(shard_features(args, state, image_dir), state, args.num_samples)
@@ -203,7 +206,7 @@ def main(args):
         "images": os.path.abspath(image_dir), "generated_now": written, "num_processes": state.num_processes,
         "seconds": round(time.time() - t0, 1),
     }
-    tfd_utils.write_json(os.path.join(args.output_dir, "fid.json"), result)
+    tfd_training.write_json(os.path.join(args.output_dir, "fid.json"), result)
     n = args.num_samples
     steps = f"{result['num_steps']}-step" if args.teacher else "one-step"
     print(f"FID-{f'{n // 1000}k' if n % 1000 == 0 else n} {fid:.4f} ({steps} {what}, {n} samples, "

@@ -1,6 +1,6 @@
 # Shared pieces of the scaling / fault / bad-input tests (test_distributed.py, test_faults.py,
 # test_bad_inputs.py): tiny fixtures, argument lists, `accelerate launch` with 2 CPU processes,
-# forked runs that a test can SIGKILL at a test-only pause point (tfd_utils.pause_for_test).
+# forked runs that a test can SIGKILL at a test-only pause point (tfd_training.fault_pause).
 import json
 import multiprocessing
 import os

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import tfd_utils
+import tfd_text2image
 import train_tfd_imagenet64 as inet
 import train_tfd_sdxl as sdxl
 from scaling_helpers import (imagenet_args, prompts_file, read_jsonl, run_in_process, sdxl_args,  # noqa: F401
@@ -68,16 +69,16 @@ def test_image_modes_and_sizes_are_converted_and_train(tiny_imagenet, tmp_path):
         (tmp_path / "folder" / str(c)).mkdir(parents=True)
         for name, im in cases.items():
             im.save(tmp_path / "folder" / str(c) / name)
-    labels, fetch, _ = tfd_utils.open_labelled_images(train_data_dir=str(tmp_path / "folder"))
-    data = tfd_utils.LabelledImages(labels, fetch, 3, 16, progress=False)
+    labels, fetch, _ = inet.open_labelled_images(train_data_dir=str(tmp_path / "folder"))
+    data = inet.LabelledImages(labels, fetch, 3, 16, progress=False)
     assert data.data.shape == (14, 3, 16, 16) and data.data.dtype == torch.uint8
     opened = {name: Image.open(tmp_path / "folder" / "0" / name) for name in cases}
     assert opened["I16.png"].mode.startswith("I")  # a real 16-bit file
-    x16 = tfd_utils.to_teacher_image(opened["I16.png"], 3, 16).float()
+    x16 = inet.to_teacher_image(opened["I16.png"], 3, 16).float()
     assert 60 < x16.mean() < 200 and x16.std() > 20  # scaled to 8 bits, not clipped to white
     for name in ("L.png", "RGBA.png", "P.png"):
-        want = tfd_utils.to_teacher_image(opened[name].convert("RGB"), 3, 16)
-        assert torch.equal(tfd_utils.to_teacher_image(opened[name], 3, 16), want), name
+        want = inet.to_teacher_image(opened[name].convert("RGB"), 3, 16)
+        assert torch.equal(inet.to_teacher_image(opened[name], 3, 16), want), name
     out = tmp_path / "out"
     inet_run(tiny_imagenet, out, "--dataset_name", "", "--train_data_dir", tmp_path / "folder", "--num_positives", 3,
              "--num_anchors", 2)
@@ -92,14 +93,14 @@ def test_sdxl_real_images_of_any_mode(tiny_sdxl_dir):
     rgb = np.random.default_rng(2).integers(0, 256, (40, 36, 3), dtype=np.uint8)
     for mode in ("L", "RGBA", "P", "CMYK"):
         im = Image.fromarray(rgb).convert(mode)
-        got = sdxl.encode_image(vae, im, 32, "cpu")
+        got = tfd_text2image.encode_image(vae, im, 32, "cpu")
         assert got.shape == (4, 8, 8)
-        torch.testing.assert_close(got, sdxl.encode_image(vae, im.convert("RGB"), 32, "cpu"))
+        torch.testing.assert_close(got, tfd_text2image.encode_image(vae, im.convert("RGB"), 32, "cpu"))
     sixteen = Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60))
-    x16 = sdxl.encode_image(vae, sixteen, 32, "cpu")
+    x16 = tfd_text2image.encode_image(vae, sixteen, 32, "cpu")
     eight = Image.fromarray((np.asarray(sixteen, dtype=np.float64) / 257).round().astype(np.uint8)).convert("RGB")
-    torch.testing.assert_close(x16, sdxl.encode_image(vae, eight, 32, "cpu"))  # rescaled to 8 bits
-    white = sdxl.encode_image(vae, Image.new("RGB", (32, 32), (255, 255, 255)), 32, "cpu")
+    torch.testing.assert_close(x16, tfd_text2image.encode_image(vae, eight, 32, "cpu"))  # rescaled to 8 bits
+    white = tfd_text2image.encode_image(vae, Image.new("RGB", (32, 32), (255, 255, 255)), 32, "cpu")
     assert not torch.allclose(x16, white, atol=1e-3)  # not clipped to white
 
 

@@ -1,7 +1,7 @@
 """Both training scripts under `accelerate launch` with 2 CPU processes (gloo, MULTI_CPU DDP).
 
 What each launch proves, from per-rank records the scripts write only when TFD_DEBUG_DIR is set
-(tfd_utils.debug_record): ranks draw disjoint classes / prompts every step; the student weights are
+(tfd_training.debug_record): ranks draw disjoint classes / prompts every step; the student weights are
 bit-identical on both ranks after every step (DDP averaged the gradients) and equal the saved
 checkpoint and export; a non-finite loss or gradient on ONE rank skips the update on both;
 logging and saving happen once. The SDXL positive cache is filled by a 2-process
@@ -16,6 +16,9 @@ import subprocess
 import torch
 
 import tfd_utils
+import train_tfd_imagenet64
+import tfd_training
+import tfd_text2image
 from scaling_helpers import (PROMPTS, ROOT, debug_records, env, env_cpu, launch, launch_cmd, prompts_file, read_jsonl,  # noqa: F401
                              imagenet_args, sdxl_args, tiny_imagenet)
 
@@ -49,7 +52,7 @@ def test_imagenet64_two_processes(tiny_imagenet, tmp_path):
     import datasets
 
     labels = torch.tensor(datasets.load_from_disk(str(tiny_imagenet / "data"))["label"])
-    samplers = [tfd_utils.ClassGroupedSampler(labels, [0, 1, 2, 3], 2, 5, seed=0, rank=r) for r in (0, 1)]
+    samplers = [train_tfd_imagenet64.ClassGroupedSampler(labels, [0, 1, 2, 3], 2, 5, seed=0, rank=r) for r in (0, 1)]
     draws = [debug_records(dbg, "draws", r) for r in (0, 1)]
     for d0, d1 in zip(*draws):
         assert d0["step"] == d1["step"]
@@ -61,9 +64,9 @@ def test_imagenet64_two_processes(tiny_imagenet, tmp_path):
 
     # Gradients synchronised; the NaN injected on rank 1 at step 2 made BOTH ranks skip that update.
     digest = assert_synchronised(dbg, [1, 2, 3], skipped={2})
-    assert digest[1] != tfd_utils.state_digest(UNet2DModel.from_pretrained(tiny_imagenet / "teacher"))
+    assert digest[1] != tfd_training.state_digest(UNet2DModel.from_pretrained(tiny_imagenet / "teacher"))
     for saved in (out / "checkpoint-3" / "unet", out / "unet"):
-        assert tfd_utils.state_digest(UNet2DModel.from_pretrained(saved)) == digest[3], saved
+        assert tfd_training.state_digest(UNet2DModel.from_pretrained(saved)) == digest[3], saved
 
     # Logged and saved once: one metrics line per step, one tracker, one checkpoint message.
     rows = read_jsonl(out / "metrics.jsonl")
@@ -93,7 +96,7 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
     files = sorted(glob.glob(str(settings_dir / "entries" / "*" / "*")))
     assert all(f.endswith(".safetensors") for f in files), files  # no temporary file left behind
-    store = tfd_utils.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
     assert store.dir == str(settings_dir)
     assert sorted(files) == sorted(store.path(p, ["teacher", "teacher"]) for p in PROMPTS)  # each exactly once
     for p in PROMPTS:
@@ -110,13 +113,13 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     for a, b in zip(d0, d1):
         assert len(a["prompts"]) == 1 and a["prompts"] != b["prompts"]  # different prompts on each rank
         g = torch.Generator().manual_seed(((0 * 1_000_003 + a["step"]) * 1009 + 0) * 4099 - 1)
-        assert tfd_utils.shared_draw(len(PROMPTS), 0, 2, g).tolist() == a["prompts"] + b["prompts"]
+        assert tfd_training.shared_draw(len(PROMPTS), 0, 2, g).tolist() == a["prompts"] + b["prompts"]
     digest = assert_synchronised(dbg, [1, 2, 3], skipped={2})
     for saved in (out / "checkpoint-3" / "unet", out / "unet"):
-        assert tfd_utils.state_digest(UNet2DConditionModel.from_pretrained(saved)) == digest[3], saved
+        assert tfd_training.state_digest(UNet2DConditionModel.from_pretrained(saved)) == digest[3], saved
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["train/bad_steps"] for r in rows] == [0, 1, 0]
-    assert rows[-1]["cache/generated"] == 0 and rows[-1]["cache/hits"] >= 1  # the prepared cache served it
+    assert rows[-1]["cache/misses"] == 0 and rows[-1]["cache/hits"] >= 1  # the prepared cache served it
     assert log.count("Saved checkpoint") == 1 and log.count("update skipped") == 1
     assert "Every prompt is cached" in log
 

@@ -17,11 +17,13 @@ from PIL import Image
 
 import tfd_fid
 import tfd_utils
+import tfd_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "edm_toy"))
 
+import eval_utils  # noqa: E402
 import evaluate_coco  # noqa: E402
 import evaluate_imagenet64  # noqa: E402
 
@@ -263,7 +265,7 @@ def test_evaluate_imagenet64_teacher_and_edm_pickle_rows(tiny_cm, tmp_path):
     noise = evaluate_imagenet64.noise_for([2], (3, RES, RES), 0)
     with torch.no_grad():
         x = tfd_utils.edm_net_one_step(net, noise, torch.tensor([2 % NUM_CLASSES]))
-    expect = tfd_utils.to_uint8(x)[0].numpy()
+    expect = tfd_training.to_uint8(x)[0].numpy()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "edm" / "images" / "000002.png")), expect)
 
 
@@ -282,7 +284,7 @@ def test_evaluate_imagenet64_clear_errors(tiny_cm, tmp_path):
 
 def test_shards_are_disjoint_and_cover_everything():
     for n, world in ((10, 3), (7, 8), (50_000, 8)):
-        ranges = [tfd_utils.shard(n, r, world) for r in range(world)]
+        ranges = [eval_utils.shard(n, r, world) for r in range(world)]
         assert sorted(i for r in ranges for i in r) == list(range(n))
 
 

@@ -1,10 +1,10 @@
 """Faults: runs SIGKILLed while writing a checkpoint or a cache entry, then resumed; non-finite
 losses and gradients (skipped, counted, and a stop naming the last good checkpoint).
 
-Kills happen at test-only pause points (tfd_utils.pause_for_test, TFD_TEST_PAUSE): after
+Kills happen at test-only pause points (tfd_training.fault_pause, TFD_TEST_PAUSE): after
 accelerator.save_state wrote checkpoint-N.incomplete but before its completion marker, and after
 a cache entry's temporary file was written but before its rename. Non-finite values are injected
-with TFD_TEST_NONFINITE_STEPS (tfd_utils.inject_test_fault). Both are no-ops outside tests.
+with TFD_TEST_NONFINITE_STEPS (tfd_training.fault_loss). Both are no-ops outside tests.
 """
 
 import os
@@ -13,11 +13,13 @@ import time
 import pytest
 
 import tfd_utils
+import tfd_training
+import tfd_text2image
 from scaling_helpers import (PROMPTS, debug_records, imagenet_args, prompts_file, read_jsonl,  # noqa: F401
                              run_in_process, run_until_pause_then_kill, sdxl_args, tiny_imagenet)
 
 LOSS_KEYS = ("loss/total", "loss/drift", "sigma/mean", "train/grad_norm")
-MARKER = tfd_utils.CHECKPOINT_COMPLETE
+MARKER = tfd_training.CHECKPOINT_COMPLETE
 
 
 def assert_killed_mid_checkpoint(out, step, last_good):
@@ -27,9 +29,9 @@ def assert_killed_mid_checkpoint(out, step, last_good):
     tmp = out / f"checkpoint-{step}.incomplete"
     assert (tmp / "unet").is_dir() and (tmp / "optimizer.bin").exists() and not (tmp / MARKER).exists()
     assert not (out / f"checkpoint-{step}").exists() and not (out / "unet").exists()
-    assert tfd_utils.list_checkpoints(str(out)) == [(last_good, str(out / f"checkpoint-{last_good}"))]
+    assert tfd_training.list_checkpoints(str(out)) == [(last_good, str(out / f"checkpoint-{last_good}"))]
     with pytest.raises(ValueError, match="incomplete checkpoint"):
-        tfd_utils.resolve_resume_checkpoint(str(out), str(tmp))
+        tfd_training.resolve_resume_checkpoint(str(out), str(tmp))
 
 
 def assert_resumed(out, caplog, killed, last_good, step):
@@ -67,7 +69,7 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
     prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
     run_until_pause_then_kill(script, prepare, tmp_path / "cache_kill.log", f"cache_entry:{PROMPTS[1]}")
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
-    store = tfd_utils.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
     slots = ["teacher", "teacher"]
     entries = sorted(settings_dir.glob("entries/*/*"))
     (leftover,) = [p for p in entries if ".tmp-" in p.name]
@@ -75,7 +77,7 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
     assert [p for p in entries if p != leftover] == [__import__("pathlib").Path(store.path(PROMPTS[0], slots))]
     assert store.load(PROMPTS[0], slots) is not None
     assert store.load(PROMPTS[1], slots) is None and not store.exists(PROMPTS[1], slots)  # the leftover is ignored
-    old = time.time() - 2 * tfd_utils.STALE_TMP_SECONDS  # as if the kill happened a while ago
+    old = time.time() - 2 * tfd_training.STALE_TMP_SECONDS  # as if the kill happened a while ago
     os.utime(leftover, (old, old))
 
     # 2. A training run on that cache (it cleans the leftover, fills misses on the fly), killed mid-checkpoint.
@@ -136,7 +138,7 @@ def assert_stopped_with_nothing_overwritten(out, dbg, model_cls):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["step"], r["train/bad_steps"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 2)]  # counted
     # No checkpoint inside the bad run, the good one holds the step-2 weights, nothing exported.
-    assert tfd_utils.list_checkpoints(str(out)) == [(2, str(out / "checkpoint-2"))]
+    assert tfd_training.list_checkpoints(str(out)) == [(2, str(out / "checkpoint-2"))]
     assert not [p for p in os.listdir(out) if p.endswith(".incomplete")]
-    assert tfd_utils.state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
+    assert tfd_training.state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
     assert not (out / "unet").exists() and not (out / "model_index.json").exists()

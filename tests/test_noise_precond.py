@@ -15,11 +15,11 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from scipy.stats import norm
 
+from eval_utils import edm_heun_sample
 from tfd_utils import (
     add_feature_noise,
     edm_c_noise,
     edm_denoise,
-    edm_heun_sample,
     edm_one_step,
     edm_scalings,
     sample_feature_sigmas,

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import tfd_utils
+import tfd_training
 import train_tfd_imagenet64 as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,27 +128,27 @@ def test_three_data_formats_give_the_same_images(tiny):
     want = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     for kw in ({"dataset_name": str(tiny / "data")}, {"train_data_dir": str(tiny / "folder")},
                {"dataset_name": str(tiny / "edm.zip")}):
-        got_labels, fetch, _ = tfd_utils.open_labelled_images(**kw)
-        data = tfd_utils.LabelledImages(got_labels, fetch, 3, RES, progress=False)
+        got_labels, fetch, _ = script.open_labelled_images(**kw)
+        data = script.LabelledImages(got_labels, fetch, 3, RES, progress=False)
         order = torch.argsort(got_labels, stable=True)  # imagefolder lists by class folder
         assert got_labels[order].tolist() == labels, kw
         assert torch.equal(data.data[order], want), kw
-        lazy = tfd_utils.LabelledImages(got_labels, fetch, 3, RES, preload_max_gb=0)
+        lazy = script.LabelledImages(got_labels, fetch, 3, RES, preload_max_gb=0)
         assert lazy.data is None and torch.equal(lazy.get(torch.tensor([[0, 5], [7, 1]])), data.data[torch.tensor([[0, 5], [7, 1]])])
 
 
 def test_conversion_to_teacher_channels_and_resolution():
     img = Image.fromarray(np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3))
-    x = tfd_utils.to_teacher_image(img, 1, 16)
+    x = script.to_teacher_image(img, 1, 16)
     assert x.shape == (1, 16, 16) and x.dtype == torch.uint8
-    assert tfd_utils.to_teacher_image(img, 3, 24).shape == (3, 24, 24)
-    assert torch.equal(tfd_utils.to_teacher_image(img.crop((4, 0, 28, 24)), 3, 24),
+    assert script.to_teacher_image(img, 3, 24).shape == (3, 24, 24)
+    assert torch.equal(script.to_teacher_image(img.crop((4, 0, 28, 24)), 3, 24),
                        torch.from_numpy(np.asarray(img)[:, 4:28].copy()).permute(2, 0, 1))  # center crop
 
 
 def test_sampler_groups_determinism_ranks_and_resume():
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3 + [3] * 10)
-    s = tfd_utils.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=0)
+    s = script.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=0)
     draws = [s() for _ in range(6)]
     for classes, idx in draws:
         assert len(set(classes.tolist())) == 3 and idx.shape == (3, 4)
@@ -155,17 +156,17 @@ def test_sampler_groups_determinism_ranks_and_resume():
             assert (labels[row] == c).all()
             if c != 2:
                 assert len(set(row.tolist())) == 4  # without replacement
-    resumed = tfd_utils.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=0)
-    resumed.load_state_dict(tfd_utils.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, 5, 0).state_dict() | {"draws": 4})
+    resumed = script.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=0)
+    resumed.load_state_dict(script.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, 5, 0).state_dict() | {"draws": 4})
     for want in draws[4:]:
         got = resumed()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    other = tfd_utils.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=1)
+    other = script.ClassGroupedSampler(labels, [0, 1, 2, 3], 3, 4, seed=5, rank=1)
     assert any(not torch.equal(other()[1], d[1]) for d in draws)
     with pytest.raises(ValueError, match=r"Classes \[7\] have no images"):
-        tfd_utils.ClassGroupedSampler(labels, [0, 7], 1, 4)
+        script.ClassGroupedSampler(labels, [0, 7], 1, 4)
     with pytest.raises(ValueError, match="lower --classes_per_batch"):
-        tfd_utils.ClassGroupedSampler(labels, [0, 1], 3, 4)
+        script.ClassGroupedSampler(labels, [0, 1], 3, 4)
 
 
 def test_teacher_forward_closure_matches_the_preconditioned_teacher_call():
@@ -185,11 +186,11 @@ def test_set_dropout_reaches_torch_modules_and_edm_style_attributes():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     ps = [m.p for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
     assert 0.1 in ps
-    tfd_utils.set_dropout(unet, 0.0)
+    script.set_dropout(unet, 0.0)
     assert all(m.p == 0.0 for m in unet.modules() if isinstance(m, torch.nn.Dropout))
     block = torch.nn.Module()
     block.dropout = 0.1  # NVlabs EDM UNetBlock keeps a float and calls functional dropout
-    assert tfd_utils.set_dropout(torch.nn.Sequential(block), 0.0)[0].dropout == 0.0
+    assert script.set_dropout(torch.nn.Sequential(block), 0.0)[0].dropout == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
         assert np.isfinite(rows[-1][key]), key
     assert 0.02 <= rows[-1]["sigma/min"] <= rows[-1]["sigma/max"] <= 0.1
     card = (out / "README.md").read_text()
-    assert "samples.png" in card and "learning_rate" in card
+    assert "samples.png" in card and "| learning rate | 0.001 |" in card and "one-step" in card
+    assert str(tiny) not in card  # no local paths
 
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe).__name__ == "ConsistencyModelPipeline" and pipe.scheduler.config.clip_denoised is False
@@ -350,7 +352,7 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
     ([], "data_y", ValueError, r"no label column 'label'.*\['image', 'y'\].*--label_column"),
     (["--class_ids", "0-4"], "data", ValueError, r"Classes \[4\] named by --class_ids have no images"),
     (["--pretrained_teacher_model", "{tiny}/uncond_teacher"], "data", ValueError, "has no class embeddings"),
-    (["--num_generated", "1"], "data", ValueError, "at least 2"),
+    (["--num_generated", "1"], "data", ValueError, r"--num_generated 1: must be >= 2 \(the generated samples of a group are each other's negatives\)"),
     (["--precond", "edm"], "data", ValueError, "--precond edm needs an NVlabs EDM network pickle"),
     (["--eval_fid_every", "10", "--fid_reference_stats", "{tiny}/missing.npz"], "data", FileNotFoundError,
      "fid_reference_stats"),
@@ -371,6 +373,6 @@ def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, e
 def test_output_dir_of_another_run_needs_resume(tiny, tmp_path):
     out = tmp_path / "taken"
     (out / "checkpoint-7").mkdir(parents=True)
-    (out / "checkpoint-7" / tfd_utils.CHECKPOINT_COMPLETE).write_text("7\n")
+    (out / "checkpoint-7" / tfd_training.CHECKPOINT_COMPLETE).write_text("7\n")
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
         run(tiny, out)

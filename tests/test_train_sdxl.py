@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import tfd_utils
+import tfd_training
+import tfd_text2image
 import train_tfd_sdxl as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +72,7 @@ def student_latents(unet, pipe, prompt, noise):
     """The training generator (tfd_utils.sdxl_one_step) for a prompt, as the script calls it."""
     pe, pooled = embed(pipe, prompt)
     b = noise.shape[0]
-    cond = {"text_embeds": pooled.expand(b, -1), "time_ids": tfd_utils.sdxl_time_ids(32, b)}
+    cond = {"text_embeds": pooled.expand(b, -1), "time_ids": script.sdxl_time_ids(32, b)}
     ac = pipe.scheduler.alphas_cumprod
     with torch.no_grad():
         return tfd_utils.sdxl_one_step(unet, noise, 999, ac[999], pe.expand(b, -1, -1), cond)
@@ -107,7 +109,7 @@ def test_vp_teacher_forward_feeds_scaled_input_at_matching_timestep(teacher):
     """vp_teacher_forward = UNet((x+σξ)/√(1+σ²), t(σ)) with conditioning repeated per sample."""
     unet, ac = teacher.unet, teacher.scheduler.alphas_cumprod
     pe, pooled = embed(teacher, ["a", "b"])
-    cond = {"text_embeds": pooled, "time_ids": tfd_utils.sdxl_time_ids(32, 2)}
+    cond = {"text_embeds": pooled, "time_ids": script.sdxl_time_ids(32, 2)}
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.1, 0.1, 0.1, 0.5, 0.5, 0.5])
     with torch.no_grad():
@@ -129,7 +131,7 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
     (settings_dir,) = [p for p in cache_root.iterdir() if p.is_dir()]
     settings = json.loads((settings_dir / "settings.json").read_text())
     assert settings["num_positive_steps"] == 2 and settings["scheduler"]["beta_schedule"] == "scaled_linear"
-    cache = tfd_utils.PositiveCache(str(cache_root), settings)
+    cache = tfd_text2image.PositiveCache(str(cache_root), settings)
     assert cache.dir == str(settings_dir)
 
     # Real positives: the VAE posterior mean of the center-cropped image, scaled; rows 0 and 1 match 'a red cube'.
@@ -139,18 +141,18 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
     red = cache.load("a red cube", ["real:0", "real:1"])
     for slot, row in enumerate([0, 1]):
         img = ds[row]["image"]
-        expected = script.encode_image(teacher.vae, img, 32, "cpu")
+        expected = tfd_text2image.encode_image(teacher.vae, img, 32, "cpu")
         torch.testing.assert_close(red["positives"][slot], expected)
     pe, pooled = embed(teacher, "a red cube")
     torch.testing.assert_close(red["prompt_embeds"], pe[0])
     torch.testing.assert_close(red["pooled_prompt_embeds"], pooled[0])
     # Mixed: one real image, then a teacher sample (2 steps, CFG 6) seeded by (prompt, slot).
     blue = cache.load("a blue sphere", ["real:2", "teacher"])
-    gen = torch.Generator().manual_seed(tfd_utils.positive_seed("a blue sphere", 1, 0))
+    gen = torch.Generator().manual_seed(tfd_text2image.positive_seed("a blue sphere", 1, 0))
     sample = teacher("a blue sphere", num_inference_steps=2, guidance_scale=6.0, height=32, width=32,
                      generator=gen, output_type="latent").images[0]
     torch.testing.assert_close(blue["positives"][1], sample, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(blue["positives"][0], script.encode_image(teacher.vae, ds[2]["image"], 32, "cpu"))
+    torch.testing.assert_close(blue["positives"][0], tfd_text2image.encode_image(teacher.vae, ds[2]["image"], 32, "cpu"))
     cone = cache.load("a green cone", ["teacher", "teacher"])
     assert not torch.allclose(cone["positives"][0], cone["positives"][1])  # different seeds per slot
 
@@ -165,7 +167,7 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
     path = cache.path("a green cone", ["teacher", "teacher"])
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(tfd_utils.CacheEntryError, match="unreadable"):
+    with pytest.raises(tfd_text2image.CacheEntryError, match="unreadable"):
         cache.load("a green cone", ["teacher", "teacher"])
     star = cache.load("a yellow star", ["teacher", "teacher"])
     flipped = cache.path("a yellow star", ["teacher", "teacher"])  # same size, one data byte changed
@@ -174,7 +176,7 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
         byte = f.read(1)
         f.seek(-3, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(tfd_utils.CacheEntryError, match="checksum"):
+    with pytest.raises(tfd_text2image.CacheEntryError, match="checksum"):
         cache.load("a yellow star", ["teacher", "teacher"])
     caplog.set_level("WARNING")
     assert script.main(script.parse_args(argv)) == {"hits": 2, "generated": 2, "regenerated": 2}
@@ -202,7 +204,7 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
     assert sorted(log_a) == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss/total"]) and r["train/grad_norm"] > 0 for r in log_a.values())
     assert os.path.isfile(out_a / "validation" / "step-2.png") and os.path.isfile(out_a / "samples.png")
-    assert os.path.isfile(out_a / "checkpoint-4" / tfd_utils.CHECKPOINT_COMPLETE)
+    assert os.path.isfile(out_a / "checkpoint-4" / tfd_training.CHECKPOINT_COMPLETE)
 
     # Resume from step 2 into a fresh folder: steps 3 and 4 repeat exactly, weights end equal.
     student_b = script.main(script.parse_args(base_args(
@@ -211,8 +213,9 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
     log_b = metrics(out_b)
     assert sorted(log_b) == [3, 4]
     # Misses were generated on the fly and written; the resumed run finds every entry it needs.
-    assert log_a[1]["cache/generated"] >= 1 and log_a[4]["cache/hits"] + log_a[4]["cache/generated"] == 8
-    assert log_b[4]["cache/generated"] == 0 and log_b[4]["cache/hits"] == 4
+    # (counts per logging window: every step draws 2 prompts)
+    assert log_a[1]["cache/misses"] >= 1 and all(r["cache/hits"] + r["cache/misses"] == 2 for r in log_a.values())
+    assert sum(r["cache/misses"] for r in log_b.values()) == 0 and log_b[4]["cache/hits"] == 2
     for step in (3, 4):
         assert log_b[step]["loss/total"] == log_a[step]["loss/total"]
         assert log_b[step]["train/grad_norm"] == log_a[step]["train/grad_norm"]
@@ -261,7 +264,7 @@ def test_lora_accelerate_launch_and_load_lora_weights(tiny_sdxl_dir, data_dir, t
     student = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).unet
     student.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    script.import_unet(student, str(out / "checkpoint-2"), lora=True)
+    tfd_text2image.import_trainable(student, str(out / "checkpoint-2"), True, StableDiffusionXLPipeline, "unet")
 
     # The user's three lines: teacher pipeline + load_lora_weights + the saved one-step scheduler.
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
@@ -277,8 +280,11 @@ def test_lora_accelerate_launch_and_load_lora_weights(tiny_sdxl_dir, data_dir, t
 
 
 def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
-    """In LoRA mode the teacher is the student's UNet in teacher_mode: its features and their input
-    gradients equal the base UNet's, also with gradient checkpointing on (recomputation in backward)."""
+    """In LoRA mode the teacher is the student's UNet in teacher_mode: the loss and its gradient w.r.t.
+    the generated samples equal the base UNet's, with the UNet's own gradient checkpointing on, and with
+    the generated samples' teacher pass recomputed in backward (--teacher_checkpointing): the
+    recomputation must run with the adapters off too."""
+    import contextlib
     import copy
 
     from peft import LoraConfig
@@ -293,29 +299,61 @@ def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
     unet.enable_gradient_checkpointing()
     unet.train()
     pe, pooled = embed(teacher, ["a"])
-    cond = {"text_embeds": pooled, "time_ids": tfd_utils.sdxl_time_ids(32, 1)}
+    cond = {"text_embeds": pooled, "time_ids": script.sdxl_time_ids(32, 1)}
     ac = teacher.scheduler.alphas_cumprod
     sigma = torch.full((1,), 0.1)
-    x0 = torch.randn(1, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen0 = torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pos = torch.randn(1, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
-    def features_and_grad(model, mode):
-        x = x0.clone().requires_grad_(True)
-        torch.manual_seed(5)
-        with tfd_utils.FeatureExtractor(model, ["down_blocks.2", "mid_block"], 4) as fx, mode:
-            feats = tfd_utils.group_features(fx, tfd_utils.vp_teacher_forward(model, ac, pe, cond), x, sigma)
-        sum(f.square().sum() for f in feats.values()).backward()
-        return feats, x.grad
+    def loss_and_grad(model, context, checkpoint):
+        loss_fn = tfd_utils.TFDLoss(model, ["down_blocks.2", "mid_block"], 4, radii=[0.05, 0.2],
+                                    teacher_context=context, checkpoint_teacher=checkpoint)
+        x = gen0.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the feature noise
+        loss, _ = loss_fn(tfd_utils.vp_teacher_forward(model, ac, pe, cond), x, pos, sigma=sigma)
+        loss.backward()
+        return loss.detach(), x.grad
 
-    import contextlib
+    l_ref, g_ref = loss_and_grad(base, None, False)
+    assert g_ref.abs().sum() > 0
+    for checkpoint in (False, True):
+        l_tm, g_tm = loss_and_grad(unet, lambda: tfd_text2image.teacher_mode(unet), checkpoint)
+        assert unet.is_gradient_checkpointing  # restored
+        torch.testing.assert_close(l_tm, l_ref)
+        torch.testing.assert_close(g_tm, g_ref)
+    l_st, _ = loss_and_grad(unet, None, True)
+    assert not torch.allclose(l_st, l_ref)  # adapters on: a different network
 
-    f_ref, g_ref = features_and_grad(base, contextlib.nullcontext())
-    f_tm, g_tm = features_and_grad(unet, tfd_utils.teacher_mode(unet))
-    assert unet.is_gradient_checkpointing  # restored
-    for k in f_ref:
-        torch.testing.assert_close(f_tm[k], f_ref[k])
-    torch.testing.assert_close(g_tm, g_ref)
-    f_st, _ = features_and_grad(unet, contextlib.nullcontext())
-    assert not torch.allclose(f_st["mid_block"], f_ref["mid_block"])  # adapters on: a different network
+
+def test_teacher_checkpointing_gives_the_same_gradients_to_the_student(teacher):
+    """--teacher_checkpointing recomputes the generated samples' teacher pass in backward: the
+    student's parameter gradients are the same as with the activations kept."""
+    import copy
+
+    student0 = copy.deepcopy(teacher.unet).requires_grad_(True)
+    frozen = copy.deepcopy(teacher.unet).requires_grad_(False)
+    pe, pooled = embed(teacher, ["a", "b"])
+    cond = {"text_embeds": pooled, "time_ids": script.sdxl_time_ids(32, 2)}
+    ac = teacher.scheduler.alphas_cumprod
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pos = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpoint):
+        student = copy.deepcopy(student0)
+        loss_fn = tfd_utils.TFDLoss(frozen, ["down_blocks.2", "mid_block", "up_blocks.0"], 4,
+                                    checkpoint_teacher=checkpoint)
+        gen = tfd_utils.sdxl_one_step(student, noise, 999, ac[999], pe.repeat_interleave(2, 0),
+                                      {k: v.repeat_interleave(2, 0) for k, v in cond.items()})
+        torch.manual_seed(3)
+        loss, _ = loss_fn(tfd_utils.vp_teacher_forward(frozen, ac, pe, cond), gen.reshape(2, 2, 4, 8, 8), pos,
+                          generator=torch.Generator().manual_seed(4))
+        loss.backward()
+        return {n: p.grad for n, p in student.named_parameters()}
+
+    kept, recomputed = grads(False), grads(True)
+    assert sum(g.abs().sum() for g in kept.values()) > 0
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=1e-5, atol=1e-7)
 
 
 def test_bad_inputs_fail_early(tiny_sdxl_dir, data_dir, tmp_path):
@@ -350,11 +388,11 @@ def test_load_prompts_matching_subsets_and_text_files(data_dir, tmp_path):
 
     args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", data_dir,
                               "--image_column", "image"])
-    prompts, real, ds, _ = script.load_prompts(args)
+    prompts, real, ds, _ = tfd_text2image.load_prompts(args)
     assert prompts == PROMPTS  # "A  red cube." is the same prompt as "a red cube"
     assert real == {"a red cube": [0, 1], "a blue sphere": [2], "a green cone": [], "a yellow star": []}
     args.image_column = None
-    assert script.load_prompts(args)[1] == {p: [] for p in PROMPTS}
+    assert tfd_text2image.load_prompts(args)[1] == {p: [] for p in PROMPTS}
 
     # Lists of captions per row (COCO style): every caption is a prompt matched to its row's image.
     path = tmp_path / "coco_like"
@@ -362,10 +400,10 @@ def test_load_prompts_matching_subsets_and_text_files(data_dir, tmp_path):
                                 "image": ["a.png", "b.png"]}).save_to_disk(str(path))
     args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(path),
                               "--caption_column", "captions", "--image_column", "image"])
-    prompts, real, _, _ = script.load_prompts(args)
+    prompts, real, _, _ = tfd_text2image.load_prompts(args)
     assert prompts == ["One dog.", "a dog", "a cat"] and real["a dog"] == [0, 1] and real["a cat"] == [1]
     args.max_train_samples = 1
-    assert len(script.load_prompts(args)[0]) in (2, 3)
+    assert len(tfd_text2image.load_prompts(args)[0]) in (2, 3)
 
     # A plain image folder with metadata.jsonl captions (datasets' imagefolder), loaded offline.
     from PIL import Image
@@ -378,13 +416,13 @@ def test_load_prompts_matching_subsets_and_text_files(data_dir, tmp_path):
                                                    for i, c in enumerate(["a boat", "a tree"])))
     args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(folder),
                               "--image_column", "image"])
-    prompts, real, ds, _ = script.load_prompts(args)
+    prompts, real, ds, _ = tfd_text2image.load_prompts(args)
     assert sorted(prompts) == ["a boat", "a tree"] and ds[real["a tree"][0]]["text"] == "a tree"
 
     text = tmp_path / "prompts.txt"
     text.write_text("a red cube\n\nA red cube.\na tree\n")
     args = script.parse_args(["--pretrained_model_name_or_path", "x", "--prompts_file", str(text)])
-    assert script.load_prompts(args)[0] == ["a red cube", "a tree"]
+    assert tfd_text2image.load_prompts(args)[0] == ["a red cube", "a tree"]
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl_dir, data_dir, tmp_path):

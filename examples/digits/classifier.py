@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from prepare_data import load_split  # noqa: E402
-from tfd_utils import atomic_write  # noqa: E402
+from tfd_training import atomic_write  # noqa: E402
 
 FEATURE_DIM = 64
 

@@ -30,10 +30,13 @@ os.environ.setdefault("TFD_FID_OFFLINE", "1")  # the demo is offline: fid-helper
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, os.path.dirname(HERE))  # examples/: eval_utils
 
 from classifier import get_classifier  # noqa: E402
 from prepare_data import load_split  # noqa: E402
-from tfd_utils import atomic_write, edm_denoise, edm_heun_sample, edm_one_step, write_json  # noqa: E402
+from eval_utils import edm_heun_sample  # noqa: E402
+from tfd_training import atomic_write, write_json  # noqa: E402
+from tfd_utils import edm_denoise, edm_one_step  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -266,7 +269,7 @@ def checkpoint_unet(ckpt_dir):
 
 def run_curve(run_dir, teacher, ctx, args):
     """[(step, FD)] from step 0 (the student's initialisation: the teacher in one step), cached per run."""
-    from tfd_utils import list_checkpoints
+    from tfd_training import list_checkpoints
 
     cache = os.path.join(run_dir, "fd_curve.json")
     ckpts = list_checkpoints(run_dir)

@@ -163,7 +163,7 @@ def finish_tfd(job):
         tail = open(os.path.join(job["run_dir"], "train.log")).read()[-3000:]
         raise RuntimeError(f"TFD run {job['name']} failed (exit {job['proc'].returncode}); its log ends:\n{tail}\n"
                            f"Rerun to resume from its last checkpoint, or delete {job['run_dir']} to start over.")
-    from tfd_utils import write_json
+    from tfd_training import write_json
 
     info = {"command": job["cmd"][1:], "seconds": round(time.time() - job["start"], 1)}
     write_json(job["marker"], info)
@@ -236,7 +236,7 @@ def main(argv=None):
     load = os.getloadavg()
     summary = (f"{table}\n\nWall time {time.time() - wall0:.0f} s on {os.cpu_count()} CPU cores (scale {args.scale}; "
                f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).\n")
-    from tfd_utils import atomic_write
+    from tfd_training import atomic_write
 
     atomic_write(os.path.join(out, "timings.md"), lambda p: open(p, "w").write(summary))
     print("\n" + summary)

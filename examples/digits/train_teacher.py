@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from prepare_data import load_split  # noqa: E402
-from tfd_utils import edm_denoise, write_json  # noqa: E402
+from tfd_training import write_json  # noqa: E402
+from tfd_utils import edm_denoise  # noqa: E402
 
 COMPLETE = "teacher_complete.json"
 

@@ -1,0 +1,614 @@
+# What every TFD training script's loop shares: files written atomically, the start of a run
+# (resume, settings, trackers, Hub repo), per-step seeds and process-disjoint draws, the update,
+# logging, checkpoints, images, model cards and the Hub upload. The method itself is in tfd_utils.py.
+# Test-only fault hooks are gathered at the bottom; outside tests they do nothing.
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Files: every write is atomic (a temporary file, then a rename), so a killed run never leaves a
+# truncated file behind.
+# ----------------------------------------------------------------------------------------------
+
+
+def atomic_write(path, write_fn):
+    """Run write_fn(tmp_path), fsync, then rename onto `path`: readers see the old file or the whole
+    new one, never a partial one."""
+    import uuid
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Atomically write obj as indented JSON (other values via str)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def save_png(path, image):
+    atomic_write(path, lambda tmp: image.save(tmp, format="png"))
+
+
+def save_pipeline(pipe, output_dir):
+    """pipe.save_pretrained into a temporary folder, then move each component in, complete."""
+    tmp = os.path.join(output_dir, ".pipeline.incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        dst = os.path.join(output_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    os.rmdir(tmp)
+
+
+def tensor_digest(tensors):
+    """SHA-256 of named tensors (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+STALE_TMP_SECONDS = 600  # an atomic write takes seconds: an older temporary file is a killed writer's
+
+
+def remove_stale_tmp_files(root, max_age_s=STALE_TMP_SECONDS):
+    """Delete `*.tmp-*` leftovers of killed atomic writes under root (never read: readers open final
+    names only). Younger ones may belong to a live writer and are left alone."""
+    removed, now = 0, time.time()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                if ".tmp-" in name and now - os.path.getmtime(path) > max_age_s:
+                    os.remove(path)
+                    removed += 1
+            except FileNotFoundError:  # another process removed or renamed it meanwhile
+                pass
+    return removed
+
+
+def split_and_slice(split):
+    """'train[:1000]' → ('train', slice(None, 1000)); 'train' → ('train', None)."""
+    m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*", split)
+    if not m:
+        raise ValueError(f"--dataset_split {split!r}: give a split name, optionally sliced, e.g. 'train' or "
+                         "'train[:100000]'.")
+    if m.group(2) is None:
+        return m.group(1), None
+    return m.group(1), slice(int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: `checkpoint-N` folders written by accelerator.save_state under a temporary name,
+# marked complete, then renamed.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_COMPLETE = "tfd_checkpoint_complete"  # written last: a folder without it is incomplete
+RUN_FILES = ("metrics.jsonl", "model_index.json", "network-snapshot.pkl", "pytorch_lora_weights.safetensors")
+
+
+def list_checkpoints(output_dir, logger=None):
+    """Complete `checkpoint-N` folders under output_dir as [(N, path)], oldest first; incomplete ones
+    (a run killed while saving) are skipped with a warning."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        step = name[len(CHECKPOINT_PREFIX):].removesuffix(".incomplete")
+        if not (name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isdir(path)):
+            continue
+        if name.endswith(".incomplete") or not os.path.exists(os.path.join(path, CHECKPOINT_COMPLETE)):
+            if logger is not None:
+                logger.warning(f"Ignoring incomplete checkpoint {path} (no {CHECKPOINT_COMPLETE} marker).")
+            continue
+        found.append((int(step), path))
+    return sorted(found)
+
+
+def resolve_resume_checkpoint(output_dir, resume_from, logger=None):
+    """`latest` → the newest complete checkpoint under output_dir (None if there is none); a path →
+    that checkpoint, which must be complete."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        ckpts = list_checkpoints(output_dir, logger)
+        return ckpts[-1][1] if ckpts else None
+    if not os.path.isdir(resume_from):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from!r} does not exist.")
+    if not os.path.exists(os.path.join(resume_from, CHECKPOINT_COMPLETE)):
+        raise ValueError(f"{resume_from} is an incomplete checkpoint (the run was killed while saving it).")
+    return resume_from
+
+
+def checkpoint_step(path):
+    return int(os.path.basename(os.path.normpath(path))[len(CHECKPOINT_PREFIX):])
+
+
+def check_output_dir(output_dir, resume_from_checkpoint):
+    """An output folder holding another run is only continued on request (--resume_from_checkpoint)."""
+    if resume_from_checkpoint:
+        return
+    ckpts = list_checkpoints(output_dir)
+    found = [ckpts[-1][1]] if ckpts else [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if found:
+        raise FileExistsError(f"{output_dir} already holds another run ({', '.join(found)}): pass "
+                              "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None, before_commit=None):
+    """accelerator.save_state into checkpoint-N atomically, then drop the oldest complete checkpoints
+    beyond total_limit. Call on every process. before_commit(step) runs between writing and marking."""
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = final + ".incomplete"
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if before_commit is not None:
+        before_commit(step)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, CHECKPOINT_COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        if logger is not None:
+            logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# The start of a run: resume, recorded settings (secrets never), trackers, the Hub repo.
+# ----------------------------------------------------------------------------------------------
+
+def check_ranges(args, rules):
+    """Refuse out-of-range flag values at parse time, naming every offending flag. rules: {dest: rule}
+    with rule ">= x", "> x" or "a..b" (inclusive), or (rule, reason); flags left at None are not checked."""
+    bad = []
+    for dest, rule in rules.items():
+        rule, why = (rule, "") if isinstance(rule, str) else (rule[0], f" ({rule[1]})")
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if ".." in rule:
+            lo, hi = (float(v) for v in rule.split(".."))
+            ok = lo <= value <= hi
+        else:
+            op, bound = rule.split()
+            ok = value >= float(bound) if op == ">=" else value > float(bound)
+        if not ok:
+            bad.append(f"--{dest} {value}: must be {rule.replace('..', ' to ')}{why}")
+    if bad:
+        raise ValueError("; ".join(bad) + ".")
+
+
+NUM_GENERATED = (">= 2", "the generated samples of a group are each other's negatives")
+
+# Ranges of the flags every training script has.
+COMMON_RANGES = {
+    "learning_rate": "> 0", "adam_beta1": "0..0.999999", "adam_beta2": "0..0.999999", "adam_weight_decay": ">= 0",
+    "adam_epsilon": "> 0", "lr_warmup_steps": ">= 0", "max_train_steps": ">= 1", "gradient_accumulation_steps": ">= 1",
+    "max_grad_norm": "> 0", "max_bad_steps": ">= 1", "logging_steps": ">= 1", "validation_steps": ">= 0",
+    "checkpointing_steps": ">= 1", "checkpoints_total_limit": ">= 1", "seed": ">= 0",
+}
+
+
+SECRET_ARGS = ("hub_token",)
+
+
+def public_args(args):
+    """The run's settings without secrets: what may be written to files, trackers and model cards."""
+    return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
+
+
+def check_hub_args(args):
+    """wandb records the command line itself, so a token on it would be uploaded: refuse the pair."""
+    if getattr(args, "hub_token", None) is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("Do not pass --hub_token together with --report_to wandb (wandb records the command line): "
+                         "log in with `hf auth login` instead.")
+
+
+def create_hub_repo(args):
+    """With --push_to_hub, create the repo before training so a bad token or name fails now. Returns
+    its id (None without --push_to_hub)."""
+    if not args.push_to_hub:
+        return None
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+
+
+def start_run(accelerator, args, resume, logger):
+    """Load the checkpoint to resume from (None: a new run), drop a killed run's metrics lines past it,
+    record the settings and start the trackers. Returns (first_step, metrics.jsonl path)."""
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    first_step = 0
+    if resume is None and args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    if resume is not None:
+        accelerator.load_state(resume)
+        first_step = checkpoint_step(resume)
+        logger.info(f"Resumed from {resume} at step {first_step}.")
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_path, first_step)  # a killed run's lines past the checkpoint (or all)
+        os.makedirs(args.output_dir, exist_ok=True)
+        settings = public_args(args)
+        write_json(os.path.join(args.output_dir, "training_args.json"), settings)
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    return first_step, metrics_path
+
+
+def step_generators(seed, step, micro=0, rank=0):
+    """Generators of one micro-step from (seed, step, micro, rank) alone, so a resumed run repeats it:
+    (shared: the same on every process, own: this process's). Also seeds torch's global generator
+    (the feature noise ξ, dropout)."""
+    base = ((seed * 1_000_003 + step) * 1009 + micro) * 4099
+    shared = torch.Generator().manual_seed(base - 1)
+    own = torch.Generator().manual_seed(base + rank)
+    torch.manual_seed(base + rank)
+    return shared, own
+
+
+def shared_draw(n, start, count, generator, chunk=256):
+    """Positions [start, start+count) of one random sequence of indices in range(n).
+
+    Every lap of n consecutive positions is a permutation of range(n), and the sequence depends only
+    on the generator's seed: processes seeding it alike and taking positions [rank·G, (rank+1)·G)
+    draw disjoint sets while G·world fits in n. Costs O(start + count) draws, not O(n).
+    """
+    out, seen = [], set()
+    while len(out) < start + count:
+        for i in torch.randint(n, (chunk,), generator=generator).tolist():
+            if i in seen:
+                continue
+            seen.add(i)
+            out.append(i)
+            if len(seen) == n:  # a lap is complete: the next one is a new permutation
+                seen = set()
+            if len(out) == start + count:
+                break
+    return torch.tensor(out[start:], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# The update: optimiser, schedule, clipping with the non-finite guard; the trained model for saving.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_optimizer(params, args):
+    """AdamW (or bitsandbytes' 8-bit AdamW with --use_8bit_adam) from the scripts' optimiser flags."""
+    kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+              eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from e
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def make_lr_scheduler(optimizer, args, num_processes):
+    """diffusers' schedule by name; prepared schedulers step once per process, hence the factor."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
+
+
+def clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum, max_grad_norm):
+    """Clip, step the optimiser and schedule only when the gradient norm and the loss (summed over
+    processes) are finite, zero the gradients. Returns (ok, grad_norm); computing `ok` is the step's
+    one host sync. A GradScaler (fp16) steps either way: it skips the update itself."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
+              torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
+    if ok or accelerator.scaler is not None:
+        optimizer.step()
+    if ok:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok, grad_norm
+
+
+def consolidated_model(accelerator, model):
+    """The trained module with complete weights, for saving on the main process (call on every process).
+
+    DDP / ZeRO-2 / one process: the unwrapped module. FSDP: the full state dict is gathered (a
+    collective) and loaded into a fresh copy built from the diffusers config on the main process
+    (None elsewhere).
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    full = type(unwrapped).from_config(unwrapped.config)
+    full.load_state_dict(state)
+    return full
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: averaged over micro-steps and processes, to trackers, the progress bar and metrics.jsonl.
+# ----------------------------------------------------------------------------------------------
+
+
+def scalars(logs):
+    """Tensor logs → floats, with one host sync for all of them."""
+    keys = list(logs)
+    device = next((v.device for v in logs.values() if torch.is_tensor(v)), "cpu")
+    vals = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device).reshape(()) for k in keys])
+    return dict(zip(keys, vals.cpu().tolist()))
+
+
+def append_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, step):
+    """Drop the lines of a metrics.jsonl past `step` (a resumed run rewrites them), atomically."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for ln in f:
+            try:
+                record = json.loads(ln)
+            except ValueError:  # empty, or cut short by a kill mid-write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(ln.rstrip("\n") + "\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+
+    atomic_write(path, write)
+
+
+class TrainingMonitor:
+    """The loop's bookkeeping: logs averaged over micro-steps, the non-finite-step guard, and every
+    --logging_steps one line to the trackers, the progress bar and metrics.jsonl. The loss's own log
+    keys are logged as they come; the first is shown on the progress bar."""
+
+    def __init__(self, accelerator, args, progress, metrics_path, first_step, images_per_step, logger):
+        self.accelerator, self.args, self.progress, self.logger = accelerator, args, progress, logger
+        self.metrics_path, self.images_per_step = metrics_path, images_per_step
+        self.bad_steps, self.last_time, self.last_step = 0, time.perf_counter(), first_step
+        self.logs = {}
+
+    def add(self, logs):
+        """Accumulate one micro-step's logs (tensors), averaged over gradient accumulation."""
+        n = self.args.gradient_accumulation_steps
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v.detach().float() / n
+
+    def end_step(self, step, ok, grad_norm, extra=None):
+        """After an update: count a skipped one (stop after --max_bad_steps in a row, naming the last
+        good checkpoint), and log every --logging_steps. extra: scalars, or a function returning them
+        (called only when logging)."""
+        args = self.args
+        self.bad_steps = 0 if ok else self.bad_steps + 1
+        if not ok:
+            self.logger.warning(f"Step {step}: non-finite loss or gradient norm; update skipped "
+                                f"({self.bad_steps} in a row).")
+            if self.bad_steps >= args.max_bad_steps:
+                ckpts = list_checkpoints(args.output_dir)
+                last = ckpts[-1][1] if ckpts else "none (no checkpoint yet)"
+                self.accelerator.end_training()
+                raise RuntimeError(f"{self.bad_steps} consecutive non-finite steps: stopping. Last good checkpoint: "
+                                   f"{last}. Lower --learning_rate or use --mixed_precision no/bf16.")
+        self.progress.update(1)
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            self._log(step, grad_norm, (extra() if callable(extra) else extra) or {})
+        self.logs = {}
+
+    def can_checkpoint(self, step):
+        """False (with a warning) inside a run of skipped updates: such a checkpoint is no good to resume."""
+        if self.bad_steps:
+            self.logger.warning(f"Step {step}: not checkpointing during {self.bad_steps} non-finite steps in a row.")
+        return not self.bad_steps
+
+    def _log(self, step, grad_norm, extra):
+        device = self.accelerator.device
+        logs = dict(self.logs, **{"train/grad_norm": torch.as_tensor(grad_norm, device=device).float(),
+                                  "train/bad_steps": torch.tensor(float(self.bad_steps), device=device)})
+        keys = list(logs)
+        vals = self.accelerator.reduce(torch.stack([logs[k].reshape(()).to(device) for k in keys]), "mean")
+        values = scalars(dict(zip(keys, vals)))
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        values.update({"train/steps_per_s": rate, "train/images_per_s": rate * self.images_per_step}, **extra)
+        self.accelerator.log(values, step=step)
+        self.progress.set_postfix({keys[0]: f"{values[keys[0]]:.4g}", "lr": f"{values.get('train/lr', 0):.3g}"})
+        if self.accelerator.is_main_process:
+            append_metrics(self.metrics_path, {"step": step, **values})
+
+
+def log_image(accelerator, image, step, tag="validation"):
+    """A PIL image to the accelerator's trackers (tensorboard, wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image)]}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images.
+# ----------------------------------------------------------------------------------------------
+
+
+def to_uint8(images):
+    """Images in [−1, 1], [B, C, H, W] → uint8 [B, H, W, C] via clamp((x + 1)·127.5), truncating (the
+    conversion of the FID protocols)."""
+    x = ((images.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()
+
+
+def image_grid(images, nrow=None):
+    """Images in [−1, 1], [B, C, H, W] → one PIL grid image (rows of nrow)."""
+    from PIL import Image
+
+    x = to_uint8(images)
+    b, h, w, c = x.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    grid = torch.zeros(math.ceil(b / nrow) * h, nrow * w, c, dtype=torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    arr = grid.numpy()
+    return Image.fromarray(arr[..., 0] if c == 1 else arr)
+
+
+def eight_bit(image):
+    """16-bit grayscale PIL images (modes I;16*, I) rescaled to 8-bit L (PIL's convert() would clip
+    them to white); other images as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card and Hub upload.
+# ----------------------------------------------------------------------------------------------
+
+
+def base_model_license(path_or_id, token=None):
+    """The licence in the base model's own model card (a local folder's README.md, or the Hub's), or
+    None when there is none or it cannot be read."""
+    from huggingface_hub import ModelCard
+
+    try:
+        readme = os.path.join(path_or_id, "README.md")
+        card = ModelCard.load(readme if os.path.isfile(readme) else path_or_id, token=token)
+        return card.data.license
+    except Exception:  # offline, private, no card: the card is written without a licence
+        return None
+
+
+def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings):
+    """README.md of the output folder through diffusers' model-card helpers: base model and its
+    licence, tags, the sample grid, an inference snippet for `repo_id`, and a table of the settings
+    that matter (given by the script: no local paths, no secrets)."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
+            f"## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n")
+    card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_model,
+                                     license=base_model_license(base_model, args.hub_token), model_description=body)
+    card = populate_model_card(card, tags=tags)
+    card.text = body  # the template's TODO sections are ours to fill: the body says it all
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def hub_repo_name(args):
+    """The repo id a model card's snippet names: --hub_model_id, else the output folder's name."""
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
+def push_folder_to_hub(folder, repo_id, token=None, message="TFD one-step student"):
+    """Upload a training output folder (without checkpoints, caches, logs and temporary files)."""
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=message,
+                  ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*"])
+    return repo_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-only hooks (tests/test_faults.py, tests/test_distributed.py), called at named points of the
+# training loops. Without the TFD_TEST_* / TFD_DEBUG_DIR environment variables they do nothing.
+# ----------------------------------------------------------------------------------------------
+
+
+def fault_pause(point):
+    """pause(detail): with TFD_TEST_PAUSE=POINT (or POINT:DETAIL) it announces itself on stderr and
+    sleeps TFD_TEST_PAUSE_SECONDS (60), so a test can SIGKILL the process at that moment."""
+    def pause(detail=""):
+        import sys
+
+        want = os.environ.get("TFD_TEST_PAUSE")
+        if want and want in (point, f"{point}:{detail}"):
+            print(f"TFD_TEST_PAUSE {point}:{detail} pid={os.getpid()}", file=sys.stderr, flush=True)
+            time.sleep(float(os.environ.get("TFD_TEST_PAUSE_SECONDS", "60")))
+
+    return pause
+
+
+def fault_loss(loss, step, rank=0):
+    """At the steps in TFD_TEST_NONFINITE_STEPS ("3,4"; "3@1": rank 1 only) make the loss non-finite as
+    TFD_TEST_NONFINITE_KIND says: nan (default), inf, or grad (finite loss, infinite gradient)."""
+    spec = os.environ.get("TFD_TEST_NONFINITE_STEPS")
+    if not spec or not ({str(step), f"{step}@{rank}"} & set(spec.replace(" ", "").split(","))):
+        return loss
+    kind = os.environ.get("TFD_TEST_NONFINITE_KIND", "nan")
+    if kind == "grad":
+        return loss + (loss - loss.detach()) * float("inf")
+    return loss * float(kind)
+
+
+def debug_record(accelerator, name, make_record):
+    """Append make_record() as a JSON line to $TFD_DEBUG_DIR/NAME-rankR.jsonl (nothing is computed
+    without TFD_DEBUG_DIR)."""
+    folder = os.environ.get("TFD_DEBUG_DIR")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}-rank{accelerator.process_index}.jsonl"), "a") as f:
+        f.write(json.dumps(make_record()) + "\n")
+
+
+def state_digest(model):
+    """SHA-256 of a module's state dict: equal digests, equal weights."""
+    return tensor_digest(dict(model.state_dict()))
