@@ -14,6 +14,7 @@ import re
 import torch
 
 import tfd_training
+import tfd_utils
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16}
@@ -81,7 +82,7 @@ def _check_image_column(ds, column, where):
                              f"{WEBDATASET_RECIPE}.")
 
 
-def load_prompts(args):
+def load_prompts(args, logger=None):
     """(prompts, real rows per prompt, data set or None, description).
 
     Prompts are the distinct captions (the first spelling of each normalised caption); with
@@ -126,6 +127,9 @@ def load_prompts(args):
     if not prompts:
         raise ValueError(f"No prompts: {desc} has no non-empty captions" +
                          ("" if args.prompts_file else f" in column {args.caption_column!r}") + ".")
+    if logger is not None:
+        logger.info(f"Prompts: {len(prompts)} from {desc}" + (f"; {sum(bool(v) for v in real.values())} have matching "
+                                                              "real images." if args.image_column else "."))
     return prompts, real, ds, desc
 
 
@@ -276,11 +280,15 @@ class Positives:
         self._window = dict(self.stats)
         return out
 
-    def offload(self):
-        """Park the text encoders and VAE on the CPU (a later miss brings them back for its entry)."""
+    def offload_if_complete(self, prompts):
+        """Warn about the cache's coverage of the prompt set; when it holds every prompt, park the text
+        encoders and VAE on the CPU (a later miss brings them back for its entry)."""
+        if warn_about_misses(self, prompts, self.logger):
+            return
         for m in self.offload_modules:
             m.to("cpu")
         self.offloaded = True
+        self.logger.info("Every prompt is cached: text encoders and VAE moved off the accelerator.")
 
     @torch.no_grad()
     def make(self, prompt, slots):
@@ -315,7 +323,7 @@ class Positives:
                 "pooled_prompt_embeds": pooled[0].to(cdt)}
 
     def prepare(self, accelerator, prompts):
-        """--prepare_positives_only: fill the cache for every prompt, sharded over the processes."""
+        """--prepare_positives_only: fill the cache for every prompt, sharded over the processes; ends the run."""
         from tqdm.auto import tqdm
 
         mine = prompts[accelerator.process_index:: accelerator.num_processes]
@@ -325,13 +333,18 @@ class Positives:
         s = self.stats
         self.logger.info(f"Positive cache ready: {self.cache.dir}; this process: {s['hits']} reused, {s['generated']} "
                          f"generated ({s['regenerated']} of them replaced unreadable entries).", main_process_only=False)
+        accelerator.end_training()
         return dict(s)
 
 
 def encode_prompts(pipe, prompts, device):
     """(prompt_embeds, pooled_prompt_embeds) of prompts as the pipeline conditions its denoiser (no CFG)."""
+    import inspect
+
+    others = {"prompt_2": None, "prompt_3": None}  # SD3: the same prompt for every encoder
+    others = {k: v for k, v in others.items() if k in inspect.signature(pipe.encode_prompt).parameters}
     with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+        pe, _, pooled, _ = pipe.encode_prompt(list(prompts), **others, device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
     return pe, pooled
 
@@ -353,6 +366,14 @@ def open_positive_cache(args, teacher_scheduler, logger, **settings):
     if removed:
         logger.info(f"Positive cache: removed {removed} temporary files of killed writers.")
     return cache
+
+
+def open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger, **settings):
+    """Positives through the cache under --positive_cache_dir (settings: what else the entries depend on)."""
+    cache = open_positive_cache(args, pipe.scheduler, logger, **settings)
+    modules = [m for k, m in pipe.components.items() if m is not None and (k.startswith("text_encoder") or k == "vae")]
+    return Positives(args, cache, real_rows, dataset, pipe, device, teacher_context, modules,
+                     before_commit=tfd_training.fault_pause("cache_entry"), logger=logger)
 
 
 def warn_about_misses(positives, prompts, logger):
@@ -409,6 +430,90 @@ def decode_latents(vae, latents):
 # ----------------------------------------------------------------------------------------------
 # 5. The student next to its frozen teacher; exporting and loading the trained weights.
 # ----------------------------------------------------------------------------------------------
+
+
+def check_run(accelerator, args, model_cls, component, logger):
+    """What fails before any weight loads: another run's output folder (continued only with
+    --resume_from_checkpoint), layer names (on the denoiser built from its config on the meta device).
+    Returns the checkpoint to resume from, or None."""
+    resume = None
+    if not args.prepare_positives_only:
+        resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
+        tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    config = model_cls.load_config(args.pretrained_model_name_or_path, subfolder=component, revision=args.revision,
+                                   cache_dir=args.cache_dir)
+    with torch.device("meta"):
+        tfd_utils.resolve_layers(model_cls.from_config(config), args.feature_layers)
+    if accelerator.distributed_type.value == "FSDP" and args.train_mode == "lora":
+        raise ValueError("--train_mode lora under FSDP is not supported: LoRA weights are small, use DDP "
+                         "(examples/accelerate_configs/8gpu_ddp.yaml).")
+    return resume
+
+
+def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
+    """The frozen teacher pipeline: the denoiser and VAE in float32 (the student is copied from the
+    denoiser as loaded), the text encoders in the teacher's dtype, on the device."""
+    from diffusers import AutoencoderKL
+
+    if args.pretrained_vae_model_name_or_path:
+        components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
+                                                          cache_dir=args.cache_dir)
+    dtypes = {"default": teacher_dtype, "vae": torch.float32, "unet": torch.float32, "transformer": torch.float32}
+    pipe = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                        cache_dir=args.cache_dir, dtype=dtypes,
+                                        **{**absent_components(pipeline_cls, args), **components})
+    pipe.set_progress_bar_config(disable=True)
+    for name, m in pipe.components.items():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+            if name.startswith("text_encoder") or name == "vae":
+                m.to(device)
+    return pipe
+
+
+def absent_components(pipeline_cls, args):
+    """Components the saved pipeline has none of (e.g. an SD3 pipeline saved without T5): from_pretrained
+    wants them given as None."""
+    index = pipeline_cls.load_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                     cache_dir=args.cache_dir)
+    return {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and v and v[0] is None}
+
+
+def make_student(pipe, component, args, device):
+    """(student, teacher, teacher_context) from the pipeline's denoiser; the pipeline keeps the teacher.
+    teacher_context: the factory TFDLoss and the positives enter around teacher passes (LoRA: adapters off)."""
+    teacher_dtype = DTYPES[args.teacher_dtype]
+    if args.prepare_positives_only:
+        return None, getattr(pipe, component).to(device, teacher_dtype), None
+    student, teacher = student_and_teacher(getattr(pipe, component), args.train_mode, device, teacher_dtype,
+                                           args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    setattr(pipe, component, teacher)
+    return student, teacher, (lambda: teacher_mode(teacher)) if args.train_mode == "lora" else None
+
+
+def cond_dtype(args):
+    """dtype of the text conditioning the student gets: LoRA adapters sit on the teacher's base weights."""
+    return DTYPES[args.teacher_dtype] if args.train_mode == "lora" else torch.float32
+
+
+def prepare_training(accelerator, args, student, teacher, teacher_context, pipeline_cls, component,
+                     checkpoint_teacher_blocks):
+    """Gradient checkpointing, the loss (TFDLoss from its flags), AdamW and its schedule, checkpoint
+    hooks, accelerator.prepare. checkpoint_teacher_blocks: whether a separate frozen teacher may checkpoint
+    its own blocks too (not when the feature hooks sit on the checkpointed modules)."""
+    lora = args.train_mode == "lora"
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        if checkpoint_teacher_blocks and not lora:
+            teacher.enable_gradient_checkpointing()
+    student.train()
+    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, teacher_context=teacher_context,
+                                          checkpoint_teacher=args.teacher_checkpointing)
+    optimizer = tfd_training.make_optimizer([prm for prm in student.parameters() if prm.requires_grad], args)
+    lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    register_checkpoint_hooks(accelerator, lora, pipeline_cls, component)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    return loss_fn, student, optimizer, lr_scheduler
 
 
 def student_and_teacher(model, train_mode, device, teacher_dtype, lora_rank=64, lora_alpha=64,
@@ -475,7 +580,8 @@ def import_trainable(model, input_dir, lora, pipeline_cls, component):
         return
     from peft.utils import set_peft_model_state_dict
 
-    state, _ = pipeline_cls.lora_state_dict(input_dir)
+    state = pipeline_cls.lora_state_dict(input_dir)
+    state = state[0] if isinstance(state, tuple) else state  # SDXL also returns its network alphas
     prefix = component + "."
     result = set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                                        adapter_name="default")
@@ -505,22 +611,13 @@ def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Validation grids and the model card.
+# 6. The model card's settings.
 # ----------------------------------------------------------------------------------------------
-
-
-def save_grid(accelerator, grid, output_dir, step):
-    """validation/step-N.png and the trackers."""
-    os.makedirs(os.path.join(output_dir, "validation"), exist_ok=True)
-    tfd_training.save_png(os.path.join(output_dir, "validation", f"step-{step}.png"), grid)
-    tfd_training.log_image(accelerator, grid, step)
 
 
 def card_settings(args, num_prompts, data_desc):
     """The settings a text-to-image model card shows (no local paths, no secrets)."""
-    source = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else "a local data set"
-    if args.prompts_file:
-        source = "a prompt file"
+    source = "a prompt file" if args.prompts_file else tfd_training.public_name(args.dataset_name)
     return {"prompts": f"{num_prompts} from {source}", "training mode": args.train_mode +
             (f" (rank {args.lora_rank})" if args.train_mode == "lora" else ""), "resolution": args.resolution,
             "updates": args.max_train_steps, "prompts × (generated, positives) per process":
@@ -529,3 +626,113 @@ def card_settings(args, num_prompts, data_desc):
             f"[{args.feature_noise_min}, {args.feature_noise_max}]", "radii": args.drift_radii,
             "learning rate": args.learning_rate, "positives": f"real images where captions match, else teacher "
             f"samples ({args.num_positive_steps} steps, CFG {args.positive_guidance_scale})"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The training loop, the validation grid and the export: the same for every text-to-image teacher.
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_batch(entries, num_generated, latent_shape, generator, device, dtype):
+    """Cache entries of a step's prompts → (positives [G, P, ...], prompt_embeds [G, ...], pooled [G, ...],
+    noise [G·N, *latent_shape]) on the device; the text conditioning in `dtype`."""
+    positives = torch.stack([e["positives"] for e in entries]).to(device, torch.float32)
+    prompt_embeds = torch.stack([e["prompt_embeds"] for e in entries]).to(device, dtype)
+    pooled = torch.stack([e["pooled_prompt_embeds"] for e in entries]).to(device, dtype)
+    noise = torch.randn(len(entries) * num_generated, *latent_shape, generator=generator).to(device)
+    return positives, prompt_embeds, pooled, noise
+
+
+def train_loop(accelerator, args, student, optimizer, lr_scheduler, loss_fn, positives, prompts, step_fn, latent_shape,
+               grid_fn, first_step, metrics_path, logger):
+    """Updates first_step+1 .. --max_train_steps. A micro-step draws --prompts_per_batch prompts (positions
+    [rank·G, (rank+1)·G) of one sequence all processes share: they never repeat each other), builds the
+    batch from their cache entries and runs step_fn(batch, generator) → (loss, logs), the script's
+    training step; then the backward, the update (skipped when not finite), logging, checkpoints and
+    validation grids (grid_fn(model) → PIL image)."""
+    from tqdm.auto import tqdm
+
+    G, N, rank = args.prompts_per_batch, args.num_generated, accelerator.process_index
+    logger.info(f"***** TFD ({args.train_mode}): {args.max_train_steps} updates, {G} prompts x (N={N}, "
+                f"P={args.num_positives}) per process, {accelerator.num_processes} processes, layers {loss_fn.layers}, "
+                f"σ in [{args.feature_noise_min}, {args.feature_noise_max}] *****")
+    params = [prm for prm in student.parameters() if prm.requires_grad]  # FSDP clips the prepared model's own
+    fsdp = accelerator.distributed_type.value == "FSDP"
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step,
+                                           G * N * args.gradient_accumulation_steps * accelerator.num_processes, logger)
+    for step in range(first_step + 1, args.max_train_steps + 1):
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+            drawn = tfd_training.shared_draw(len(prompts), rank * G, G, shared).tolist()
+            tfd_training.debug_record(accelerator, "draws", lambda: {"step": step, "micro": micro, "prompts": drawn})
+            batch = prompt_batch([positives.get(prompts[i]) for i in drawn], N, latent_shape, gen, accelerator.device,
+                                 cond_dtype(args))
+            with accelerator.accumulate(student):
+                loss, logs = step_fn(batch, gen)
+                accelerator.backward(tfd_training.fault_loss(loss, step, rank))
+                monitor.add(logs)
+                loss_sum = loss_sum + loss.detach()
+                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                    ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
+                                                               args.max_grad_norm)
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0], **positives.window()})
+        tfd_training.debug_record(accelerator, "steps", lambda: {
+            "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
+        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger,
+                                         before_commit=tfd_training.fault_pause("checkpoint"))
+        if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process and not fsdp:
+            grid = grid_fn(accelerator.unwrap_model(student))  # (FSDP: one process cannot run the sharded student)
+            os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+            tfd_training.save_png(os.path.join(args.output_dir, "validation", f"step-{step}.png"), grid)
+            tfd_training.log_image(accelerator, grid, step)
+
+
+@torch.no_grad()
+def sample_grid(pipe, component, model, scheduler, embeds, args, accelerator, **call_kw):
+    """One step per validation prompt through the real pipeline with `model` as its denoiser (fixed
+    seeds; the prompts pre-encoded, so the text encoders are left out)."""
+    val = type(pipe)(**{**pipe.components, **{k: None for k in pipe.components if k.startswith("text_encoder")},
+                        component: model, "scheduler": scheduler})
+    val.set_progress_bar_config(disable=True)
+    pe, pooled = (e.to(model.device, model.dtype) for e in embeds)
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(pe))]
+    with accelerator.autocast():
+        latents = val(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=1, height=args.resolution,
+                      width=args.resolution, generator=gens, output_type="latent", **call_kw).images
+    vae_device = pipe.vae.device
+    images = decode_latents(pipe.vae.to(model.device), latents)
+    pipe.vae.to(vae_device)
+    return tfd_training.image_grid(images)
+
+
+def export(accelerator, args, student, pipe, component, scheduler, grid_fn, write_card, repo_id, **components):
+    """samples.png, then the one-step pipeline (full: the student in float32 with the teacher's other
+    components as published, reloaded in float32; users pick the dtype with from_pretrained(torch_dtype=...))
+    or the LoRA weights (and `scheduler` when the teacher's own does not make the one step), the model card
+    and the Hub upload. components: overrides the teacher was loaded with (e.g. no T5). Returns the student."""
+    accelerator.wait_for_everyone()
+    model = tfd_training.consolidated_model(accelerator, student)  # every process: FSDP gathers the shards
+    if accelerator.is_main_process:
+        tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), grid_fn(model.to(accelerator.device)))
+        if args.train_mode == "lora":
+            export_trainable(model, args.output_dir, True, type(pipe), component)
+            if scheduler is not None:
+                scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+        else:
+            if args.pretrained_vae_model_name_or_path:
+                components["vae"] = pipe.vae.to("cpu", torch.float32)
+            final = type(pipe).from_pretrained(
+                args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                cache_dir=args.cache_dir, dtype=torch.float32, **{**absent_components(type(pipe), args), **components},
+                **{component: model.to("cpu", torch.float32), "scheduler": scheduler or pipe.scheduler})
+            tfd_training.save_pipeline(final, args.output_dir)
+        write_card()
+        if args.push_to_hub:
+            tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token,
+                                            f"TFD one-step student of {args.pretrained_model_name_or_path}")
+    accelerator.end_training()
+    return model

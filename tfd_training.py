@@ -536,17 +536,25 @@ def base_model_license(path_or_id, token=None):
         return None
 
 
+def public_name(path_or_id):
+    """A model or data set as a model card may name it: a Hub id as it is, a local path not at all."""
+    return "<local folder>" if os.path.exists(path_or_id) else path_or_id
+
+
 def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings):
-    """README.md of the output folder through diffusers' model-card helpers: base model and its
-    licence, tags, the sample grid, an inference snippet for `repo_id`, and a table of the settings
-    that matter (given by the script: no local paths, no secrets)."""
+    """README.md of the output folder through diffusers' model-card helpers: base model (a Hub id; a local
+    one is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
+    table of the settings that matter (given by the script: no local paths, no secrets)."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    license = base_model_license(base_model, args.hub_token)
+    base_model = None if os.path.exists(base_model) else base_model
 
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
             f"## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n")
     card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_model,
-                                     license=base_model_license(base_model, args.hub_token), model_description=body)
+                                     license=license, model_description=body)
     card = populate_model_card(card, tags=tags)
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
     card.save(os.path.join(args.output_dir, "README.md"))

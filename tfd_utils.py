@@ -257,15 +257,30 @@ def resolve_layers(model, selectors):
                                  f"and dec:0..dec:{len(dec) - 1}.")
             name = units[int(idx)]
         elif sel.startswith("block:") and blocks:
-            try:
-                name = blocks[int(sel[6:])]
-            except (ValueError, IndexError):
-                raise ValueError(f"Layer selector {sel!r} is out of range: this transformer has block:0..block:"
-                                 f"{len(blocks) - 1} (or block:-1 for the last).") from None
+            name = blocks[_block_index(sel, len(blocks))]
         elif sel != INPUT_SELECTOR and (sel not in modules or sel == ""):
             raise ValueError(_unknown_layer_message(sel, modules, enc, dec, blocks))
         resolved.append(name)
     return resolved
+
+
+def _block_index(sel, num_blocks):
+    """`block:K` (zero-based, negative from the end) or `block:A/B`, the block at fraction A/B of the
+    depth (round(n·A/B) − 1: block:1/2 of 24 blocks is block:11), so a setting carries across depths."""
+    idx = sel[len("block:"):]
+    try:
+        if "/" in idx:
+            a, b = (int(v) for v in idx.split("/"))
+            k = max(0, round(num_blocks * a / b) - 1) if 0 < a <= b else num_blocks
+        else:
+            k = int(idx)
+        if not -num_blocks <= k < num_blocks:
+            raise IndexError
+        return k
+    except (ValueError, IndexError, ZeroDivisionError):
+        raise ValueError(f"Layer selector {sel!r} is out of range: this transformer has block:0..block:"
+                         f"{num_blocks - 1} (block:-1 is the last; block:A/B the block at fraction A/B of the "
+                         "depth).") from None
 
 
 def _unknown_layer_message(sel, modules, enc, dec, blocks):
@@ -340,6 +355,11 @@ class FeatureExtractor:
         self._features = {}
         if self.patch_size:
             self._grid = (sample.shape[-2] // self.patch_size, sample.shape[-1] // self.patch_size)
+            if torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
+                raise RuntimeError("The teacher transformer checkpoints its blocks: backward would run the feature "
+                                   "hooks again. Turn its gradient checkpointing off for the feature pass (a LoRA "
+                                   "student: inside teacher_mode) and recompute the whole pass instead "
+                                   "(TFDLoss(checkpoint_teacher=True)).")
         if INPUT_SELECTOR in self.selectors:
             self._features[INPUT_SELECTOR] = pool_feature(sample, self.pool_size)
         if len(self._features) < len(self.selectors):

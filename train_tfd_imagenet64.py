@@ -463,8 +463,7 @@ def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
         usage = ("from diffusers import DiffusionPipeline\n\n"
                  f"pipe = DiffusionPipeline.from_pretrained('{repo_id}')\n"
                  "image = pipe(class_labels=[0], num_inference_steps=1).images[0]")
-    source = teacher if not os.path.exists(teacher) else "a local teacher"
-    data = args.dataset_name if args.dataset_name and not os.path.exists(args.dataset_name) else "a local data set"
+    data = tfd_training.public_name(args.dataset_name or args.train_data_dir)
     settings = {"data": f"{data}, {num_classes} classes", "updates": args.max_train_steps,
                 "classes × (generated, positives, anchors) per process":
                 f"{args.classes_per_batch} × ({args.num_generated}, {args.num_positives}, {args.num_anchors})",
@@ -473,9 +472,9 @@ def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
                 f"{args.feature_noise_max}]", "radii": args.drift_radii, "learning rate": args.learning_rate,
                 "EMA": args.ema_decay if args.use_ema else "none"}
     tfd_training.save_model_card(
-        args, repo_id, teacher if not os.path.exists(teacher) else None,
+        args, repo_id, teacher,
         ["diffusers" if not edm_net else "edm", "class-conditional", "image-generation", "one-step", "tfd"],
-        f"One-step TFD student of {source}",
+        f"One-step TFD student of {tfd_training.public_name(teacher)}",
         "Distilled with Teacher-Feature Drifting (`train_tfd_imagenet64.py`): one network evaluation per image.",
         usage, settings)
 

@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
 
 import tfd_text2image
 import tfd_training
@@ -199,146 +198,53 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    device, lora = accelerator.device, args.train_mode == "lora"
-    fsdp = accelerator.distributed_type.value == "FSDP"
-    if fsdp and lora:
-        raise ValueError("--train_mode lora under FSDP is not supported: LoRA weights are small, use DDP "
-                         "(examples/accelerate_configs/8gpu_ddp.yaml).")
-    teacher_dtype = tfd_text2image.DTYPES[args.teacher_dtype]
+    device, teacher_dtype = accelerator.device, tfd_text2image.DTYPES[args.teacher_dtype]
 
     # 2. Checks that need no weights: another run's output folder, layer names, the Hub repo.
-    resume = None
-    if not args.prepare_positives_only:
-        resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
-        tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
-    path = args.pretrained_model_name_or_path
-    with torch.device("meta"):
-        tfd_utils.resolve_layers(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
-            path, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir)), args.feature_layers)
+    resume = tfd_text2image.check_run(accelerator, args, UNet2DConditionModel, "unet", logger)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
     # 3. Prompts, and the real images whose captions match them.
-    prompts, real_rows, dataset, data_desc = tfd_text2image.load_prompts(args)
-    logger.info(f"Prompts: {len(prompts)} from {data_desc}" + (f"; {sum(bool(v) for v in real_rows.values())} have "
-                                                               "matching real images." if args.image_column else "."))
+    prompts, real_rows, dataset, data_desc = tfd_text2image.load_prompts(args, logger)
 
-    # 4. The teacher pipeline. Text encoders run in the teacher's dtype; the VAE stays float32.
-    pipe = StableDiffusionXLPipeline.from_pretrained(path, revision=args.revision, variant=args.variant,
-                                                     cache_dir=args.cache_dir, torch_dtype=torch.float32,
-                                                     **vae_override(args))
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet):
-        m.requires_grad_(False).eval()
-    pipe.text_encoder.to(device, teacher_dtype)
-    pipe.text_encoder_2.to(device, teacher_dtype)
-    pipe.vae.to(device, torch.float32)
+    # 4. The teacher pipeline: both CLIP text encoders in the teacher's dtype, the VAE in float32.
+    pipe = tfd_text2image.load_pipeline(StableDiffusionXLPipeline, args, device, teacher_dtype)
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(torch.float64)
     latent_shape = (pipe.unet.config.in_channels, args.resolution // pipe.vae_scale_factor,
                     args.resolution // pipe.vae_scale_factor)
 
-    # 5. Student and teacher: a float32 copy of the UNet next to the frozen teacher, or LoRA adapters on it.
+    # 5. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
+    student, teacher, teacher_context = tfd_text2image.make_student(pipe, "unet", args, device)
+    positives = tfd_text2image.open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger)
     if args.prepare_positives_only:
-        student, teacher = None, pipe.unet.requires_grad_(False).to(device, teacher_dtype)
-    else:
-        student, teacher = tfd_text2image.student_and_teacher(
-            pipe.unet, args.train_mode, device, teacher_dtype, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    pipe.unet = teacher
-    teacher_context = (lambda: tfd_text2image.teacher_mode(teacher)) if lora else None
-
-    # 6. Positives: the cache, filled up front with --prepare_positives_only, else on a miss.
-    cache = tfd_text2image.open_positive_cache(args, pipe.scheduler, logger)
-    positives = tfd_text2image.Positives(
-        args, cache, real_rows, dataset, pipe, device, teacher_context, (pipe.text_encoder, pipe.text_encoder_2,
-                                                                         pipe.vae),
-        before_commit=tfd_training.fault_pause("cache_entry"), logger=logger)
-    if args.prepare_positives_only:
-        stats = positives.prepare(accelerator, prompts)
-        accelerator.end_training()
-        return stats
+        return positives.prepare(accelerator, prompts)
     val_embeds = tfd_text2image.encode_prompts(pipe, args.validation_prompts, device)
-    if not tfd_text2image.warn_about_misses(positives, prompts, logger):
-        positives.offload()
-        logger.info("Every prompt is cached: text encoders and VAE moved off the accelerator.")
+    positives.offload_if_complete(prompts)
 
-    # 7. The loss, the optimiser and its schedule; checkpoints hold the trainable weights.
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-        if not lora:  # a separate frozen teacher: its hooks sit on whole blocks, outside the recomputation
-            teacher.enable_gradient_checkpointing()
-    student.train()
-    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, teacher_context=teacher_context,
-                                          checkpoint_teacher=args.teacher_checkpointing)
-    params = [prm for prm in student.parameters() if prm.requires_grad]
-    optimizer = tfd_training.make_optimizer(params, args)
-    lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    tfd_text2image.register_checkpoint_hooks(accelerator, lora, StableDiffusionXLPipeline, "unet")
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    params = [prm for prm in student.parameters() if prm.requires_grad]  # FSDP clips the prepared model's own
+    # 6. The loss, the optimiser and its schedule. A separate frozen teacher may checkpoint its UNet
+    # blocks: the feature hooks sit on whole blocks, outside the recomputed modules.
+    loss_fn, student, optimizer, lr_scheduler = tfd_text2image.prepare_training(
+        accelerator, args, student, teacher, teacher_context, StableDiffusionXLPipeline, "unet",
+        checkpoint_teacher_blocks=True)
 
-    # 8. Resume, record the settings, start the trackers.
+    # 7. Resume, record the settings, start the trackers.
     first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
     one_step = LCMScheduler.from_config(one_step_scheduler_config(pipe.scheduler.config))
 
     def validation_grid(model):
-        return sample_grid(pipe, model, one_step, val_embeds, args, accelerator)
+        return tfd_text2image.sample_grid(pipe, "unet", model, one_step, val_embeds, args, accelerator,
+                                          guidance_scale=0.0)
 
-    # 9. Train.
-    G, N = args.prompts_per_batch, args.num_generated
-    logger.info(f"***** TFD-SDXL ({args.train_mode}): {args.max_train_steps} updates, {G} prompts x (N={N}, "
-                f"P={args.num_positives}) per process, {accelerator.num_processes} processes, layers {loss_fn.layers}, "
-                f"σ in [{args.feature_noise_min}, {args.feature_noise_max}] *****")
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    images_per_step = G * N * args.gradient_accumulation_steps * accelerator.num_processes
-    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_step,
-                                           logger)
-    rank = accelerator.process_index
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            # Prompts: positions [rank·G, (rank+1)·G) of one shared sequence: processes never repeat each other.
-            drawn = tfd_training.shared_draw(len(prompts), rank * G, G, shared).tolist()
-            tfd_training.debug_record(accelerator, "draws", lambda: {"step": step, "micro": micro, "prompts": drawn})
-            batch = prompt_batch([positives.get(prompts[i]) for i in drawn], N, latent_shape, gen, device,
-                                 student_dtype(args))
-            with accelerator.accumulate(student):
-                loss, logs = train_step(args, accelerator, student, teacher, loss_fn, batch, alphas_cumprod, gen)
-                accelerator.backward(tfd_training.fault_loss(loss, step, rank))
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
-                                                               args.max_grad_norm)
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0], **positives.window()})
-        tfd_training.debug_record(accelerator, "steps", lambda: {
-            "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger,
-                                         before_commit=tfd_training.fault_pause("checkpoint"))
-        if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process and not fsdp:
-            tfd_text2image.save_grid(accelerator, validation_grid(accelerator.unwrap_model(student)), args.output_dir,
-                                     step)  # (FSDP: the main process alone cannot run the sharded student)
+    # 8. Train: the loop is tfd_text2image.train_loop; the step is train_step below.
+    tfd_text2image.train_loop(
+        accelerator, args, student, optimizer, lr_scheduler, loss_fn, positives, prompts,
+        lambda batch, gen: train_step(args, accelerator, student, teacher, loss_fn, batch, alphas_cumprod, gen),
+        latent_shape, validation_grid, first_step, metrics_path, logger)
 
-    # 10. Export: the one-step pipeline (full) or the LoRA weights, samples and a model card.
-    accelerator.wait_for_everyone()
-    model = tfd_training.consolidated_model(accelerator, student)  # every process: FSDP gathers the shards
-    if accelerator.is_main_process:
-        tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), validation_grid(model.to(device)))
-        if lora:
-            tfd_text2image.export_trainable(model, args.output_dir, True, StableDiffusionXLPipeline, "unet")
-            one_step.save_pretrained(os.path.join(args.output_dir, "scheduler"))
-        else:  # saved in float32 throughout: users pick the dtype with from_pretrained(torch_dtype=...)
-            parts = {k: v.to("cpu", torch.float32) for k, v in pipe.components.items()
-                     if k in ("text_encoder", "text_encoder_2", "vae")}
-            tfd_training.save_pipeline(StableDiffusionXLPipeline(**{**pipe.components, **parts, "unet": model,
-                                                                    "scheduler": one_step}), args.output_dir)
-        write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(prompts))
-        if args.push_to_hub:
-            tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token, "TFD one-step SDXL student")
-        logger.info(f"Saved the one-step student to {args.output_dir}")
-    accelerator.end_training()
-    return model
+    # 9. Export: the one-step pipeline (LCMScheduler) or the LoRA weights, samples and a model card.
+    return tfd_text2image.export(
+        accelerator, args, student, pipe, "unet", one_step, validation_grid,
+        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(prompts)), repo_id)
 
 
 def train_step(args, accelerator, student, teacher, loss_fn, batch, alphas_cumprod, generator):
@@ -359,33 +265,11 @@ def train_step(args, accelerator, student, teacher, loss_fn, batch, alphas_cumpr
     return loss_fn(forward, generated, positives, generator=generator)
 
 
-def student_dtype(args):
-    """dtype of the text conditioning fed to the student: LoRA adapters sit on the teacher's base weights."""
-    return tfd_text2image.DTYPES[args.teacher_dtype] if args.train_mode == "lora" else torch.float32
-
-
-def prompt_batch(entries, num_generated, latent_shape, generator, device, dtype):
-    """Cache entries of the step's prompts → (positives, prompt_embeds, pooled, noise) on the device."""
-    positives = torch.stack([e["positives"] for e in entries]).to(device, torch.float32)
-    prompt_embeds = torch.stack([e["prompt_embeds"] for e in entries]).to(device, dtype)
-    pooled = torch.stack([e["pooled_prompt_embeds"] for e in entries]).to(device, dtype)
-    noise = torch.randn(len(entries) * num_generated, *latent_shape, generator=generator).to(device)
-    return positives, prompt_embeds, pooled, noise
-
-
 def sdxl_time_ids(resolution, batch_size, device=None, dtype=torch.float32):
     """SDXL micro-conditioning ids [B, 6]: original size, crop (0, 0), target size, all at the training
     resolution (what StableDiffusionXLPipeline passes for a square image)."""
     ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
     return ids.expand(batch_size, 6)
-
-
-def vae_override(args):
-    if not args.pretrained_vae_model_name_or_path:
-        return {}
-    from diffusers import AutoencoderKL
-
-    return {"vae": AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)}
 
 
 def one_step_scheduler_config(teacher_config):
@@ -399,28 +283,8 @@ def one_step_scheduler_config(teacher_config):
     return LCMScheduler.from_config({k: v for k, v in teacher_config.items() if k in keys}).config
 
 
-@torch.no_grad()
-def sample_grid(pipe, model, scheduler, embeds, args, accelerator):
-    """One step per validation prompt through the real pipeline (1 step, no CFG, fixed seeds)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    # Text encoders left out: the prompts are pre-encoded (the pipeline would cast them to their dtype).
-    val = StableDiffusionXLPipeline(**{**pipe.components, "text_encoder": None, "text_encoder_2": None,
-                                       "unet": model, "scheduler": scheduler})
-    val.set_progress_bar_config(disable=True)
-    pe, pooled = (e.to(model.device, model.dtype) for e in embeds)
-    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(pe))]
-    with accelerator.autocast():
-        latents = val(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=1, guidance_scale=0.0,
-                      height=args.resolution, width=args.resolution, generator=gens, output_type="latent").images
-    vae_device = pipe.vae.device
-    images = tfd_text2image.decode_latents(pipe.vae.to(model.device), latents)
-    pipe.vae.to(vae_device)
-    return tfd_training.image_grid(images)
-
-
 def write_model_card(args, repo_id, data_desc, num_prompts):
-    teacher = args.pretrained_model_name_or_path
+    teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
     steps = "num_inference_steps=1" if args.conditioning_timestep == 999 else f"timesteps=[{args.conditioning_timestep}]"
     if args.train_mode == "lora":
         usage = ("import torch\nfrom diffusers import LCMScheduler, StableDiffusionXLPipeline\n\n"
@@ -433,7 +297,7 @@ def write_model_card(args, repo_id, data_desc, num_prompts):
                  f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', torch_dtype=torch.float16).to('cuda')\n"
                  f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
     tfd_training.save_model_card(
-        args, repo_id, teacher,
+        args, repo_id, args.pretrained_model_name_or_path,
         ["diffusers", "text-to-image", "stable-diffusion-xl", "one-step", "tfd"] + (["lora"] if args.train_mode ==
                                                                                      "lora" else []),
         f"One-step TFD student of {teacher}",

@@ -507,7 +507,8 @@ class ImageNet64Row:
 
 class SDXLRow:
     """train_tfd_sdxl.py's student, teacher, loss and optimiser on the SDXL UNet (full or LoRA); the step
-    is the script's own (prompt_batch from cache entries, train_step, the backward, clip_and_step)."""
+    is the script's own (tfd_text2image.prompt_batch from cache entries, train_step, the backward,
+    clip_and_step)."""
 
     kind = "sdxl"
     mark = staticmethod(no_mark)
@@ -590,8 +591,8 @@ class SDXLRow:
         shared, gen = tfd_training.step_generators(ta.seed, self.step_count)
         drawn = tfd_training.shared_draw(len(self.prompts), 0, ta.prompts_per_batch, shared).tolist()
         entries = [self.cache.load(self.prompts[i], self.slots) for i in drawn]
-        batch = script.prompt_batch(entries, ta.num_generated, (4, self.latent, self.latent), gen, self.device,
-                                    script.student_dtype(ta))
+        batch = tfd_text2image.prompt_batch(entries, ta.num_generated, (4, self.latent, self.latent), gen, self.device,
+                                    tfd_text2image.cond_dtype(ta))
         mark("student_start")
         with acc.accumulate(self.student):
             loss, logs = script.train_step(ta, acc, self.student, self.teacher, self.loss_fn, batch,
@@ -607,7 +608,7 @@ class SDXLRow:
         return x, self.text_cond(n)
 
     def text_cond(self, n):
-        dt = self.script.student_dtype(self.targs)
+        dt = tfd_text2image.cond_dtype(self.targs)
         ehs = torch.randn(n, 77, self.config["cross_attention_dim"], device=self.device, dtype=dt)
         cond = {"text_embeds": torch.randn(n, SDXL_POOLED_DIM[self.args.sdxl_unet], device=self.device, dtype=dt),
                 "time_ids": self.script.sdxl_time_ids(self.targs.resolution, n, self.device, dt)}

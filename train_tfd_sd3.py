@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+# Teacher-Feature Drifting (TFD): distil Stable Diffusion 3 / 3.5 (any StableDiffusion3Pipeline, a
+# rectified-flow transformer teacher) into a one-step text-to-image student, full fine-tune or LoRA.
+#
+#   # 1. spend the teacher compute up front, on every GPU (sharded, resumable)
+#   accelerate launch train_tfd_sd3.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \
+#     --dataset_name DATASET --caption_column TEXT --positive_cache_dir cache --prepare_positives_only
+#   # 2. train (the same flags, without --prepare_positives_only)
+#   accelerate launch train_tfd_sd3.py ... --positive_cache_dir cache --output_dir tfd-sd3
+#
+# To fork, copy this file with tfd_utils.py (the method), tfd_training.py (the loop's plumbing) and
+# tfd_text2image.py (prompts, positives, LoRA). `train_step` is the step; `main` reads top to bottom.
+
+import argparse
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+
+import tfd_text2image
+import tfd_training
+import tfd_utils
+
+logger = get_logger(__name__, log_level="INFO")
+
+SD3_LAYERS = "block:1/3 block:2/3"  # depth fractions: carry from 24 (SD3/3.5-medium) to 38 blocks (3.5-large)
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the joint attention
+VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on the moon",
+    "a cozy wooden cabin in a snowy forest at dusk, warm light in the windows",
+    "a close-up portrait of a red fox, detailed fur, golden hour",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="TFD one-step distillation of a Stable Diffusion 3 / 3.5 teacher (full fine-tune or LoRA).")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="StableDiffusion3Pipeline folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium).")
+    g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
+    g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="A separate VAE; default: the teacher's own.")
+    g.add_argument("--drop_t5", action="store_true",
+                   help="Run without the T5-XXL text encoder (4.8B parameters): the pipeline feeds zeros in its "
+                        "place, in training and in the saved pipeline (load it with text_encoder_3=None, "
+                        "tokenizer_3=None).")
+    g.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="dtype of the frozen teacher transformer and text encoders: the feature pass and the "
+                        "positive sampling run in it. With --train_mode lora it is the dtype of the shared base "
+                        "weights. The full fine-tune's student always starts from the checkpoint's exact weights.")
+    g.add_argument("--cache_dir", default=None, help="Hub and datasets cache directory.")
+
+    g = p.add_argument_group("prompts and real images")
+    g.add_argument("--dataset_name", default=None,
+                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk folder, "
+                        "or 'webdataset' with --data_files.")
+    g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
+    g.add_argument("--data_files", nargs="+", default=None,
+                   help="Data files of --dataset_name, e.g. webdataset shards 'shards/{00000..00099}.tar' (ranges in "
+                        "braces are expanded).")
+    g.add_argument("--dataset_split", default="train",
+                   help="Split, optionally sliced as datasets does it: 'train', 'train[:100000]'.")
+    g.add_argument("--streaming", action="store_true",
+                   help="Stream the data set instead of downloading it whole: only the first --max_train_samples "
+                        "rows are read (and their images, with --image_column).")
+    g.add_argument("--caption_column", default="text",
+                   help="Caption column (a string or a list of strings per row; LAION metadata: TEXT, webdataset: "
+                        "txt). Every distinct caption is a prompt.")
+    g.add_argument("--image_column", default=None,
+                   help="Optional image column (webdataset: jpg): images whose caption matches a prompt become its "
+                        "first positives.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Use this many rows (a seeded random subset; with --streaming the first rows).")
+    g.add_argument("--prompts_file", default=None, help="A text file of prompts, one per line (instead of a data set).")
+
+    g = p.add_argument_group("positives and their cache")
+    g.add_argument("--positive_cache_dir", default=None,
+                   help="On-disk cache of positives and text embeddings (default: OUTPUT_DIR/positive_cache). Share it "
+                        "between runs: entries are keyed by every setting they depend on.")
+    g.add_argument("--prepare_positives_only", action="store_true",
+                   help="Fill the cache for the whole prompt set (sharded over all processes, resumable) and exit. "
+                        "Run this first: a prompt missing from the cache is sampled inside a training step.")
+    g.add_argument("--num_positive_steps", type=int, default=28, help="Teacher sampling steps of a positive.")
+    g.add_argument("--positive_guidance_scale", type=float, default=7.0, help="CFG scale of teacher positives.")
+    g.add_argument("--positive_seed", type=int, default=0,
+                   help="Base seed of teacher positives (each (prompt, slot) derives its own from it).")
+    g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
+                   help="Storage dtype of cached latents and text embeddings.")
+
+    g = p.add_argument_group("batch and student")
+    g.add_argument("--resolution", type=int, default=1024, help="Image resolution (pixels) of students and positives.")
+    g.add_argument("--prompts_per_batch", type=int, default=1, help="Prompts (groups) per step per process.")
+    g.add_argument("--num_generated", type=int, default=4, help="Student samples per prompt (N, at least 2).")
+    g.add_argument("--num_positives", type=int, default=4,
+                   help="Positives per prompt (P): matching real images first, then teacher samples. They are also "
+                        "the anchors of the anchor-margin loss.")
+    g.add_argument("--train_mode", default="full", choices=("full", "lora"),
+                   help="full: train a copy of the teacher transformer; lora: train LoRA adapters on it (the teacher "
+                        "is the same transformer with adapters disabled: no second copy).")
+    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank).")
+    g.add_argument("--lora_target_modules", default=LORA_TARGETS,
+                   help="Comma-separated transformer module names that get LoRA adapters (default: the joint "
+                        "attention's projections of the image and text streams).")
+    tfd_utils.TFDLoss.add_arguments(p, layers=SD3_LAYERS, radii="0.02,0.05,0.2", sigma_min=0.1, sigma_max=0.1)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=1e-6, help="AdamW learning rate.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (saves optimiser memory).")
+    g.add_argument("--lr_scheduler", default="constant_with_warmup",
+                   help="diffusers.optimization schedule name (constant, constant_with_warmup, cosine, ...).")
+    g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning rate.")
+    g.add_argument("--max_train_steps", type=int, default=10_000, help="Optimiser updates.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
+    g.add_argument("--max_grad_norm", type=float, default=2.0, help="Gradient clipping norm.")
+    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="Autocast of the student (default: the accelerate config's setting).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Gradient checkpointing in the student transformer (the frozen teacher's feature pass is "
+                        "recomputed as a whole instead: --teacher_checkpointing).")
+    g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
+                   help="Recompute the teacher pass of the generated samples in backward instead of keeping its "
+                        "activations (default: on with --gradient_checkpointing).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Seed of everything: LoRA initialisation, prompt draws, noise (per step and process).")
+
+    g = p.add_argument_group("logging, validation, checkpoints, output")
+    g.add_argument("--output_dir", default="tfd-sd3", help="Where checkpoints, logs and the student go.")
+    g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to --output_dir.")
+    g.add_argument("--report_to", default="tensorboard", help="Trackers: tensorboard, wandb, all or none.")
+    g.add_argument("--tracker_project_name", default="tfd-sd3", help="Tracker project name.")
+    g.add_argument("--logging_steps", type=int, default=10, help="Log (trackers, metrics.jsonl) every N updates.")
+    g.add_argument("--validation_steps", type=int, default=500, help="Validation grid every N updates (0: never).")
+    g.add_argument("--validation_prompts", nargs="+", default=VALIDATION_PROMPTS,
+                   help="Fixed prompts of the validation grid (one image each, fixed seeds, one step).")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N updates.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="A checkpoint-N folder, or 'latest' (the newest complete one in --output_dir; a new run if "
+                        "there is none).")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Create the Hub repo at the start, upload --output_dir at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None,
+                   help="Hub token (default: the cached `hf auth login`). Never written to any file or tracker.")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Bad settings fail here, before any model or data is loaded."""
+    if bool(args.dataset_name) == bool(args.prompts_file):
+        raise ValueError("Give exactly one prompt source: --dataset_name (captions) or --prompts_file.")
+    if args.prompts_file and args.image_column:
+        raise ValueError("--image_column needs --dataset_name: a --prompts_file has no images.")
+    if args.prompts_file and not os.path.isfile(args.prompts_file):
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist.")
+    if args.streaming and args.max_train_samples is None:
+        raise ValueError("--streaming reads the first --max_train_samples rows: give --max_train_samples.")
+    tfd_training.check_ranges(args, {
+        **tfd_training.COMMON_RANGES, "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
+        "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0", "resolution": "> 0",
+        "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"})
+    if args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (the VAE's factor 8 x the "
+                         "transformer's patch size 2).")
+    tfd_utils.TFDLoss.check_arguments(args)
+    tfd_training.check_hub_args(args)
+    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if args.teacher_checkpointing is None:
+        args.teacher_checkpointing = args.gradient_checkpointing
+    if args.positive_cache_dir is None:
+        args.positive_cache_dir = os.path.join(args.output_dir, "positive_cache")
+
+
+def main(args):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    # 1. Accelerator, logging and the seed.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" or args.prepare_positives_only else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    device, teacher_dtype = accelerator.device, tfd_text2image.DTYPES[args.teacher_dtype]
+
+    # 2. Checks that need no weights: another run's output folder, layer names, the Hub repo.
+    resume = tfd_text2image.check_run(accelerator, args, SD3Transformer2DModel, "transformer", logger)
+    repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
+
+    # 3. Prompts, and the real images whose captions match them.
+    prompts, real_rows, dataset, data_desc = tfd_text2image.load_prompts(args, logger)
+
+    # 4. The teacher pipeline: CLIP-L, CLIP-G and T5 (or zeros in its place) in the teacher's dtype.
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {}
+    pipe = tfd_text2image.load_pipeline(StableDiffusion3Pipeline, args, device, teacher_dtype, **no_t5)
+    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {factor} (VAE factor x patch size).")
+    latent_shape = (pipe.transformer.config.in_channels, args.resolution // pipe.vae_scale_factor,
+                    args.resolution // pipe.vae_scale_factor)
+
+    # 5. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
+    student, teacher, teacher_context = tfd_text2image.make_student(pipe, "transformer", args, device)
+    positives = tfd_text2image.open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger,
+                                              drop_t5=args.drop_t5)
+    if args.prepare_positives_only:
+        return positives.prepare(accelerator, prompts)
+    val_embeds = tfd_text2image.encode_prompts(pipe, args.validation_prompts, device)
+    positives.offload_if_complete(prompts)
+
+    # 6. The loss, the optimiser and its schedule. The teacher never checkpoints its blocks (the feature
+    # hooks sit on them): its pass is recomputed as a whole (--teacher_checkpointing).
+    loss_fn, student, optimizer, lr_scheduler = tfd_text2image.prepare_training(
+        accelerator, args, student, teacher, teacher_context, StableDiffusion3Pipeline, "transformer",
+        checkpoint_teacher_blocks=False)
+
+    # 7. Resume, record the settings, start the trackers.
+    first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
+
+    def validation_grid(model):  # the teacher's own flow scheduler: one step is x0 = z − v(z, 1000)
+        return tfd_text2image.sample_grid(pipe, "transformer", model, pipe.scheduler, val_embeds, args, accelerator,
+                                          guidance_scale=1.0)
+
+    # 8. Train: the loop is tfd_text2image.train_loop; the step is train_step below.
+    tfd_text2image.train_loop(
+        accelerator, args, student, optimizer, lr_scheduler, loss_fn, positives, prompts,
+        lambda batch, gen: train_step(args, accelerator, student, teacher, loss_fn, batch, gen),
+        latent_shape, validation_grid, first_step, metrics_path, logger)
+
+    # 9. Export: the one-step pipeline (the teacher's FlowMatchEulerDiscreteScheduler) or the LoRA weights.
+    return tfd_text2image.export(
+        accelerator, args, student, pipe, "transformer", None, validation_grid,
+        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(prompts)), repo_id,
+        **no_t5)
+
+
+def train_step(args, accelerator, student, teacher, loss_fn, batch, generator):
+    """One micro-step: N one-step samples per prompt, then the TFD loss in the teacher's features.
+
+    batch: (positives [G, P, 16, h, w], prompt_embeds [G, L, D], pooled [G, D'], noise [G·N, 16, h, w]).
+    Returns (loss, logs); the caller runs the backward.
+    """
+    positives, prompt_embeds, pooled, noise = batch
+    G, N = positives.shape[0], noise.shape[0] // positives.shape[0]
+    with accelerator.autocast():
+        generated = tfd_utils.flow_one_step(student, noise, prompt_embeds.repeat_interleave(N, 0),
+                                            pooled.repeat_interleave(N, 0))
+    generated = generated.float().reshape(G, N, *noise.shape[1:])
+    forward = tfd_utils.flow_teacher_forward(teacher, prompt_embeds, pooled)
+    return loss_fn(forward, generated, positives, generator=generator)
+
+
+def write_model_card(args, repo_id, data_desc, num_prompts):
+    teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
+    load = ("pipe = StableDiffusion3Pipeline.from_pretrained('{}', torch_dtype=torch.bfloat16{}).to('cuda')\n"
+            .format(teacher if args.train_mode == "lora" else repo_id,
+                    ", text_encoder_3=None, tokenizer_3=None" if args.drop_t5 else ""))
+    usage = ("import torch\nfrom diffusers import StableDiffusion3Pipeline\n\n" + load +
+             (f"pipe.load_lora_weights('{repo_id}')\n" if args.train_mode == "lora" else "") +
+             "image = pipe('a photo of a cat', num_inference_steps=1, guidance_scale=1.0).images[0]")
+    tfd_training.save_model_card(
+        args, repo_id, args.pretrained_model_name_or_path,
+        ["diffusers", "text-to-image", "stable-diffusion-3", "one-step", "tfd"] +
+        (["lora"] if args.train_mode == "lora" else []),
+        f"One-step TFD student of {teacher}",
+        "Distilled with Teacher-Feature Drifting (`train_tfd_sd3.py`): one transformer evaluation per image "
+        "(FlowMatchEulerDiscreteScheduler, 1 step, no classifier-free guidance)" +
+        (", without the T5 text encoder." if args.drop_t5 else "."),
+        usage, tfd_text2image.card_settings(args, num_prompts, data_desc))
+
+
+if __name__ == "__main__":
+    main(parse_args())
