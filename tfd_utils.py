@@ -671,29 +671,26 @@ class TFDLoss:
         g.add_argument("--anchor_bandwidth", type=float, default=None, help="A fixed anchor bandwidth instead of τ.")
         return g
 
+    # Ranges of the numeric flags, in the form the scripts check them (tfd_training.check_ranges).
+    RANGES = {"feature_pool_size": ">= 1", "feature_noise_std": ">= 0", "feature_noise_min": ">= 0",
+              "feature_noise_max": ">= 0", "anchor_weight": ">= 0", "anchor_alpha": "> 0", "anchor_temperature": "> 0",
+              "anchor_bandwidth": "> 0"}
+
     @staticmethod
     def check_arguments(args):
-        """Parse the list flags and refuse values outside their range, naming the flag."""
+        """Parse the list flags; refuse what a range cannot say (radii, σ min above max), naming the flag."""
         if isinstance(args.feature_layers, str):
             args.feature_layers = args.feature_layers.replace(",", " ").split()
         if isinstance(args.drift_radii, str):
             args.drift_radii = parse_floats(args.drift_radii)
-        bad = [(f, v, need) for f, v, ok, need in [
-            ("--feature_layers", " ".join(args.feature_layers), bool(args.feature_layers), "at least one layer"),
-            ("--feature_pool_size", args.feature_pool_size, args.feature_pool_size >= 1, ">= 1"),
-            ("--drift_radii", args.drift_radii, bool(args.drift_radii) and min(args.drift_radii) > 0,
-             "positive numbers"),
-            ("--feature_noise_std", args.feature_noise_std, args.feature_noise_std >= 0, ">= 0"),
-            ("--feature_noise_min", args.feature_noise_min, 0 <= args.feature_noise_min <= args.feature_noise_max,
-             "0 <= min <= --feature_noise_max"),
-            ("--anchor_weight", args.anchor_weight, args.anchor_weight >= 0, ">= 0"),
-            ("--anchor_alpha", args.anchor_alpha, args.anchor_alpha > 0, "> 0"),
-            ("--anchor_temperature", args.anchor_temperature, args.anchor_temperature > 0, "> 0"),
-            ("--anchor_bandwidth", args.anchor_bandwidth, args.anchor_bandwidth is None or args.anchor_bandwidth > 0,
-             "> 0"),
-        ] if not ok]
-        if bad:
-            raise ValueError("; ".join(f"{f} {v}: must be {need}" for f, v, need in bad) + ".")
+        if not args.feature_layers:
+            raise ValueError("--feature_layers: give at least one teacher layer.")
+        if not args.drift_radii or min(args.drift_radii) <= 0:
+            raise ValueError(f"--drift_radii {args.drift_radii}: give positive radii (a negative one flips the "
+                             "kernel and drives samples the wrong way).")
+        if args.feature_noise_min > args.feature_noise_max:
+            raise ValueError(f"--feature_noise_min {args.feature_noise_min} is above --feature_noise_max "
+                             f"{args.feature_noise_max}.")
 
     @classmethod
     def from_args(cls, teacher, args, **kw):

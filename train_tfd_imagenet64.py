@@ -35,6 +35,14 @@ IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# Valid ranges of the numeric flags, checked at parse time (tfd_training.check_ranges).
+RANGES = {**tfd_training.COMMON_RANGES, **tfd_utils.TFDLoss.RANGES,
+          "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
+          "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
+          "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
+          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="TFD one-step distillation of a class-conditional EDM teacher.")
     g = p.add_argument_group("teacher")
@@ -150,11 +158,7 @@ def check_args(args):
     """Bad settings fail here, before any model or data is loaded."""
     if not args.dataset_name and not args.train_data_dir:
         raise ValueError("Give the training images: --dataset_name or --train_data_dir.")
-    tfd_training.check_ranges(args, {
-        **tfd_training.COMMON_RANGES, "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
-        "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
-        "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
-        "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"})
+    tfd_training.check_ranges(args, RANGES)
     if args.sigma_min >= args.sigma_max:
         raise ValueError(f"--sigma_min {args.sigma_min} must be below --sigma_max {args.sigma_max}.")
     if args.eval_fid_every > 0 and (not args.fid_reference_stats or not os.path.isfile(args.fid_reference_stats)):

@@ -36,6 +36,13 @@ VALIDATION_PROMPTS = [
 ]
 
 
+# Valid ranges of the numeric flags, checked at parse time (tfd_training.check_ranges).
+RANGES = {**tfd_training.COMMON_RANGES, **tfd_utils.TFDLoss.RANGES,
+          "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
+          "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0",
+          "resolution": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="TFD one-step distillation of a Stable Diffusion 3 / 3.5 teacher (full fine-tune or LoRA).")
     g = p.add_argument_group("teacher")
@@ -170,10 +177,7 @@ def check_args(args):
         raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist.")
     if args.streaming and args.max_train_samples is None:
         raise ValueError("--streaming reads the first --max_train_samples rows: give --max_train_samples.")
-    tfd_training.check_ranges(args, {
-        **tfd_training.COMMON_RANGES, "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
-        "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0", "resolution": "> 0",
-        "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"})
+    tfd_training.check_ranges(args, RANGES)
     if args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (the VAE's factor 8 x the "
                          "transformer's patch size 2).")

@@ -192,3 +192,66 @@ def test_output_dir_holding_another_run(tiny_imagenet, tiny_sdxl_dir, prompts_fi
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
     assert "loss/total" in read_jsonl(out / "metrics.jsonl")[0] and (out / "unet").is_dir()
     assert os.listdir(out).count("metrics.jsonl") == 1
+
+
+def _parser_of(script):
+    """The script's own ArgumentParser, as parse_args builds it."""
+    import argparse
+
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        script.parse_args([])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]
+
+
+def _out_of_range(rule, kind):
+    """A value just outside a check_ranges rule (">= x", "> x", "a..b")."""
+    rule = rule if isinstance(rule, str) else rule[0]
+    if ".." in rule:
+        return kind(float(rule.split("..")[1]) + 1)
+    op, bound = rule.split()
+    bound = float(bound)
+    return kind(bound - 1) if op == ">=" else kind(bound) if kind is int else bound - 0.5
+
+
+FREE = {"feature_noise_mean"}  # any real number is a valid mean of log σ
+
+
+@pytest.mark.parametrize("name", ["train_tfd_imagenet64", "train_tfd_sdxl", "train_tfd_sd3"])
+def test_every_numeric_flag_has_a_range_and_out_of_range_values_are_refused_naming_the_flag(name, tmp_path):
+    """A new user's nonsense (--drift_radii -0.1, --feature_pool_size 0, --lora_rank 0, ...) fails at parse
+    time, before any model loads, with the flag named; every int/float flag of every script has a range."""
+    import importlib
+
+    script = importlib.import_module(name)
+    parser = _parser_of(script)
+    numeric = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+    assert set(numeric) - FREE <= set(script.RANGES), set(numeric) - FREE - set(script.RANGES)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = (["--pretrained_model_name_or_path", "x", "--dataset_name", "x"] if name == "train_tfd_imagenet64" else
+            ["--pretrained_model_name_or_path", "x", "--prompts_file", str(tmp_path / "p.txt")])
+    script.parse_args(base)  # the base is valid
+    for dest, kind in numeric.items():
+        if dest in FREE:
+            continue
+        bad = _out_of_range(script.RANGES[dest], kind)
+        with pytest.raises(ValueError, match=rf"--{dest} {bad}: must be"):
+            script.parse_args(base + [f"--{dest}", str(bad)])
+    for extra, message in ((["--drift_radii", "-0.1"], r"--drift_radii \[-0\.1\]: give positive radii"),
+                           (["--drift_radii", "0.05,0"], "--drift_radii"),
+                           (["--feature_noise_min", "0.2", "--feature_noise_max", "0.1"],
+                            "--feature_noise_min 0.2 is above --feature_noise_max 0.1"),
+                           (["--feature_layers", " "], "--feature_layers: give at least one")):
+        with pytest.raises(ValueError, match=message):
+            script.parse_args(base + extra)

@@ -124,6 +124,24 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     assert "Every prompt is cached" in log
 
 
+def test_sd3_two_process_training_with_lora(prompts_file, tmp_path):
+    """train_tfd_sd3.py on 2 processes (LoRA on a tiny SD3 pipeline without T5): disjoint prompts, identical
+    adapters on both ranks after every step, one export."""
+    from tiny_sd3 import make_tiny_sd3_pipeline
+
+    teacher, out, dbg = tmp_path / "sd3", tmp_path / "out", tmp_path / "debug"
+    make_tiny_sd3_pipeline(save_dir=str(teacher), seed=0)
+    args = sdxl_args(str(teacher), prompts_file, out, tmp_path / "cache", "--max_train_steps", 2,
+                     "--checkpointing_steps", 2, "--feature_layers", "block:0 block:-1", "--train_mode", "lora",
+                     "--lora_rank", 4, "--lora_alpha", 4)
+    launch("train_tfd_sd3.py", args, TFD_DEBUG_DIR=dbg)
+    d0, d1 = debug_records(dbg, "draws", 0), debug_records(dbg, "draws", 1)
+    assert all(a["prompts"] != b["prompts"] for a, b in zip(d0, d1))
+    assert_synchronised(dbg, [1, 2], skipped=set())
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
 def test_accelerate_configs_load():
     """The README's configs are valid accelerate config files with the engines they name."""
     from accelerate.commands.config.config_args import load_config_from_file

@@ -436,3 +436,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl_dir, data_dir,
     assert np.isfinite(log[1]["loss/total"]) and log[1]["train/bad_steps"] == 0
     bad = [log[s]["train/bad_steps"] for s in sorted(log)]
     assert bad[-1] == 1 and max(log) < 6  # the step that made it 2 in a row raised before logging
+
+
+def test_full_student_starts_from_the_checkpoint_bit_for_bit_with_a_bf16_teacher(tiny_sdxl_dir, tmp_path):
+    """--teacher_dtype bf16 (the memory advice) casts the teacher, not the student: the float32 student is
+    copied from the denoiser as loaded, before the cast."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    args = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_dir, "--prompts_file",
+                              str(tmp_path / "p.txt"), "--teacher_dtype", "bf16"])
+    pipe = tfd_text2image.load_pipeline(StableDiffusionXLPipeline, args, "cpu", torch.bfloat16)
+    student, teacher, _ = tfd_text2image.make_student(pipe, "unet", args, "cpu")
+    loaded = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").state_dict()
+    assert teacher.dtype == torch.bfloat16 and pipe.unet is teacher
+    assert pipe.text_encoder.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    for name, p in student.state_dict().items():
+        assert p.dtype == torch.float32 and torch.equal(p, loaded[name]), name
+    assert not torch.equal(teacher.state_dict()["conv_in.weight"].float(), loaded["conv_in.weight"])  # rounded
