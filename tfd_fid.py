@@ -1,4 +1,4 @@
-# FID for TFD evaluation (SPEC §5), one short function per step.
+# FID for TFD evaluation, one short function per step.
 #
 # The Inception network is the StyleGAN3/clean-fid TorchScript file (inception-2015-12-05.pt):
 # clean-fid's own download where there is network, else the copy that the PyPI package

@@ -4,7 +4,7 @@
     python benchmarks/bench_losses.py --device cuda    # GPU
     python benchmarks/bench_losses.py --tiny           # a few seconds: the CI smoke test
 
-ImageNet-64 (SPEC §4): 70 groups × (N, P, M) = (4, 4, 4) at the pooled dims of the five paper layers
+ImageNet-64 (the paper's recipe): 70 groups × (N, P, M) = (4, 4, 4) at the pooled dims of the five paper layers
 of the ADM UNet (enc:6, enc:11, bottleneck, dec:7, dec:12; pool 4). SDXL: 8 groups × (4, 4), the
 positives reused as anchors, at 81,920 and 327,680 dims. Every loss time is forward + backward.
 The teacher is the ADM ImageNet-64 UNet2DModel (openai consistency-models layout, random weights),
@@ -24,7 +24,7 @@ from tfd_utils import FeatureExtractor, anchor_margin_loss, drifting_loss  # noq
 
 PAPER_LAYERS = ["enc:6", "enc:11", "bottleneck", "dec:7", "dec:12"]
 # (resolution level, level of the selector) in the ADM layout: enc:6 = 32x32_block1, enc:11 =
-# 16x16_block2, bottleneck = 8x8_block2, dec:7 = 16x16_block0, dec:12 = 32x32_block0 (SPEC §2)
+# 16x16_block2, bottleneck = 8x8_block2, dec:7 = 16x16_block0, dec:12 = 32x32_block0
 LAYER_LEVEL = {"enc:6": 1, "enc:11": 2, "bottleneck": 3, "dec:7": 2, "dec:12": 1}
 IMAGENET_RADII = [0.02, 0.05, 0.1, 0.2]
 SDXL_RADII = [0.02, 0.05, 0.2]

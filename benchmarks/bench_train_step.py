@@ -90,7 +90,7 @@ SPLIT = ("student", "teacher_gen", "teacher_ref", "losses", "pool", "optim", "da
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark of the TFD training step (issue 7).")
+    p = argparse.ArgumentParser(description="Benchmark of the TFD training step.")
     p.add_argument("--config", default="all", choices=("imagenet64", "sdxl", "all"), help="Which networks to time.")
     p.add_argument("--tiny", action="store_true",
                    help="Toy-width networks of the same layouts at 16 px / 16x16 latents: seconds on a CPU (CI).")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-# COCO-2014 FID + CLIP score of a one-step SDXL student (SPEC §5):
+# COCO-2014 FID + CLIP score of a one-step SDXL student (the paper's protocol):
 #   10k val2014 images (seeded), one caption each → one-step 1024px samples (guidance 0);
 #   generated and real images center-cropped and LANCZOS-resized to 512; clean-fid "clean" FID
 #   between the two folders; CLIP score = mean raw cosine of open_clip ViT-g-14 (laion2b_s12b_b42k)

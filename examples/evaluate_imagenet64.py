@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-# ImageNet-64 FID (SPEC §5): N one-step samples (labels i mod classes, uint8 via clamp((x+1)·127.5)),
+# ImageNet-64 FID (EDM's protocol): N one-step samples (labels i mod classes, uint8 via clamp((x+1)·127.5)),
 # written as PNGs, then FID against NVlabs EDM's reference statistics (imagenet-64x64.npz) with the
 # StyleGAN3 Inception network and EDM's preprocessing (the network's own resize).
 #

@@ -1,4 +1,4 @@
-# SPEC §2: teacher-feature extraction (hooks, pooling, tuple outputs, early stop, hook removal,
+# Teacher-feature extraction (hooks, pooling, tuple outputs, early stop, hook removal,
 # layer selectors enc:K/dec:K/bottleneck/input) on tiny random diffusers UNets and an EDM-style net.
 import pytest
 import torch

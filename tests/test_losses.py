@@ -1,4 +1,4 @@
-# SPEC §1a/§1b: the two losses against float64 reference loops written from the formulas,
+# The two losses (Eq. 7/11 and 12-14) against float64 reference loops written from the formulas,
 # plus behaviour on 2-D toy data (the drift carries a blob onto a mixture; anchors cover modes).
 import math
 
@@ -25,7 +25,7 @@ def _softmax(values):
 
 
 def reference_drift(x, y, radii, kernel):
-    """SPEC §1a on numpy float64 x [G, N, D], y [G, P, D] → (loss [G], dloss_g/dx [G, N, D], stats)."""
+    """The drifting loss on numpy float64 x [G, N, D], y [G, P, D] → (loss [G], dloss_g/dx [G, N, D], stats)."""
     G, N, D = x.shape
     P = y.shape[1]
     Y = [np.concatenate([x[g], y[g]], axis=0) for g in range(G)]

@@ -1,4 +1,4 @@
-# SPEC §2 feature noise (σ sampling, VE → VP mapping) and §3 students (EDM preconditioning, the
+# Feature noise (σ sampling, VE → VP mapping) and the students (EDM preconditioning, the
 # two one-step generators against the diffusers pipelines/schedulers they are saved as).
 import math
 
@@ -36,7 +36,7 @@ SDXL_SCHEDULER = dict(
 )
 
 # ----------------------------------------------------------------------------------------------
-# §2 feature-noise levels.
+# Feature-noise levels.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -82,7 +82,7 @@ def test_add_feature_noise_one_sigma_per_group():
 
 
 # ----------------------------------------------------------------------------------------------
-# §2 VE → VP mapping for an SDXL-style (scaled-linear) DDPM schedule.
+# VE → VP mapping for an SDXL-style (scaled-linear) DDPM schedule.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -126,7 +126,7 @@ def test_vp_scaled_input_equals_ddpm_forward_process(ddpm):
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 EDM preconditioning and the ImageNet-64 student.
+# EDM preconditioning and the ImageNet-64 student.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -209,7 +209,7 @@ def test_edm_heun_sampler_on_gaussian_data_with_exact_denoiser():
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 SDXL student: x₀ from ε̂ at t = 999 equals LCMScheduler with one step.
+# SDXL student: x₀ from ε̂ at t = 999 equals LCMScheduler with one step.
 # ----------------------------------------------------------------------------------------------
 
 

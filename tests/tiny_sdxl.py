@@ -1,4 +1,4 @@
-# A tiny, randomly initialised StableDiffusionXLPipeline built offline, for tests (SPEC §6).
+# A tiny, randomly initialised StableDiffusionXLPipeline built offline, for tests.
 #
 # Same component classes and wiring as SDXL base 1.0 (two CLIP text encoders, the second with a
 # projection; a "text_time" UNet with SDXL's block names; the SDXL scheduler config), at toy
