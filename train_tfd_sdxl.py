@@ -4,7 +4,7 @@
 #
 #   # 1. spend the teacher compute up front, on every GPU (sharded, resumable)
 #   accelerate launch train_tfd_sdxl.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
-#     --dataset_name DATASET --caption_column TEXT --positive_cache_dir cache --prepare_positives_only
+#     --dataset_name DATASET --caption_column caption --positive_cache_dir cache --prepare_positives_only
 #   # 2. train (the same flags, without --prepare_positives_only)
 #   accelerate launch train_tfd_sdxl.py ... --positive_cache_dir cache --output_dir tfd-sdxl
 #
@@ -72,8 +72,8 @@ def parse_args(argv=None):
                    help="Stream the data set instead of downloading it whole: only the first --max_train_samples "
                         "rows are read (and their images, with --image_column).")
     g.add_argument("--caption_column", default="text",
-                   help="Caption column (a string or a list of strings per row; LAION metadata: TEXT, webdataset: "
-                        "txt). Every distinct caption is a prompt.")
+                   help="Caption column (a string or a list of strings per row; LAION metadata: TEXT, Re-LAION: "
+                        "caption, img2dataset webdataset shards: txt). Every distinct caption is a prompt.")
     g.add_argument("--image_column", default=None,
                    help="Optional image column (webdataset: jpg): images whose caption matches a prompt become its "
                         "first positives.")
