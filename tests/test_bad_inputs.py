@@ -1,4 +1,4 @@
-"""The bad-input sweep of the README ("Fault tolerance" → bad inputs): each row not already tested in
+"""The bad-input table of docs/bad_inputs.md: each row not already tested in
 test_train_imagenet64.py / test_train_sdxl.py is tested here. Every case either fails early with an
 error saying what to do, or is converted (image modes and sizes) and trains."""
 
