@@ -141,22 +141,37 @@ def png(folder, i):
 
 
 def load_pipeline(args, device):
-    """Full student: DiffusionPipeline.from_pretrained; LoRA: base + load_lora_weights + LCMScheduler."""
-    from diffusers import DiffusionPipeline, LCMScheduler
+    """Full student: DiffusionPipeline.from_pretrained; LoRA: base + load_lora_weights + the student's saved
+    one-step scheduler (SDXL: LCMScheduler; an SD3 flow scheduler already makes the one step)."""
+    import diffusers
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     lora_file = os.path.join(args.model, "pytorch_lora_weights.safetensors")
+    source = args.base_model if os.path.isfile(lora_file) else args.model
+    absent = absent_components(source)
+    trained = os.path.join(args.model, "training_args.json")
+    if os.path.isfile(trained) and json.load(open(trained)).get("drop_t5"):  # an SD3 student trained without T5
+        absent.update(text_encoder_3=None, tokenizer_3=None)
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **absent)
     if os.path.isfile(lora_file):
-        pipe = DiffusionPipeline.from_pretrained(args.base_model, torch_dtype=dtype)
         pipe.load_lora_weights(args.model)
-        if os.path.isfile(os.path.join(args.model, "scheduler", "scheduler_config.json")):
-            pipe.scheduler = LCMScheduler.from_pretrained(args.model, subfolder="scheduler")
-        else:
+        saved = os.path.join(args.model, "scheduler", "scheduler_config.json")
+        if os.path.isfile(saved):
+            cls = getattr(diffusers, json.load(open(saved))["_class_name"])
+            pipe.scheduler = cls.from_pretrained(args.model, subfolder="scheduler")
+        elif not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def absent_components(path):
+    """Components a saved pipeline has none of (an SD3 pipeline saved without T5): given as None."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(path)
+    return {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and v and v[0] is None}
 
 
 def generate_missing(args, state, subset, gen_dir):

@@ -412,6 +412,34 @@ def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
 
 
+def test_evaluate_coco_sd3_lora_student_keeps_the_flow_scheduler(fake_coco, tmp_path):
+    """An SD3 LoRA student (saved by train_tfd_sd3.py's export: no scheduler folder) runs on its base
+    pipeline (saved without T5) with the base's own flow scheduler: its one step is the student's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from tiny_sd3 import make_tiny_sd3_pipeline
+
+    import tfd_text2image
+
+    base = tmp_path / "sd3"
+    pipe = make_tiny_sd3_pipeline(save_dir=str(base), seed=0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_dir = tmp_path / "lora"
+    tfd_text2image.export_trainable(pipe.transformer, str(lora_dir), True, StableDiffusion3Pipeline, "transformer")
+    out = tmp_path / "eval"
+    run_coco(coco_args(fake_coco, lora_dir, out, "--skip_fid", "--base_model", str(base)))
+    subset = json.loads((out / "prompts.json").read_text())
+    ref = StableDiffusion3Pipeline.from_pretrained(str(base), text_encoder_3=None, tokenizer_3=None)
+    ref.load_lora_weights(str(lora_dir))
+    assert isinstance(ref.scheduler, FlowMatchEulerDiscreteScheduler)
+    ref.set_progress_bar_config(disable=True)
+    im = ref(prompt=[subset[1]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
+             generator=[torch.Generator().manual_seed(1)]).images[0]
+    expect = np.asarray(evaluate_coco.center_crop_resize(im, 24))
+    assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
+
+
 def test_evaluate_coco_clear_errors(fake_coco, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_coco.parse_args(["--model", "m", "--captions", str(tmp_path / "captions_val2014.json"),
