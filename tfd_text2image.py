@@ -274,11 +274,15 @@ class Positives:
         self.stats["generated"] += 1
         return entry
 
-    def window(self):
-        """Cache hits and misses (generated on the fly inside training steps) since the last call."""
-        out = {f"cache/{'misses' if k == 'generated' else k}": v - self._window[k] for k, v in self.stats.items()}
+    def window(self, accelerator=None):
+        """Cache hits and misses (entries made inside training steps) since the last call, summed over all
+        processes when given the accelerator (then call it on every process)."""
+        keys = list(self.stats)
+        counts = torch.tensor([float(self.stats[k] - self._window[k]) for k in keys])
+        if accelerator is not None and accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
         self._window = dict(self.stats)
-        return out
+        return {f"cache/{'misses' if k == 'generated' else k}": v for k, v in zip(keys, counts.tolist())}
 
     def offload_if_complete(self, prompts):
         """Warn about the cache's coverage of the prompt set; when it holds every prompt, park the text
@@ -678,7 +682,8 @@ def train_loop(accelerator, args, student, optimizer, lr_scheduler, loss_fn, pos
                 if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
                     ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
                                                                args.max_grad_norm)
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0], **positives.window()})
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0],
+                                                       **positives.window(accelerator)})
         tfd_training.debug_record(accelerator, "steps", lambda: {
             "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
         if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
