@@ -2,17 +2,19 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-STAMP := $(VENV)/.requirements.txt
+REQS := requirements.txt requirements-dev.txt constraints.txt
+STAMP := $(VENV)/.requirements-stamp
 
 .PHONY: venv test demo clean-demo
 
-# Re-installs only when requirements.txt differs from what the venv was built from.
+# Installs the requirements under the pinned constraints; re-installs only when one of the three
+# files differs from what the venv was built from (the stamp is their concatenation).
 venv:
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	@if ! cmp -s requirements.txt $(STAMP); then \
+	@if ! cat $(REQS) | cmp -s - $(STAMP); then \
 		$(VPY) -m pip install --upgrade pip && \
-		$(VPY) -m pip install -r requirements.txt && \
-		cp requirements.txt $(STAMP); \
+		$(VPY) -m pip install -r requirements.txt -r requirements-dev.txt -c constraints.txt && \
+		cat $(REQS) > $(STAMP); \
 	else echo "venv up to date ($(VENV))"; fi
 
 test: venv

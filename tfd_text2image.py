@@ -62,6 +62,9 @@ def open_dataset(args):
     kw = dict(data_files={name: data_files} if data_files else None, cache_dir=args.cache_dir)
     if not args.streaming:
         return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, **kw)
+    if part is not None and any(x is not None and x < 0 for x in (part.start, part.stop)):
+        raise ValueError(f"--dataset_split {args.dataset_split!r}: with --streaming a slice counts from the start "
+                         "(e.g. 'train[1000:]'); a stream has no end to count back from.")
     stream = datasets.load_dataset(path, args.dataset_config_name, split=name, streaming=True, **kw)
     start = (part.start or 0) if part is not None else 0
     stop = min(x for x in (part.stop if part is not None else None, start + args.max_train_samples) if x is not None)

@@ -250,8 +250,20 @@ def create_hub_repo(args):
         return None
     from huggingface_hub import create_repo
 
-    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    name = hub_repo_name(args)
+    try:
+        return create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as e:
+        why, token = f"{type(e).__name__}: {e}", args.hub_token
+        leaks = bool(token) and token in why  # then neither it nor its cause is shown: tracebacks print causes
+        if leaks:
+            why = why.replace(token, "***")
+        error = RuntimeError(
+            f"--push_to_hub: could not create the Hub repo {name!r} ({why}). Check that you are logged in with write "
+            "access (`hf auth login`, or pass --hub_token), that --hub_model_id names a repo you may create "
+            "(NAME or ORG/NAME; default: the --output_dir folder's name), and that the Hub is reachable "
+            "(HF_HUB_OFFLINE unset). Nothing was trained.")
+        raise error from (None if leaks else e)
 
 
 def start_run(accelerator, args, resume, logger):
@@ -523,13 +535,27 @@ def eight_bit(image):
 # ----------------------------------------------------------------------------------------------
 
 
+WEIGHT_FILE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+
+
+def hub_id(path_or_id):
+    """path_or_id when it is a Hub repo id (NAME or ORG/NAME), else None: a local path, a URL or a weights
+    file is no base model a Hub card may name."""
+    if (not path_or_id or os.path.exists(path_or_id) or path_or_id.lower().endswith(WEIGHT_FILE_SUFFIXES)
+            or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path_or_id)):
+        return None
+    return path_or_id
+
+
 def base_model_license(path_or_id, token=None):
     """The licence in the base model's own model card (a local folder's README.md, or the Hub's), or
     None when there is none or it cannot be read."""
     from huggingface_hub import ModelCard
 
+    readme = os.path.join(path_or_id, "README.md")
+    if not os.path.isfile(readme) and hub_id(path_or_id) is None:
+        return None
     try:
-        readme = os.path.join(path_or_id, "README.md")
         card = ModelCard.load(readme if os.path.isfile(readme) else path_or_id, token=token)
         return card.data.license
     except Exception:  # offline, private, no card: the card is written without a licence
@@ -543,12 +569,12 @@ def public_name(path_or_id):
 
 def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings):
     """README.md of the output folder through diffusers' model-card helpers: base model (a Hub id; a local
-    one is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
+    path or URL is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
     table of the settings that matter (given by the script: no local paths, no secrets)."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     license = base_model_license(base_model, args.hub_token)
-    base_model = None if os.path.exists(base_model) else base_model
+    base_model = hub_id(base_model)
 
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
@@ -556,6 +582,11 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_model,
                                      license=license, model_description=body)
     card = populate_model_card(card, tags=tags)
+    # A card already on the Hub (a repeated push) is updated: tags once each, this teacher's base model.
+    card.data.tags = list(dict.fromkeys(card.data.tags))
+    card.data.base_model = base_model
+    if license:
+        card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
     card.save(os.path.join(args.output_dir, "README.md"))
 
