@@ -44,6 +44,24 @@ def expand_braces(pattern):
             for p in expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
 
 
+def check_data_args(args):
+    """The prompt-source flags, before anything loads: one source, images only with a data set, a split
+    name with an optional slice (counted from the start when streaming), --streaming with a row budget."""
+    if bool(args.dataset_name) == bool(args.prompts_file):
+        raise ValueError("Give exactly one prompt source: --dataset_name (captions) or --prompts_file.")
+    if args.prompts_file and args.image_column:
+        raise ValueError("--image_column needs --dataset_name: a --prompts_file has no images.")
+    if args.prompts_file and not os.path.isfile(args.prompts_file):
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist.")
+    part = tfd_training.split_and_slice(args.dataset_split)[1]
+    if args.streaming:
+        if args.max_train_samples is None:
+            raise ValueError("--streaming reads the first --max_train_samples rows: give --max_train_samples.")
+        if part is not None and any(x is not None and x < 0 for x in (part.start, part.stop)):
+            raise ValueError(f"--dataset_split {args.dataset_split!r}: with --streaming a slice counts from the "
+                             "start (e.g. 'train[1000:]'); a stream has no end to count back from.")
+
+
 def open_dataset(args):
     """The captioned data set: a `save_to_disk` folder, a local data set or Hub id for
     `datasets.load_dataset` (with --data_files, e.g. webdataset shards), streamed with --streaming
@@ -62,9 +80,6 @@ def open_dataset(args):
     kw = dict(data_files={name: data_files} if data_files else None, cache_dir=args.cache_dir)
     if not args.streaming:
         return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, **kw)
-    if part is not None and any(x is not None and x < 0 for x in (part.start, part.stop)):
-        raise ValueError(f"--dataset_split {args.dataset_split!r}: with --streaming a slice counts from the start "
-                         "(e.g. 'train[1000:]'); a stream has no end to count back from.")
     stream = datasets.load_dataset(path, args.dataset_config_name, split=name, streaming=True, **kw)
     start = (part.start or 0) if part is not None else 0
     stop = min(x for x in (part.stop if part is not None else None, start + args.max_train_samples) if x is not None)

@@ -567,7 +567,7 @@ def public_name(path_or_id):
     return "<local folder>" if os.path.exists(path_or_id) else path_or_id
 
 
-def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings):
+def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings, library_name="diffusers"):
     """README.md of the output folder through diffusers' model-card helpers: base model (a Hub id; a local
     path or URL is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
     table of the settings that matter (given by the script: no local paths, no secrets)."""
@@ -584,7 +584,7 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     card = populate_model_card(card, tags=tags)
     # A card already on the Hub (a repeated push) is updated: tags once each, this teacher's base model.
     card.data.tags = list(dict.fromkeys(card.data.tags))
-    card.data.base_model = base_model
+    card.data.base_model, card.data.library_name = base_model, library_name
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
@@ -597,11 +597,13 @@ def hub_repo_name(args):
 
 
 def push_folder_to_hub(folder, repo_id, token=None, message="TFD one-step student"):
-    """Upload a training output folder (without checkpoints, caches, logs and temporary files)."""
+    """Upload a training output folder: the student, its card and samples; not checkpoints, caches, logs,
+    temporary files, nor training_args.json (it holds this machine's paths; the card has the settings)."""
     from huggingface_hub import upload_folder
 
     upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=message,
-                  ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*"])
+                  ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*",
+                                   "training_args.json"])
     return repo_id
 
 

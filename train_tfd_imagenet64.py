@@ -148,7 +148,9 @@ def parse_args(argv=None):
                    help="Create the Hub repo at the start, upload --output_dir at the end.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
     g.add_argument("--hub_token", default=None,
-                   help="Hub token (default: the cached `hf auth login`). Never written to any file or tracker.")
+                   help="Hub token (default: the cached `hf auth login` or HF_TOKEN, which are safer: a token on the "
+                        "command line shows in the process list, and accelerate prints a failed command). Never "
+                        "written to any file or tracker.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -480,7 +482,7 @@ def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
         ["diffusers" if not edm_net else "edm", "class-conditional", "image-generation", "one-step", "tfd"],
         f"One-step TFD student of {tfd_training.public_name(teacher)}",
         "Distilled with Teacher-Feature Drifting (`train_tfd_imagenet64.py`): one network evaluation per image.",
-        usage, settings)
+        usage, settings, library_name="pytorch" if edm_net else "diffusers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +734,12 @@ def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", 
     path = dataset_name or train_data_dir
     if _is_edm_dataset(path):
         labels, fetch = _edm_dataset_source(path)
-        return labels, fetch, f"EDM dataset {path}"
+        part = tfd_training.split_and_slice(split)[1]  # one split: only its slice applies
+        if part is not None:
+            keep = torch.arange(len(labels))[part]
+            labels, whole = labels[keep], fetch
+            fetch = lambda idx: whole([int(keep[i]) for i in idx])  # noqa: E731
+        return labels, fetch, f"EDM dataset {path} ({split})"
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
         name, part = tfd_training.split_and_slice(split)
         try:

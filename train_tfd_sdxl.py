@@ -157,7 +157,9 @@ def parse_args(argv=None):
                    help="Create the Hub repo at the start, upload --output_dir at the end.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
     g.add_argument("--hub_token", default=None,
-                   help="Hub token (default: the cached `hf auth login`). Never written to any file or tracker.")
+                   help="Hub token (default: the cached `hf auth login` or HF_TOKEN, which are safer: a token on the "
+                        "command line shows in the process list, and accelerate prints a failed command). Never "
+                        "written to any file or tracker.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -165,14 +167,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Bad settings fail here, before any model or data is loaded."""
-    if bool(args.dataset_name) == bool(args.prompts_file):
-        raise ValueError("Give exactly one prompt source: --dataset_name (captions) or --prompts_file.")
-    if args.prompts_file and args.image_column:
-        raise ValueError("--image_column needs --dataset_name: a --prompts_file has no images.")
-    if args.prompts_file and not os.path.isfile(args.prompts_file):
-        raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist.")
-    if args.streaming and args.max_train_samples is None:
-        raise ValueError("--streaming reads the first --max_train_samples rows: give --max_train_samples.")
+    tfd_text2image.check_data_args(args)
     tfd_training.check_ranges(args, RANGES)
     if args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's factor).")

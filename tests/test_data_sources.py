@@ -292,8 +292,6 @@ def test_imagenet64_split_slices(labelled, tmp_path, split, rows):
     assert args.dataset_split == split
 
 
-@pytest.mark.xfail(strict=True, reason="open_labelled_images ignores --dataset_split for EDM dataset zips/folders "
-                                       "(train_tfd_imagenet64.py: slice `labels` and the fetch indices there)")
 def test_imagenet64_split_slice_of_an_edm_zip(labelled):
     check_labelled({"dataset_name": str(labelled / "edm.zip")}, "train[:3]", range(3))
 

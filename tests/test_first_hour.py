@@ -354,6 +354,7 @@ def test_model_card_lora_snippet_loads_the_teacher_then_the_adapters(tmp_path):
 def test_model_card_base_model_is_never_a_url_or_a_file(tmp_path, teacher):
     meta, _, _ = write_card("imagenet64", tmp_path, teacher, edm=True)
     assert "base_model" not in meta
+    assert meta["library_name"] == "pytorch" and "diffusers" not in meta["tags"]  # a pickle, not a pipeline
 
 
 def test_model_card_over_an_existing_card_keeps_tags_unique(tmp_path, monkeypatch):
