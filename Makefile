@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.txt
 
-.PHONY: venv test demo clean-demo
+.PHONY: venv test test-slow demo clean-demo
 
 # Re-installs only when requirements.txt differs from what the venv was built from.
 venv:
@@ -17,6 +17,10 @@ venv:
 
 test: venv
 	$(VPY) -m pytest
+
+# Real-size architectures (SDXL base with random weights): ~15 GB of RAM, tens of minutes on a CPU.
+test-slow: venv
+	$(VPY) -m pytest -m slow
 
 demo: venv
 	$(VPY) examples/digits/run_demo.py
