@@ -10,6 +10,8 @@
 #   python benchmarks/real_arch.py train-sdxl SCRIPT_ARGS...          # train_tfd_sdxl.main(parse_args(...))
 #   python benchmarks/real_arch.py train-imagenet64 SCRIPT_ARGS...    # train_tfd_imagenet64.main(...)
 #   python benchmarks/real_arch.py infer-sdxl PIPE_DIR LORA_DIR [--resolution 256] [--device cuda]
+#   python benchmarks/real_arch.py chain STAGE ARGS... -- STAGE ARGS...   # several stages in one process (toy
+#                                                                         # sizes: saves the imports)
 #
 # SDXL: the base UNet config (bench_train_step.SDXL_BASE, 2.57 B parameters), the real SDXL VAE config
 # (83.7 M), CLIP text encoders of the real widths (768; 1280 with a 1280 projection) with 2 layers each
@@ -149,6 +151,23 @@ def infer_sdxl(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo
 
 
 def main(argv):
+    if argv[:1] == ["chain"]:
+        stages, current = [], []
+        for a in argv[1:] + ["--"]:
+            if a == "--":
+                if current:
+                    stages.append(current)
+                current = []
+            else:
+                current.append(a)
+        for st in stages:
+            run(st)
+    else:
+        run(argv)
+
+
+def run(argv):
+    """One stage; prints `RESULT {json}`."""
     stage, rest = (argv[0], argv[1:]) if argv else ("", [])
     start = time.time()
     if stage in ("train-sdxl", "train-imagenet64"):
