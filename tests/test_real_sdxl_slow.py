@@ -8,10 +8,12 @@ weights (benchmarks/real_arch.py). The run: LoRA r4 at 256 px, the default layer
 load_lora_weights and the saved one-step scheduler makes a 256 px image. Building, training and inference
 are three processes, so the builder's copy of the weights never adds to the training run's memory.
 
-Measured on the development machine (2 cores shared with other jobs, load average 4-5, OMP_NUM_THREADS=1,
-2026-12-02): 7 min 26 s wall in all (157 s of CPU time; the rest is waiting for the cores and writing and
-reading the 10.6 GB pipeline): build + save 64 s, peak RSS 11.6 GB; training run 255 s, peak RSS 13.3 GB;
-load_lora_weights + images 98 s, peak RSS 11.5 GB. It skips itself with less than 15 GB of memory available.
+Measured on the development machine (2 cores shared with other jobs, OMP_NUM_THREADS=1, 2026-12-02), two runs:
+| load average | in all     | CPU time | build + save    | training run      | load_lora_weights + images |
+| ~1.5         | 4 min 0 s  | 133 s    | 55 s, 11.6 GB   | 125 s, 13.4 GB    | 39 s, 11.6 GB              |
+| 4-5          | 7 min 26 s | 157 s    | 64 s, 11.6 GB   | 255 s, 13.3 GB    | 98 s, 11.5 GB              |
+(seconds wall, peak RSS of each process; the rest of the wall time is waiting for the cores and writing and
+reading the 10.6 GB pipeline). It skips itself with less than 15 GB of memory available.
 """
 
 import json
