@@ -16,6 +16,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -55,7 +56,8 @@ def adm_teacher_and_data(tmp_path_factory):
         os.makedirs(root / "data" / str(c))
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "data" / str(c) / f"{i}.png")
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # 1.2 GB; pytest keeps the last three runs' folders
 
 
 def test_one_step_on_the_real_adm_imagenet64_unet(adm_teacher_and_data, tmp_path):
@@ -89,3 +91,4 @@ def test_one_step_on_the_real_adm_imagenet64_unet(adm_teacher_and_data, tmp_path
         assert (out / name).exists(), name
     unet_config = UNet2DModel.load_config(out / "unet")
     assert tuple(unet_config["block_out_channels"]) == (192, 384, 576, 768) and unet_config["num_class_embeds"] == 1000
+    shutil.rmtree(out)  # the 1.2 GB export

@@ -18,6 +18,7 @@ reading the 10.6 GB pipeline). It skips itself with less than 15 GB of memory av
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +56,13 @@ def test_lora_step_on_the_real_sdxl_base_unet_and_load_lora_weights(tmp_path):
     if mem_available_gb() < NEEDS_GB:
         pytest.skip(f"needs {NEEDS_GB} GB of available memory, {mem_available_gb():.1f} GB available")
     pipe_dir, out = tmp_path / "sdxl-random", tmp_path / "lora"
+    try:
+        run_stages(pipe_dir, out, tmp_path)
+    finally:
+        shutil.rmtree(pipe_dir, ignore_errors=True)  # 10.6 GB; pytest keeps the last three runs' folders
+
+
+def run_stages(pipe_dir, out, tmp_path):
     built = stage("build-sdxl", pipe_dir, timeout=1200)
     assert abs(built["params"]["unet"] - 2567.5e6) < 0.1e6
     prompts = tmp_path / "prompts.txt"
