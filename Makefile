@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 REQS := requirements.txt requirements-dev.txt constraints.txt
 STAMP := $(VENV)/.requirements-stamp
 
-.PHONY: venv test demo clean-demo
+.PHONY: venv test test-slow demo clean-demo
 
 # Installs the requirements under the pinned constraints; re-installs only when one of the three
 # files differs from what the venv was built from (the stamp is their concatenation).
@@ -19,6 +19,10 @@ venv:
 
 test: venv
 	$(VPY) -m pytest
+
+# Real-size architectures (SDXL base with random weights): ~15 GB of RAM, tens of minutes on a CPU.
+test-slow: venv
+	$(VPY) -m pytest -m slow
 
 demo: venv
 	$(VPY) examples/digits/run_demo.py

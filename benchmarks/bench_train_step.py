@@ -5,8 +5,10 @@
 #   python benchmarks/bench_train_step.py --device cuda                  # the full-size table (GPU)
 #   python benchmarks/bench_train_step.py --device cuda --find_max_batch # + largest batch that fits
 #   python benchmarks/bench_train_step.py --tiny --config all            # seconds on a CPU (CI)
+#   python benchmarks/bench_train_step.py --device cuda --config sd3     # SD3.5-medium-sized rows
+#   ... --teacher_checkpointing on,off                                    # both settings of that flag
 #
-# The TFD step is the loop body of train_tfd_imagenet64.py / train_tfd_sdxl.py, imported from them:
+# The TFD step is the loop body of train_tfd_imagenet64.py / train_tfd_sdxl.py / train_tfd_sd3.py, imported from them:
 # their batch function, `train_step`, the backward and tfd_training.clip_and_step, with the settings
 # their own argument parsers give, under the same Accelerator (autocast, GradScaler, clipping). The
 # networks are built from the real configs with random weights; the data are random tensors in the
@@ -85,13 +87,29 @@ SDXL_TINY = dict(SDXL_BASE, block_out_channels=(16, 32, 32), layers_per_block=1,
 SDXL_POOLED_DIM = {"full": 1280, "reduced": 1280, "tiny": 32}
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
+# SD3.5-medium's SD3Transformer2DModel, written FROM MEMORY of stabilityai/stable-diffusion-3.5-medium
+# transformer/config.json (not checked against the file here): 24 joint blocks of 24 heads x 64, the first 13
+# with a second image-only attention (MMDiT-X), RMS q/k norm. These values give 2.24 B parameters (Stability
+# quotes 2.5 B for the whole SD3.5 Medium model).
+SD35_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+# The same traits at toy width (3 blocks, the first two dual-attention; token grids up to 8x8).
+SD35_TINY = dict(SD35_MEDIUM, sample_size=8, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80, pos_embed_max_size=8,
+                 dual_attention_layers=(0, 1))
+SD3_TEXT_TOKENS = {"full": 77 + 256, "tiny": 77 + 8}  # CLIP tokens + T5 tokens (zeros without T5)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPLIT = ("student", "teacher_gen", "teacher_ref", "losses", "pool", "optim", "data")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark of the TFD training step.")
-    p.add_argument("--config", default="all", choices=("imagenet64", "sdxl", "all"), help="Which networks to time.")
+    p.add_argument("--config", default="all", choices=("imagenet64", "sdxl", "sd3", "all"),
+                   help="Which networks to time (all: ImageNet-64 and SDXL; sd3: the SD3.5-medium-sized rows).")
     p.add_argument("--tiny", action="store_true",
                    help="Toy-width networks of the same layouts at 16 px / 16x16 latents: seconds on a CPU (CI).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu.")
@@ -106,19 +124,29 @@ def parse_args(argv=None):
                         "toy one (--tiny).")
     p.add_argument("--imagenet_batch", default=None,
                    help="ImageNet-64 batch per GPU as GROUPSxN,P,M (default 10x4,4,4; on a CPU 1x2,2,2; tiny 2x2,2,2).")
-    p.add_argument("--sdxl_prompts", default=None, help="SDXL prompts per GPU, comma-separated rows (default 1,2; tiny 1).")
-    p.add_argument("--sdxl_batch", default=None, help="SDXL N,P per prompt (default 4,4; tiny 2,2).")
+    p.add_argument("--sdxl_prompts", default=None,
+                   help="SDXL (and SD3) prompts per GPU, comma-separated rows (default 1,2; tiny 1).")
+    p.add_argument("--sdxl_batch", default=None, help="SDXL (and SD3) N,P per prompt (default 4,4; tiny 2,2).")
     p.add_argument("--sdxl_modes", default="full,lora",
-                   help="SDXL rows: full (gradient checkpointing + 8-bit AdamW) and/or lora.")
+                   help="SDXL (and SD3) rows: full (gradient checkpointing + 8-bit AdamW) and/or lora.")
     p.add_argument("--sdxl_precision", default=None,
-                   help="SDXL rows: fp16, bf16 and/or fp32 (mixed precision of the student and dtype of the teacher; "
-                        "default bf16 on a GPU, fp32 on a CPU, whose bf16 kernels are not representative).")
+                   help="SDXL (and SD3) rows: fp16, bf16 and/or fp32 (mixed precision of the student and dtype of the "
+                        "teacher; default bf16 on a GPU, fp32 on a CPU, whose bf16 kernels are not representative).")
     p.add_argument("--sdxl_unet", default=None, choices=("full", "reduced", "tiny"),
                    help="SDXL UNet: the real SDXL base config (default on GPU), an SDXL-shaped reduced one (default "
                         "on CPU) or a toy one (--tiny).")
     p.add_argument("--sdxl_resolution", type=int, default=None,
                    help="SDXL resolution in pixels (latents are 1/8; default 1024, reduced 256, tiny 128).")
+    p.add_argument("--sd3_transformer", default=None, choices=("full", "tiny"),
+                   help="SD3 rows: the SD3.5-medium-sized transformer (default; its config is from memory) or a toy one "
+                        "of the same traits (--tiny).")
+    p.add_argument("--sd3_resolution", type=int, default=None,
+                   help="SD3 resolution in pixels (latents are 1/8; default 1024, tiny 64).")
     p.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (default 64; tiny 4).")
+    p.add_argument("--teacher_checkpointing", default=None,
+                   help="on and/or off, comma-separated: rows with --teacher_checkpointing / --no-teacher_checkpointing "
+                        "(the generated samples' teacher pass recomputed in backward). Default: the scripts' default "
+                        "(on with --gradient_checkpointing: the text-to-image rows; off: ImageNet-64).")
     p.add_argument("--measure", default="step,nostop,floor,dmd2",
                    help="What to time per row, in this order: step (TFD, early stop), nostop (TFD, teacher run to the "
                         "end), floor, dmd2.")
@@ -166,7 +194,13 @@ def parse_args(argv=None):
     args.imagenet_unet = args.imagenet_unet or ("tiny" if args.tiny else "full")
     args.sdxl_unet = args.sdxl_unet or ("tiny" if args.tiny else "reduced" if cpu else "full")
     args.sdxl_resolution = args.sdxl_resolution or {"full": 1024, "reduced": 256, "tiny": 128}[args.sdxl_unet]
+    args.sd3_transformer = args.sd3_transformer or ("tiny" if args.tiny else "full")
+    args.sd3_resolution = args.sd3_resolution or {"full": 1024, "tiny": 64}[args.sd3_transformer]
     args.lora_rank = args.lora_rank or (4 if args.tiny else 64)
+    ckpt = [v.strip() for v in (args.teacher_checkpointing or "").split(",") if v.strip()]
+    if any(v not in ("on", "off") for v in ckpt):
+        raise ValueError(f"--teacher_checkpointing {args.teacher_checkpointing!r}: write on, off or on,off.")
+    args.teacher_checkpointing = ckpt or [None]
     if args.find_max_batch and cpu:
         print("--find_max_batch: skipped on a CPU (it searches for the CUDA out-of-memory limit).")
         args.find_max_batch = False
@@ -383,6 +417,15 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def teacher_ckpt_flags(setting):
+    """--teacher_checkpointing on/off as the scripts' flag; None: the script's default."""
+    return [] if setting is None else ["--teacher_checkpointing" if setting == "on" else "--no-teacher_checkpointing"]
+
+
+def teacher_ckpt_name(setting):
+    return "" if setting is None else f", teacher ckpt {setting}"
+
+
 def prepare_networks(args, *models):
     for m in models:
         if args.channels_last:
@@ -398,7 +441,7 @@ class ImageNet64Row:
     kind = "imagenet64"
     mark = staticmethod(no_mark)
 
-    def __init__(self, args, teacher_dtype):
+    def __init__(self, args, teacher_dtype, teacher_ckpt=None):
         import train_tfd_imagenet64 as script
         from diffusers import UNet2DModel
 
@@ -407,10 +450,11 @@ class ImageNet64Row:
         self.targs = ta = script.parse_args([
             "--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--classes_per_batch", str(g),
             "--num_generated", str(n), "--num_positives", str(p), "--num_anchors", str(m),
-            "--teacher_dtype", teacher_dtype, "--mixed_precision", "bf16" if self.device.type == "cuda" else "no"])
+            "--teacher_dtype", teacher_dtype, "--mixed_precision", "bf16" if self.device.type == "cuda" else "no",
+            *teacher_ckpt_flags(teacher_ckpt)])
         self.config = {"full": ADM_IMAGENET64, "reduced": ADM_REDUCED, "tiny": ADM_TINY}[args.imagenet_unet]
         size = {"full": "", "reduced": " (1/3 width)", "tiny": " (tiny)"}[args.imagenet_unet]
-        self.name = f"ImageNet-64 ADM{size}, teacher {teacher_dtype}"
+        self.name = f"ImageNet-64 ADM{size}, teacher {teacher_dtype}{teacher_ckpt_name(teacher_ckpt)}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)
         torch.manual_seed(args.seed)
         with torch.device(self.device):
@@ -513,7 +557,7 @@ class SDXLRow:
     kind = "sdxl"
     mark = staticmethod(no_mark)
 
-    def __init__(self, args, mode, precision, prompts):
+    def __init__(self, args, mode, precision, prompts, teacher_ckpt=None):
         import train_tfd_sdxl as script
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -524,7 +568,7 @@ class SDXLRow:
                  "--resolution", str(args.sdxl_resolution),
                  "--mixed_precision", "no" if precision == "fp32" else precision,
                  "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
-                 str(args.lora_rank), "--gradient_checkpointing"]
+                 str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
         if mode == "full":
             flags += ["--use_8bit_adam"]
         self.targs = ta = script.parse_args(flags)
@@ -532,7 +576,7 @@ class SDXLRow:
         self.config = {"full": SDXL_BASE, "reduced": SDXL_REDUCED, "tiny": SDXL_TINY}[args.sdxl_unet]
         size = {"full": "SDXL base", "reduced": "SDXL-shaped reduced", "tiny": "SDXL-shaped tiny"}[args.sdxl_unet]
         what = f"LoRA r{args.lora_rank}, ckpt" if lora else "full FT (ckpt, 8-bit AdamW)"
-        self.name = f"{size} {args.sdxl_resolution}px, {what}, {precision}"
+        self.name = f"{size} {args.sdxl_resolution}px, {what}, {precision}{teacher_ckpt_name(teacher_ckpt)}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)
         self.alphas_cumprod = DDPMScheduler(**SDXL_SCHEDULER).alphas_cumprod.to(torch.float64)
         self.latent = args.sdxl_resolution // 8
@@ -644,6 +688,135 @@ class SDXLRow:
         return tfd_text2image.teacher_mode(self.teacher) if self.lora else contextlib.nullcontext()
 
 
+class SD3Row(SDXLRow):
+    """train_tfd_sd3.py's student, teacher, loss and optimiser on an SD3.5-medium-sized transformer (full or
+    LoRA); the step is the script's own (tfd_text2image.prompt_batch from cache entries, train_step, the
+    backward, clip_and_step). The teacher never checkpoints its blocks (the feature hooks sit on them), as
+    in the script; --teacher_checkpointing recomputes its whole pass."""
+
+    kind = "sd3"
+
+    def __init__(self, args, mode, precision, prompts, teacher_ckpt=None):
+        import train_tfd_sd3 as script
+        from diffusers import SD3Transformer2DModel
+
+        self.script, self.args, self.device = script, args, args.device
+        n, p = args.sdxl_batch
+        flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
+                 "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
+                 "--resolution", str(args.sd3_resolution),
+                 "--mixed_precision", "no" if precision == "fp32" else precision,
+                 "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
+                 str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
+        if mode == "full":
+            flags += ["--use_8bit_adam"]
+        self.targs = ta = script.parse_args(flags)
+        self.lora = lora = mode == "lora"
+        self.config = {"full": SD35_MEDIUM, "tiny": SD35_TINY}[args.sd3_transformer]
+        self.text_tokens = SD3_TEXT_TOKENS[args.sd3_transformer]
+        size = {"full": "SD3.5-medium-sized (config from memory)", "tiny": "SD3.5-shaped tiny"}[args.sd3_transformer]
+        what = f"LoRA r{args.lora_rank}, ckpt" if lora else "full FT (ckpt, 8-bit AdamW)"
+        self.name = f"{size} {args.sd3_resolution}px, {what}, {precision}{teacher_ckpt_name(teacher_ckpt)}"
+        self.accelerator = make_accelerator(self.device, ta.mixed_precision)
+        self.latent = args.sd3_resolution // 8
+        self.channels = self.config["in_channels"]
+        torch.manual_seed(args.seed)
+        with torch.device(self.device):
+            transformer = SD3Transformer2DModel(**self.config)
+        self.num_params = count_params(transformer)
+        transformer.requires_grad_(False).eval()
+        student, teacher = tfd_text2image.student_and_teacher(
+            transformer, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
+            ta.lora_target_modules)
+        student.enable_gradient_checkpointing()  # the teacher's blocks never (as in the script)
+        student.train()
+        prepare_networks(args, *({student, teacher} if not lora else {student}))
+        self.teacher = teacher
+        self.loss_fn = TimedLoss(teacher, ta, teacher_context=self.teacher_context if lora else None,
+                                 checkpoint_teacher=ta.teacher_checkpointing)
+        self.params = [q for q in student.parameters() if q.requires_grad]
+        self.num_trainable = sum(q.numel() for q in self.params)
+        optimizer = tfd_training.make_optimizer(self.params, ta)
+        lr_scheduler = tfd_training.make_lr_scheduler(optimizer, ta, 1)
+        self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
+        mark_student(self.accelerator.unwrap_model(self.student), self)
+        self.tmp = tempfile.TemporaryDirectory(prefix="tfd-bench-cache-")
+        self.set_groups(prompts)
+
+    def set_groups(self, groups):
+        """Batch-dependent state: one PositiveCache entry per prompt (random latents and embeddings)."""
+        ta = self.targs
+        ta.prompts_per_batch = groups
+        self.cache = tfd_text2image.PositiveCache(self.tmp.name, {"benchmark": self.name, "groups": groups})
+        self.slots = ["teacher"] * ta.num_positives
+        self.prompts = [f"benchmark prompt {i}" for i in range(max(groups, 2))]
+        g = torch.Generator().manual_seed(self.args.seed)
+        cdt = DTYPES["fp16"] if ta.cache_dtype == "float16" else torch.float32
+        for prompt in self.prompts:
+            self.cache.save(prompt, self.slots, {
+                "positives": torch.randn(ta.num_positives, self.channels, self.latent, self.latent, generator=g).to(cdt),
+                "prompt_embeds": torch.randn(self.text_tokens, self.config["joint_attention_dim"], generator=g).to(cdt),
+                "pooled_prompt_embeds": torch.randn(self.config["pooled_projection_dim"], generator=g).to(cdt)})
+        self.groups = groups
+        self.images_per_step = groups * ta.num_generated
+        self.step_count = 0
+
+    def tfd_step(self, mark, stop_early=True):
+        """train_tfd_sd3.py's loop body (gradient_accumulation_steps = 1), with time marks."""
+        ta, acc, script = self.targs, self.accelerator, self.script
+        self.mark = mark
+        self.loss_fn.set_mark(mark, stop_early)
+        self.step_count += 1
+        mark("start")
+        shared, gen = tfd_training.step_generators(ta.seed, self.step_count)
+        drawn = tfd_training.shared_draw(len(self.prompts), 0, ta.prompts_per_batch, shared).tolist()
+        entries = [self.cache.load(self.prompts[i], self.slots) for i in drawn]
+        batch = tfd_text2image.prompt_batch(entries, ta.num_generated, (self.channels, self.latent, self.latent), gen,
+                                            self.device, tfd_text2image.cond_dtype(ta))
+        mark("student_start")
+        with acc.accumulate(self.student):
+            loss, logs = script.train_step(ta, acc, self.student, self.teacher, self.loss_fn, batch, gen)
+            acc.backward(loss)
+            mark("backward")
+            optimizer_update(self, logs, loss, ta.max_grad_norm)
+        mark("optim")
+        return loss
+
+    def bare_inputs(self, n):
+        x = torch.randn(n, self.channels, self.latent, self.latent, device=self.device)
+        return x, self.text_cond(n)
+
+    def text_cond(self, n):
+        dt = tfd_text2image.cond_dtype(self.targs)
+        ehs = torch.randn(n, self.text_tokens, self.config["joint_attention_dim"], device=self.device, dtype=dt)
+        return ehs, torch.randn(n, self.config["pooled_projection_dim"], device=self.device, dtype=dt)
+
+    def bare_student(self, model, x, cond):
+        t = torch.full((x.shape[0],), 1000.0, device=self.device)
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1],
+                     return_dict=False)[0].float()
+
+    def bare_teacher(self, x, cond, t=None):
+        t = torch.full((x.shape[0],), 50.0, device=self.device) if t is None else t
+        dt = self.teacher.dtype
+        return self.teacher(hidden_states=x.to(dt), timestep=t, encoder_hidden_states=cond[0].to(dt),
+                            pooled_projections=cond[1].to(dt), return_dict=False)[0]
+
+    def feature_map(self, output):
+        """A joint block's image tokens folded to the patch grid, as FeatureExtractor does."""
+        grid = self.latent // self.config["patch_size"]
+        return tfd_utils.tokens_to_map(output[1], grid, grid)
+
+    def dmd2_noise(self, x):
+        """The flow point at a random time s: (1 − s)x + sε, and its timestep 1000·s."""
+        s = torch.rand(x.shape[0], device=self.device) * 0.96 + 0.02
+        return (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * torch.randn_like(x), 1000 * s
+
+    def fake_call(self, fake, x, t, cond):
+        return fake(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1],
+                    return_dict=False)[0].float()
+
+
 def unprepared_copy(model):
     """A deep copy of a prepared model without Accelerator's autocast forward (prepare adds it again)."""
     fake = copy.deepcopy(model)
@@ -740,7 +913,10 @@ def pooling_ms(row, repeats):
 
     def capture(name):
         def hook(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
+            if hasattr(row, "feature_map"):  # a patch transformer's block: its image tokens as a map
+                out = row.feature_map(output)
+            else:
+                out = output[0] if isinstance(output, (tuple, list)) else output
             maps[name] = out.detach()
         return hook
 
@@ -1000,11 +1176,15 @@ def git_rev():
 def rows(args):
     """(builder, description) of every configuration, built one at a time."""
     out = []
+    ckpt = args.teacher_checkpointing
     if args.config in ("imagenet64", "all"):
-        out += [lambda d=d: ImageNet64Row(args, d) for d in args.teacher_dtype]
+        out += [lambda d=d, c=c: ImageNet64Row(args, d, c) for d in args.teacher_dtype for c in ckpt]
     if args.config in ("sdxl", "all"):
-        out += [lambda m=m, p=p, g=g: SDXLRow(args, m, p, g)
-                for m in args.sdxl_modes for p in args.sdxl_precision for g in args.sdxl_prompts]
+        out += [lambda m=m, p=p, g=g, c=c: SDXLRow(args, m, p, g, c)
+                for m in args.sdxl_modes for p in args.sdxl_precision for g in args.sdxl_prompts for c in ckpt]
+    if args.config == "sd3":
+        out += [lambda m=m, p=p, g=g, c=c: SD3Row(args, m, p, g, c)
+                for m in args.sdxl_modes for p in args.sdxl_precision for g in args.sdxl_prompts for c in ckpt]
     return out
 
 

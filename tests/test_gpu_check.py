@@ -1,0 +1,59 @@
+"""benchmarks/gpu_check.sh --device cpu --tiny: every stage of the GPU check runs at toy sizes on the CPU and
+the table and JSON report them; a stage that fails or times out is recorded and the summary still written."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+STAGES = ["bench_imagenet64", "bench_sdxl", "bench_sd3", "script_imagenet64", "script_sdxl"]
+
+
+def gpu_check(out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", SCRIPT, "--device", "cpu", "--tiny", "--out", str(out), "--python", sys.executable,
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+
+
+def test_gpu_check_tiny_runs_every_stage(tmp_path):
+    proc = gpu_check(tmp_path / "gc")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "gc" / "summary.json").read_text())
+    assert list(summary["stages"]) == STAGES
+    assert all(st["status"] == "ok" for st in summary["stages"].values()), {
+        k: st.get("log_tail") for k, st in summary["stages"].items() if st["status"] != "ok"}
+
+    configs = {name: [r["config"] for r in summary["stages"][name]["results"]] for name in STAGES[:3]}
+    assert len(configs["bench_imagenet64"]) == 1 and configs["bench_imagenet64"][0].startswith("ImageNet-64 ADM")
+    for name in ("bench_sdxl", "bench_sd3"):
+        assert len(configs[name]) == 2 and "full FT" in configs[name][0] and "LoRA" in configs[name][1]
+    for name in STAGES[:3]:
+        for r in summary["stages"][name]["results"]:
+            assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0 and r["peak_bytes"] is not None, r
+            assert not any(k.endswith("_error") for k in r), r
+
+    imagenet, sdxl = summary["stages"]["script_imagenet64"], summary["stages"]["script_sdxl"]
+    assert [p["stage"] for p in imagenet["processes"]] == ["build-adm", "images", "train-imagenet64"]
+    assert [p["stage"] for p in sdxl["processes"]] == ["build-sdxl", "train-sdxl", "infer-sdxl"]
+    for st in (imagenet, sdxl):
+        assert [m["step"] for m in st["metrics"]] == [1] and math.isfinite(st["metrics"][0]["loss/total"])
+    infer = sdxl["processes"][-1]
+    assert infer["image_size"] == [32, 32] and infer["latents_finite"] and infer["lora_vs_base_max_diff"] > 0
+
+    table = (tmp_path / "gc" / "summary.md").read_text()
+    assert "| stage | status | configuration | batch | step ms | peak memory | largest groups that fit | notes |" in table
+    assert sum(line.startswith("| bench_") or line.startswith("| script_") for line in table.splitlines()) == 7
+    assert table.strip() in proc.stdout
+    assert not (tmp_path / "gc" / "work").exists()  # the random models are removed
+
+
+def test_gpu_check_records_a_timed_out_stage_and_still_writes_the_summary(tmp_path):
+    proc = gpu_check(tmp_path / "gc", "--skip", "bench_imagenet64,bench_sdxl,bench_sd3,script_sdxl",
+                     "--time_scale", "0.012")  # script_imagenet64 gets 1 s
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = json.loads((tmp_path / "gc" / "summary.json").read_text())["stages"]
+    assert [stages[n]["status"] for n in STAGES] == ["skipped"] * 3 + ["timeout", "skipped"]
+    assert "| script_imagenet64 | timeout |" in (tmp_path / "gc" / "summary.md").read_text()
