@@ -518,16 +518,12 @@ def cond_dtype(args):
     return DTYPES[args.teacher_dtype] if args.train_mode == "lora" else torch.float32
 
 
-def prepare_training(accelerator, args, student, teacher, teacher_context, pipeline_cls, component,
-                     checkpoint_teacher_blocks):
-    """Gradient checkpointing, the loss (TFDLoss from its flags), AdamW and its schedule, checkpoint
-    hooks, accelerator.prepare. checkpoint_teacher_blocks: whether a separate frozen teacher may checkpoint
-    its own blocks too (not when the feature hooks sit on the checkpointed modules)."""
+def prepare_training(accelerator, args, student, teacher, teacher_context, pipeline_cls, component):
+    """Gradient checkpointing of the student (the teacher's: TFDLoss, --teacher_checkpointing), the loss
+    (TFDLoss from its flags), AdamW and its schedule, checkpoint hooks, accelerator.prepare."""
     lora = args.train_mode == "lora"
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-        if checkpoint_teacher_blocks and not lora:
-            teacher.enable_gradient_checkpointing()
     student.train()
     loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, teacher_context=teacher_context,
                                           checkpoint_teacher=args.teacher_checkpointing)

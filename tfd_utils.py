@@ -296,6 +296,38 @@ def _unknown_layer_message(sel, modules, enc, dec, blocks):
             f"of the teacher (model.named_modules()), e.g. {', '.join(shallow[:40])}.")
 
 
+def _checkpoint_state(model):
+    """{module: (gradient_checkpointing flag, checkpoint function)} of a diffusers model's blocks."""
+    return {m: (m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in model.modules()
+            if hasattr(m, "gradient_checkpointing")}
+
+
+def _restore_checkpoint_state(state):
+    for m, (flag, fn) in state.items():
+        m.gradient_checkpointing = flag
+        if fn is not None:
+            m._gradient_checkpointing_func = fn
+
+
+@contextmanager
+def checkpointed_blocks(model, recompute_context=nullcontext):
+    """Within: a diffusers `model` recomputes its blocks in backward instead of keeping their activations
+    (its gradient checkpointing), the recomputation running inside recompute_context() (a LoRA student's
+    teacher: adapters off again, so backward differentiates the teacher). Restored on exit."""
+    state = _checkpoint_state(model)
+
+    def checkpoint(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), recompute_context()))
+
+    for m in state:
+        m.gradient_checkpointing, m._gradient_checkpointing_func = True, checkpoint
+    try:
+        yield model
+    finally:
+        _restore_checkpoint_state(state)
+
+
 class FeatureExtractor:
     """Hooks named modules of a frozen teacher and returns their pooled, flattened outputs.
 
@@ -325,12 +357,21 @@ class FeatureExtractor:
         for sel, name in zip(self.selectors, self.names):
             if name != INPUT_SELECTOR:
                 self._handles.append(modules[name].register_forward_hook(self._hook(sel)))
+        # A hook must fire once, outside any block that gradient checkpointing recomputes in backward:
+        # the hooked modules and their ancestors run plainly, the other blocks as before.
+        hooked = {n for n in self.names if n != INPUT_SELECTOR}
+        plain = {modules[".".join(n.split(".")[:i])] for n in hooked for i in range(n.count(".") + 2)}
+        self._saved_ckpt = _checkpoint_state(self.model)
+        for m, (_, fn) in self._saved_ckpt.items():
+            if fn is not None:
+                m._gradient_checkpointing_func = lambda mod, *a, fn=fn: mod(*a) if mod in plain else fn(mod, *a)
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _restore_checkpoint_state(self._saved_ckpt)
         self._features = {}
         return False
 
@@ -355,11 +396,6 @@ class FeatureExtractor:
         self._features = {}
         if self.patch_size:
             self._grid = (sample.shape[-2] // self.patch_size, sample.shape[-1] // self.patch_size)
-            if torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False):
-                raise RuntimeError("The teacher transformer checkpoints its blocks: backward would run the feature "
-                                   "hooks again. Turn its gradient checkpointing off for the feature pass (a LoRA "
-                                   "student: inside teacher_mode) and recompute the whole pass instead "
-                                   "(TFDLoss(checkpoint_teacher=True)).")
         if INPUT_SELECTOR in self.selectors:
             self._features[INPUT_SELECTOR] = pool_feature(sample, self.pool_size)
         if len(self._features) < len(self.selectors):
@@ -629,8 +665,9 @@ class TFDLoss:
     logs: scalar tensors (no host sync), `loss/total` first.
 
     teacher_context: a context-manager factory entered around every teacher pass (a LoRA student's
-    "adapters off"). checkpoint_teacher: recompute the generated samples' teacher pass in backward
-    instead of keeping its activations (the context is entered again inside the recomputation).
+    "adapters off"). checkpoint_teacher: in the generated samples' teacher pass, recompute the teacher's
+    blocks in backward instead of keeping their activations (a diffusers teacher; the context is entered
+    again around each recomputation).
     """
 
     def __init__(self, teacher, layers, pool_size=4, radii=(0.02, 0.05, 0.1, 0.2), kernel="drifting",
@@ -644,6 +681,9 @@ class TFDLoss:
         self.anchor_weight, self.anchor_alpha = anchor_weight, anchor_alpha
         self.anchor_temperature, self.anchor_bandwidth = anchor_temperature, anchor_bandwidth
         self.teacher_context = teacher_context or nullcontext
+        if checkpoint_teacher and not hasattr(teacher, "enable_gradient_checkpointing"):
+            raise ValueError(f"checkpoint_teacher: {type(teacher).__name__} has no block checkpointing (diffusers "
+                             "models do).")
         self.checkpoint_teacher = checkpoint_teacher
 
     @staticmethod
@@ -705,29 +745,25 @@ class TFDLoss:
     def sample_sigmas(self, num_groups, generator=None, device="cpu"):
         return sample_feature_sigmas(num_groups, *self.sigma_law, generator=generator, device=device)
 
-    def features(self, forward, x, sigma, noise):
-        """Teacher features {layer: [G, K, D]} of grouped samples x [G, K, ...] at x + σ_g ξ."""
+    def features(self, forward, x, sigma, checkpoint=False):
+        """Teacher features {layer: [G, K, D]} of grouped samples x [G, K, ...] at x + σ_g ξ; checkpoint: the
+        teacher's blocks are recomputed in backward (those holding a hooked layer run plainly)."""
         g, k = x.shape[:2]
         flat = x.reshape(g * k, *x.shape[2:])
         sig = sigma.to(flat.device).repeat_interleave(k)
-        with self.extractor, self.teacher_context():
-            feats = self.extractor(lambda s: forward(s, sig), add_feature_noise(flat, sig, noise.reshape_as(flat)))
+        model = self.extractor.model
+        with self.teacher_context(), (checkpointed_blocks(model, self.teacher_context) if checkpoint
+                                      else nullcontext()), self.extractor:
+            feats = self.extractor(lambda s: forward(s, sig), add_feature_noise(flat, sig))
         return {name: f.reshape(g, k, -1) for name, f in feats.items()}
 
     def __call__(self, teacher_forward, generated, positives, anchors=None, generator=None, sigma=None):
         num_pos = positives.shape[1]
         sigma = self.sample_sigmas(generated.shape[0], generator, generated.device) if sigma is None else sigma
-        xi = torch.randn_like(generated)  # drawn here, so a recomputed teacher pass sees the same noise
-        if self.checkpoint_teacher and torch.is_grad_enabled():
-            names = list(self.extractor.selectors)
-            flat = torch.utils.checkpoint.checkpoint(
-                lambda x: tuple(self.features(teacher_forward, x, sigma, xi).values()), generated, use_reentrant=False)
-            gen_feats = dict(zip(names, flat))
-        else:
-            gen_feats = self.features(teacher_forward, generated, sigma, xi)
+        gen_feats = self.features(teacher_forward, generated, sigma, checkpoint=self.checkpoint_teacher)
         with torch.no_grad():
             refs = positives if anchors is None else torch.cat([positives, anchors.to(positives.dtype)], dim=1)
-            ref_feats = self.features(teacher_forward, refs, sigma, torch.randn_like(refs))
+            ref_feats = self.features(teacher_forward, refs, sigma)
         return self.loss(gen_feats, {k: v[:, :num_pos] for k, v in ref_feats.items()},
                          {k: v[:, num_pos:] for k, v in ref_feats.items()} if anchors is not None else None, sigma)
 

@@ -115,8 +115,8 @@ def parse_args(argv=None):
                         "student's weights stay float32.")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the student.")
     g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
-                   help="Recompute the teacher pass of the generated samples in backward instead of keeping its "
-                        "activations (default: on with --gradient_checkpointing).")
+                   help="In the generated samples' teacher pass, recompute a diffusers teacher's blocks in backward "
+                        "instead of keeping their activations. Default: on with --gradient_checkpointing.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (diffusers EMAModel).")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with EMAModel's warm-up).")
@@ -245,7 +245,10 @@ def main(args):
         ema.to(device)
 
     # 6. The loss, the optimiser and its schedule; checkpoints hold the student as a diffusers folder.
-    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, checkpoint_teacher=args.teacher_checkpointing)
+    if edm_net and args.teacher_checkpointing:
+        logger.warning("--teacher_checkpointing: an EDM network has no block checkpointing; its pass keeps its "
+                       "activations.")
+    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, checkpoint_teacher=args.teacher_checkpointing and not edm_net)
     register_checkpoint_hooks(accelerator, edm_net)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = tfd_training.make_optimizer(params, args)

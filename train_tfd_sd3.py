@@ -132,11 +132,12 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
                    help="Autocast of the student (default: the accelerate config's setting).")
     g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Gradient checkpointing in the student transformer (the frozen teacher's feature pass is "
-                        "recomputed as a whole instead: --teacher_checkpointing).")
+                   help="Gradient checkpointing in the student transformer (the teacher's pass: "
+                        "--teacher_checkpointing).")
     g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
-                   help="Recompute the teacher pass of the generated samples in backward instead of keeping its "
-                        "activations (default: on with --gradient_checkpointing).")
+                   help="In the generated samples' teacher pass, recompute the teacher's blocks in backward instead "
+                        "of keeping their activations (LoRA: with the adapters off). Default: on with "
+                        "--gradient_checkpointing.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
@@ -226,11 +227,9 @@ def main(args):
     val_embeds = tfd_text2image.encode_prompts(pipe, args.validation_prompts, device)
     positives.offload_if_complete(prompts)
 
-    # 6. The loss, the optimiser and its schedule. The teacher never checkpoints its blocks (the feature
-    # hooks sit on them): its pass is recomputed as a whole (--teacher_checkpointing).
+    # 6. The loss, the optimiser and its schedule.
     loss_fn, student, optimizer, lr_scheduler = tfd_text2image.prepare_training(
-        accelerator, args, student, teacher, teacher_context, StableDiffusion3Pipeline, "transformer",
-        checkpoint_teacher_blocks=False)
+        accelerator, args, student, teacher, teacher_context, StableDiffusion3Pipeline, "transformer")
 
     # 7. Resume, record the settings, start the trackers.
     first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)

@@ -589,9 +589,7 @@ class SDXLRow:
         student, teacher = tfd_text2image.student_and_teacher(
             unet, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
             ta.lora_target_modules)
-        student.enable_gradient_checkpointing()
-        if not lora:
-            teacher.enable_gradient_checkpointing()
+        student.enable_gradient_checkpointing()  # the teacher's blocks: TFDLoss, --teacher_checkpointing
         student.train()
         prepare_networks(args, *({student, teacher} if not lora else {student}))
         self.teacher = teacher
@@ -691,8 +689,7 @@ class SDXLRow:
 class SD3Row(SDXLRow):
     """train_tfd_sd3.py's student, teacher, loss and optimiser on an SD3.5-medium-sized transformer (full or
     LoRA); the step is the script's own (tfd_text2image.prompt_batch from cache entries, train_step, the
-    backward, clip_and_step). The teacher never checkpoints its blocks (the feature hooks sit on them), as
-    in the script; --teacher_checkpointing recomputes its whole pass."""
+    backward, clip_and_step)."""
 
     kind = "sd3"
 
@@ -728,7 +725,7 @@ class SD3Row(SDXLRow):
         student, teacher = tfd_text2image.student_and_teacher(
             transformer, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
             ta.lora_target_modules)
-        student.enable_gradient_checkpointing()  # the teacher's blocks never (as in the script)
+        student.enable_gradient_checkpointing()  # the teacher's blocks: TFDLoss, --teacher_checkpointing
         student.train()
         prepare_networks(args, *({student, teacher} if not lora else {student}))
         self.teacher = teacher

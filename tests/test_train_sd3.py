@@ -240,20 +240,47 @@ def test_block_fractions_carry_across_depths_and_bad_selectors_list_the_range():
         tfd_utils.FeatureExtractor(tr, ["transformer_block.1"])
 
 
-def test_feature_pass_with_gradient_refuses_a_block_checkpointing_teacher():
-    """A transformer checkpoints the very blocks the hooks sit on: backward would run the hooks again.
-    The pass says so; teacher_mode (LoRA) or TFDLoss's whole-pass recomputation are the way."""
-    tr = tiny_sd3_transformer().train()
-    tr.enable_gradient_checkpointing()
-    x = torch.randn(1, 2, LATENT_CHANNELS, 8, 8, requires_grad=True)
-    pos = torch.randn(1, 2, LATENT_CHANNELS, 8, 8)
-    fwd = tfd_utils.flow_teacher_forward(tr, *conditioning(1))
-    with pytest.raises(RuntimeError, match="checkpoints its blocks"):
-        tfd_utils.TFDLoss(tr, ["block:1"], 2)(fwd, x, pos, sigma=torch.full((1,), 0.1))
-    loss, _ = tfd_utils.TFDLoss(tr, ["block:1"], 2, teacher_context=lambda: tfd_text2image.teacher_mode(tr),
-                                checkpoint_teacher=True)(fwd, x, pos, sigma=torch.full((1,), 0.1))
-    loss.backward()
-    assert tr.is_gradient_checkpointing and x.grad.abs().sum() > 0
+@pytest.mark.parametrize("lora", [False, True])
+def test_teacher_block_checkpointing_gives_the_same_loss_and_gradient(lora):
+    """A transformer checkpoints the very blocks the hooks sit on: those (and their ancestors) run plainly,
+    the others are recomputed in backward, for a LoRA student's teacher with the adapters off again. The
+    loss and its gradient equal the pass that keeps every activation."""
+    from peft import LoraConfig
+
+    base = tiny_sd3_transformer().eval().requires_grad_(False)
+    model = copy.deepcopy(base)
+    context = None
+    if lora:
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if "lora_B" in name:
+                    prm.normal_(generator=torch.Generator().manual_seed(0))
+        context = lambda: tfd_text2image.teacher_mode(model)  # noqa: E731
+        model.enable_gradient_checkpointing()  # the student's own, as --gradient_checkpointing sets it
+    x0 = torch.randn(2, 3, LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(1))
+    pos = torch.randn(2, 2, LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx, pooled = conditioning(2)
+
+    def loss_and_grad(teacher, context, checkpoint):
+        loss_fn = tfd_utils.TFDLoss(teacher, ["block:1"], 2, radii=[0.05, 0.2], teacher_context=context,
+                                    checkpoint_teacher=checkpoint)
+        calls, handle = call_counter(teacher.transformer_blocks[0])
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        loss, _ = loss_fn(tfd_utils.flow_teacher_forward(teacher, ctx, pooled), x, pos, sigma=torch.full((2,), 0.1))
+        loss.backward()
+        handle.remove()
+        return loss.detach(), x.grad, calls["n"]
+
+    ref = loss_and_grad(base, None, False)
+    for checkpoint in (False, True):
+        got = loss_and_grad(model, context, checkpoint)
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1])
+        assert got[2] == 2 + checkpoint  # block 0: the two passes, and its recomputation in backward
+    if lora:
+        assert model.is_gradient_checkpointing  # restored
 
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35"])
