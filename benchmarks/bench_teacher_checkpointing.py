@@ -12,21 +12,20 @@
 # step peak = the step's peak above the memory before the networks were built (bench_train_step's
 # "peak mem"); step = median step time (on a CPU the process's CPU time, 1 thread).
 #
-# Measured 2026-12-02 on the development CPU (Xeon, 2 cores shared with other jobs, 1 thread, fp32, load 2.7-3.6;
-# MALLOC_MMAP_THRESHOLD_=65536; warmup 1, repeats 1):
+# Measured 2026-12-02 on a 2-core CPU shared with other jobs (Xeon, 1 thread, fp32, load ~2;
+# MALLOC_MMAP_THRESHOLD_=65536; warmup 1, repeats 1), the teacher's blocks recomputed in backward:
 #
-# | UNet, 256 px, 1 prompt           | mode       | peak off  | peak on   | saved             | step off | step on | cost |
-# |----------------------------------|------------|-----------|-----------|-------------------|----------|---------|------|
-# | SDXL-shaped reduced (46.8M), 4,4 | LoRA r64   | 1.54 GiB  | 1.53 GiB  | 0.01 GiB (1%)     | 2.8 s    | 3.2 s   | +16% |
-# | SDXL-shaped reduced (46.8M), 4,4 | full FT    | 1.74 GiB  | 1.74 GiB  | 0.00 GiB (0%)     | 4.7 s    | 5.2 s   | +11% |
-# | SDXL base (2.57B), 2,2           | LoRA r64   | 13.05 GiB | 12.98 GiB | 0.07 GiB (1%)     | 46.4 s   | 51.8 s  | +12% |
+# | UNet, 256 px, 1 prompt           | mode     | step peak off | step peak on | saved            | step off | step on | cost |
+# |----------------------------------|----------|---------------|--------------|------------------|----------|---------|------|
+# | SDXL-shaped reduced (46.8M), 4,4 | LoRA r64 | 0.86 GiB      | 0.76 GiB     | 0.11 GiB (12%)   | 2.8 s    | 3.8 s   | +35% |
+# | SDXL-shaped reduced (46.8M), 4,4 | full FT  | 1.06 GiB      | 1.06 GiB     | 0.00 GiB         | 4.1 s    | 4.5 s   | +12% |
+# | SDXL base (2.57B), 2,2           | LoRA r64 | 12.37 GiB     | 11.50 GiB    | 0.88 GiB (7%)    | 46.1 s   | 58.6 s  | +27% |
 #
-# Why almost nothing: the whole teacher pass is ONE checkpointed segment, so the backward recomputes all of its
-# activations at once and holds them exactly as the un-checkpointed pass would have. The activations are gone only
-# between the forward and the backward (an RSS trace of one LoRA step, reduced UNet: 1.52 GiB after the teacher
-# pass without, 1.40 GiB with; the peak, 1.54 vs 1.53 GiB, moves from the positives' pass into the backward). The
-# saving is the positives' transient memory at most. (With the glibc default heap caching the first run gave the
-# same: +0.00/+0.01 GiB, +22%/+16% time.)
+# The step peak includes the weights (10.3 GB of fp32 SDXL base); of the activations, the LoRA row saves about 40%.
+# They grow with the resolution (x16 at 1024 px) while the weights do not: the saving is the point at 1024 px.
+# The full fine-tune's peak at this size is the student's own backward, not the teacher pass.
+# An earlier version recomputed the whole teacher pass as one segment: it saved 0.01-0.07 GiB (the backward held
+# the same activations at once).
 
 import argparse
 import json
