@@ -83,9 +83,9 @@ def load_generator(args, device):
             def denoise(x, s):  # EDM's own call: net(x, σ, one-hot)
                 return net(x, torch.full((x.shape[0],), float(s), device=x.device), onehot).float()
 
-            if args.teacher:
+            if args.teacher:  # EDM's own call (float16 inside a use_fp16 network on a GPU, as EDM's fid.py)
                 return eval_utils.edm_heun_sample(denoise, noise, args.num_steps, args.sigma_min, args.sigma_max)
-            return denoise(noise.float() * args.sigma_max, args.sigma_max)  # = tfd_utils.edm_net_one_step
+            return tfd_utils.edm_net_one_step(net, noise, labels, args.sigma_max, label_dim)  # the training function
 
         return generate, label_dim, net.img_channels, net.img_resolution
 

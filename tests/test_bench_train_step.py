@@ -55,7 +55,11 @@ def test_tiny_table_has_finite_numbers_for_every_configuration(tmp_path):
         assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["dmd2_ms"] > 0 and r["nostop_ms"] > 0
         assert math.isclose(r["step_over_floor"], r["step_ms"] / r["floor_ms"])
         assert math.isclose(r["tfd_over_dmd2"], r["step_ms"] / r["dmd2_ms"])
-        assert -1 < r["early_stop_saves"] < 1 and 0 <= r["loss_pool_share"] < 1
+        # (timings of toy networks on a loaded CPU are noisy: the early-stop share is checked as derived)
+        ns = r["nostop_split"]
+        saves = 1 - (s["teacher_gen"] + s["teacher_ref"]) / (ns["teacher_gen"] + ns["teacher_ref"])
+        assert math.isclose(r["early_stop_saves"], saves) and r["early_stop_saves"] < 1
+        assert 0 <= r["loss_pool_share"] < 1
         assert r["images_per_step"] == r["groups"] * 2 and r["params"] > 0
         assert not any(k.endswith("_error") for k in r), r
 

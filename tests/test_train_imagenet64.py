@@ -359,11 +359,10 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
     (["--classes_per_batch", "5"], "data", ValueError, "lower --classes_per_batch"),
     (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl"], "edm.zip", ModuleNotFoundError, "--edm_repo"),
 ])
-def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, error, match):
-    if "edm-teacher" in " ".join(extra):  # unpickling needs --edm_repo: make the toy module unimportable
-        while EDM_TOY in sys.path:
-            sys.path.remove(EDM_TOY)
-        sys.modules.pop("toy_edm_networks", None)
+def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, error, match, monkeypatch):
+    if "edm-teacher" in " ".join(extra):  # unpickling needs --edm_repo: the toy module unimportable for this test
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p != EDM_TOY])
+        monkeypatch.delitem(sys.modules, "toy_edm_networks", raising=False)
     extra = [e.format(tiny=tiny) for e in extra]
     with pytest.raises(error, match=match):
         run(tiny, tmp_path / "bad", *extra, data=data)
