@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="Where results.json/results.md and grids go (default: none).")
     p.add_argument("--num_samples", type=int, default=1000, help="Samples per prompt set (a multiple of its size).")
     p.add_argument("--steps", type=int, default=25, help="Teacher sampling steps.")
-    p.add_argument("--guidance_scale", type=float, default=5.0, help="Teacher CFG scale.")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Teacher CFG scale (default: the teacher's check_guidance_scale: sdxl 1.5, sd3 1.25).")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed (the same noise for every row).")
     p.add_argument("--batch_size", type=int, default=250, help="Images per pipeline call.")
     p.add_argument("--no_teacher_one_step", action="store_true", help="Skip the teacher's one-step row.")
@@ -98,7 +98,8 @@ def load_student(path, teacher_dir):
 
     if os.path.isfile(os.path.join(path, "model_index.json")):
         index = json.load(open(os.path.join(path, "model_index.json")))
-        kw = {"text_encoder_3": None, "tokenizer_3": None} if index["_class_name"].startswith("StableDiffusion3") else {}
+        sd3 = index["_class_name"].startswith("StableDiffusion3")
+        kw = {"text_encoder_3": None, "tokenizer_3": None} if sd3 else {}
         pipe = DiffusionPipeline.from_pretrained(path, **kw)
     elif os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
         pipe = one_step_pipeline(load_teacher(teacher_dir))
@@ -178,12 +179,24 @@ def results_markdown(results, info):
     return "\n".join(lines) + "\n"
 
 
+def teacher_guidance(teacher_dir, fallback=1.5):
+    """The CFG scale the teacher was checked with (its completion marker), else `fallback`."""
+    from train_text2image_teacher import COMPLETE
+
+    path = os.path.join(teacher_dir, COMPLETE)
+    if os.path.isfile(path):
+        return float(json.load(open(path))["config"].get("check_guidance_scale", fallback))
+    return fallback
+
+
 def main(argv=None):
     args = parse_args(argv)
     from tfd_utils import atomic_write, save_png, write_json
 
     clf, clf_info = get_classifier(args.data_dir, args.classifier_dir)
     teacher = load_teacher(args.teacher_dir)
+    if args.guidance_scale is None:
+        args.guidance_scale = teacher_guidance(args.teacher_dir)
     rows = [(f"teacher, {args.steps} steps, CFG {args.guidance_scale:g}", teacher, args.steps, args.guidance_scale)]
     if not args.no_teacher_one_step:
         rows.append(("teacher, one step", one_step_pipeline(teacher), 1, 0.0))

@@ -6,24 +6,25 @@
         --output_dir outputs/digits/teacher_t2i_sd3
 
 Both layouts share:
-- a word-level tokenizer over every word of the data's captions and held-out prompts (saved twice,
-  as tokenizer/ and tokenizer_2/), loadable with AutoTokenizer and used by the pipelines as they use
-  CLIP's: bos + words + eos, padded to model_max_length;
-- two small frozen CLIP text encoders with random weights (the pipelines read their penultimate
-  hidden states; text_encoder_2's pooled projection is the pooled embedding);
-- an AutoencoderKL trained first, on RGB copies of the gray digits, with `scaling_factor` (and, SD3,
-  `shift_factor`) measured so the pipeline's latents have unit std.
+- a word-level tokenizer over every word of the data's captions and held-out prompts (saved as
+  tokenizer/ and tokenizer_2/), loadable with AutoTokenizer and used by the pipelines as they use
+  CLIP's: "<|startoftext|> words <|endoftext|>" padded to model_max_length (16);
+- two small CLIP text encoders (the pipelines read their penultimate hidden states; the pooled
+  projection gives the pooled embedding), briefly taught which digit a training caption names,
+  then frozen;
+- an AutoencoderKL fitted first, on RGB copies of the gray digits, with `scaling_factor` (and, SD3,
+  `shift_factor`) measured so that the pipeline's latents have unit std.
 Then:
-- sdxl: a `UNet2DConditionModel` with SDXL's added conditioning (pooled text + 6 time ids), ε-prediction
-  on SDXL's noise schedule, saved as a StableDiffusionXLPipeline (EulerDiscreteScheduler). Dropped
-  captions are ZERO prompt and pooled embeddings: what the pipeline feeds as the unconditional input
-  (force_zeros_for_empty_prompt) when no negative prompt is given.
-- sd3: an `SD3Transformer2DModel` trained with rectified flow (x_s = (1−s)x₀ + sε, velocity ε − x₀,
-  timestep 1000·s, s logit-normal), saved as a StableDiffusion3Pipeline without T5 (load it with
+- sdxl: a `UNet2DConditionModel` with SDXL's added conditioning (pooled text + 6 time ids) on 4×8×8
+  latents, ε-prediction on SDXL's noise schedule, saved as a StableDiffusionXLPipeline
+  (EulerDiscreteScheduler). Dropped captions are ZERO prompt and pooled embeddings: what the
+  pipeline feeds as the unconditional input (force_zeros_for_empty_prompt) without a negative prompt.
+- sd3: an `SD3Transformer2DModel` on 16×4×4 latents trained with rectified flow (x_s = (1−s)x₀ + sε,
+  velocity ε − x₀, timestep 1000·s), saved as a StableDiffusion3Pipeline without T5 (load it with
   text_encoder_3=None, tokenizer_3=None). Dropped captions are the pipeline's encoding of the empty
   negative prompt (CLIP of "", T5 part zeros).
-Text embeddings are computed once, by the pipeline's own encode_prompt, so training sees exactly what
-sampling feeds. The EMA weights are saved; a samples.png check grid is written from the reloaded
+Text embeddings come from the pipeline's own encode_prompt, once per caption, so training sees what
+sampling feeds. The EMA weights are saved; a samples.png check grid is drawn from the reloaded
 pipeline; the completion marker is written last, and a rerun with a finished teacher of the same
 settings returns at once.
 """
@@ -62,6 +63,17 @@ SDXL_SCHEDULER_CONFIG = dict(
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"
 
 
+# Per-layout defaults (measured on the demo machine: README of the demo / the teacher's log).
+LAYOUT_DEFAULTS = {
+    "sdxl": dict(vae_channels="16,32", vae_steps=200, vae_learning_rate=5e-3, channels="32,64,64",
+                 max_train_steps=700, snr_gamma=5.0, flow_shift=None, patch_size=None, check_guidance_scale=1.5),
+    # 16 channels at 8×8 (4× more latent numbers than pixels) were far harder for a tiny transformer than
+    # 16 at 4×4; there patch size 1 keeps 16 image tokens.
+    "sd3": dict(vae_channels="16,32,32", vae_steps=300, vae_learning_rate=3e-3, channels="96",
+                max_train_steps=1200, snr_gamma=None, flow_shift=3.0, patch_size=1, check_guidance_scale=1.25),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a tiny SDXL- or SD3-layout text-to-image teacher on the digits.")
     p.add_argument("--layout", default="sdxl", choices=("sdxl", "sd3"), help="Pipeline layout of the teacher.")
@@ -80,53 +92,51 @@ def parse_args(argv=None):
                    help="Full-batch steps teaching each text encoder which digit a training caption names "
                         "(0: random encoders).")
     g.add_argument("--text_pretrain_lr", type=float, default=3e-3, help="Adam learning rate of that pretraining.")
-    g = p.add_argument_group("autoencoder")
+    g = p.add_argument_group("autoencoder (defaults per layout: LAYOUT_DEFAULTS)")
     g.add_argument("--vae_channels", default=None,
                    help="block_out_channels of the VAE; each level past the first halves the side "
-                        "(default 16,32: 16 px → 8×8 latents).")
-    g.add_argument("--vae_steps", type=int, default=300, help="VAE optimiser steps.")
+                        "(sdxl 16,32: 16 px → 4×8×8 latents; sd3 16,32,32: → 16×4×4).")
+    g.add_argument("--vae_steps", type=int, default=None, help="VAE optimiser steps (sdxl 200, sd3 300).")
     g.add_argument("--vae_batch_size", type=int, default=64, help="Images per VAE step.")
-    g.add_argument("--vae_learning_rate", type=float, default=3e-3, help="Adam learning rate of the VAE (cosine decay).")
+    g.add_argument("--vae_learning_rate", type=float, default=None,
+                   help="Adam learning rate of the VAE, cosine-decayed (sdxl 5e-3, sd3 3e-3).")
     g.add_argument("--vae_kl_weight", type=float, default=1e-4, help="Weight of the KL term (per latent element).")
-    g = p.add_argument_group("denoiser")
+    g = p.add_argument_group("denoiser (defaults per layout: LAYOUT_DEFAULTS)")
     g.add_argument("--channels", default=None,
-                   help="sdxl: UNet block_out_channels (default 32,64,64); sd3: transformer width (default 64).")
+                   help="sdxl: UNet block_out_channels (32,64,64); sd3: transformer width (96).")
     g.add_argument("--num_layers", type=int, default=4, help="sd3: transformer blocks.")
-    g.add_argument("--patch_size", type=int, default=2, help="sd3: transformer patch size.")
-    g.add_argument("--max_train_steps", type=int, default=1500, help="Optimiser steps of the denoiser.")
+    g.add_argument("--patch_size", type=int, default=None, help="sd3: transformer patch size (1).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (sdxl 700, sd3 1200).")
     g.add_argument("--batch_size", type=int, default=64, help="Images per step.")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate after warm-up.")
+    g.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW learning rate after warm-up.")
     g.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear learning-rate warm-up steps.")
-    g.add_argument("--lr_scheduler", default="constant", choices=("constant", "cosine"),
+    g.add_argument("--lr_scheduler", default="cosine", choices=("constant", "cosine"),
                    help="Learning rate after warm-up: constant, or cosine decay to zero.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     g.add_argument("--ema_max_decay", type=float, default=0.995, help="EMA decay cap; decay = min(cap, (1+t)/(10+t)).")
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="Probability a caption is replaced by the pipeline's unconditional input (for CFG).")
-    g.add_argument("--snr_gamma", type=float, default=0.0,
-                   help="sdxl: min-SNR-γ loss weight min(SNR, γ)/SNR on the ε loss (0: plain MSE).")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="sdxl: min-SNR-γ weight min(SNR, γ)/SNR of the ε loss (5; 0: plain MSE).")
     g.add_argument("--flow_time_sampling", default="mixed", choices=("logit_normal", "uniform", "mixed"),
                    help="sd3: distribution of the training flow time s. Logit-normal(0, 1) alone leaves s near 1 "
                         "(where sampling starts) almost untrained at this budget; mixed = half logit-normal, half "
                         "uniform.")
-    g.add_argument("--flow_shift", type=float, default=1.0,
-                   help="sd3: shift of the FlowMatchEulerDiscreteScheduler (sampling only; 1 = uniform sigmas).")
+    g.add_argument("--flow_shift", type=float, default=None,
+                   help="sd3: shift of the saved FlowMatchEulerDiscreteScheduler (3.0, SD3's; it only moves the "
+                        "sampling sigmas, and 0.5–3 gave the same FD here).")
     g = p.add_argument_group("check and logging")
     g.add_argument("--check_guidance_scale", type=float, default=None,
-                   help="CFG scale of the samples.png check grid (default: sdxl 5.0, sd3 5.0).")
+                   help="CFG scale of the samples.png check grid (sdxl 1.5, sd3 1.25).")
     g.add_argument("--check_steps", type=int, default=25, help="Sampling steps of the check grid.")
-    g.add_argument("--log_every", type=int, default=250, help="Steps between loss lines in the log.")
+    g.add_argument("--log_every", type=int, default=100, help="Steps between loss lines in the log.")
     g.add_argument("--overwrite", action="store_true", help="Retrain even if a finished teacher exists.")
     args = p.parse_args(argv)
-    sd3 = args.layout == "sd3"
+    for key, value in LAYOUT_DEFAULTS[args.layout].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.output_dir is None:
         args.output_dir = f"outputs/digits/teacher_t2i_{args.layout}"
-    if args.vae_channels is None:
-        args.vae_channels = "16,32"
-    if args.channels is None:
-        args.channels = "64" if sd3 else "32,64,64"
-    if args.check_guidance_scale is None:
-        args.check_guidance_scale = 5.0
     return args
 
 
@@ -161,7 +171,8 @@ def build_tokenizer(words, max_length, pad_with_eos):
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}",
+        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
     # Like SDXL: CLIP-L's tokenizer pads with eos, OpenCLIP-bigG's (tokenizer_2) with another token.
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
                                    pad_token=EOS if pad_with_eos else PAD, model_max_length=max_length)
@@ -268,8 +279,9 @@ def train_vae(images, args, sd3, log):
     shift = mean.mean().item() if sd3 else None
     scale = 1.0 / (mean - (shift or 0.0)).std().item()
     vae.register_to_config(scaling_factor=round(scale, 5), shift_factor=None if shift is None else round(shift, 5))
-    info = {"vae_seconds": round(time.time() - start, 1), "vae_mse": running, "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": vae.config.shift_factor, "latent_shape": list(mean.shape[1:])}
+    info = {"vae_seconds": round(time.time() - start, 1), "vae_mse": running,
+            "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor,
+            "latent_shape": list(mean.shape[1:])}
     log(f"VAE: latents {tuple(mean.shape[1:])}, scaling_factor {vae.config.scaling_factor}, shift_factor "
         f"{vae.config.shift_factor} ({info['vae_seconds']} s)")
     return vae, mean, info
@@ -297,7 +309,8 @@ def unet_config(channels, latent_channels, latent_size, cross_attention_dim, poo
 def transformer_config(width, num_layers, latent_channels, latent_size, joint_attention_dim, pooled_dim, patch_size):
     """SD3-medium's block (joint attention, AdaLN-zero) at toy sizes."""
     heads = max(1, width // 16)
-    return dict(sample_size=latent_size, patch_size=patch_size, in_channels=latent_channels, out_channels=latent_channels,
+    return dict(sample_size=latent_size, patch_size=patch_size, in_channels=latent_channels,
+                out_channels=latent_channels,
                 num_layers=num_layers, attention_head_dim=width // heads, num_attention_heads=heads,
                 joint_attention_dim=joint_attention_dim, caption_projection_dim=width,
                 pooled_projection_dim=pooled_dim, pos_embed_max_size=latent_size // patch_size, qk_norm="rms_norm")
@@ -412,15 +425,87 @@ def lr_factor(step, args):
     return warm * 0.5 * (1 + math.cos(math.pi * done))
 
 
+def sdxl_alphas_cumprod():
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    return DDPMScheduler(**{k: SDXL_SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod
+
+
+def sdxl_loss(unet, x0, cond, cond_pooled, time_ids, alphas_cumprod, snr_gamma, gen):
+    """ε-prediction loss at t ~ U{0, …, 999} on SDXL's schedule, min-SNR-γ weighted when γ > 0."""
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond,
+                added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids}, return_dict=False)[0]
+    snr = a / (1 - a)
+    weight = snr.clamp(max=snr_gamma) / snr if snr_gamma else torch.ones_like(snr)
+    return (weight * (pred - noise) ** 2).mean()
+
+
+def flow_loss(transformer, x0, cond, cond_pooled, time_sampling, gen):
+    """Rectified flow: x_s = (1 − s)·x₀ + s·ε at timestep 1000·s, target velocity ε − x₀."""
+    noise = torch.randn(x0.shape, generator=gen)
+    s = flow_times(x0.shape[0], time_sampling, gen).view(-1, 1, 1, 1)
+    pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=1000 * s.flatten(), encoder_hidden_states=cond,
+                       pooled_projections=cond_pooled, return_dict=False)[0]
+    return F.mse_loss(pred, noise - x0)
+
+
+def train_denoiser(denoiser, args, x0_all, cap_index, cond, uncond, resolution):
+    """AdamW on the layout's loss with caption dropout to the pipeline's unconditional input.
+
+    x0_all: scaled latents of the training images; cap_index: each image's caption row in
+    cond = (prompt embeds, pooled); uncond = the unconditional (prompt embed, pooled).
+    Returns (EMA copy, seconds, final smoothed loss).
+    """
+    sd3 = args.layout == "sd3"
+    ema = copy.deepcopy(denoiser).requires_grad_(False)
+    denoiser.train()
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    if not sd3:
+        alphas_cumprod, time_ids = sdxl_alphas_cumprod(), sdxl_time_ids(resolution, args.batch_size)
+    start, running = time.time(), None
+    bar = tqdm(range(args.max_train_steps), desc=f"{args.layout} teacher", dynamic_ncols=True)
+    with collapsed_t5(denoiser) if sd3 else contextlib.nullcontext():
+        for step in bar:
+            idx = torch.randint(len(x0_all), (args.batch_size,), generator=gen)
+            drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
+            pe = torch.where(drop[:, None, None], uncond[0], cond[0][cap_index[idx]])
+            pooled = torch.where(drop[:, None], uncond[1], cond[1][cap_index[idx]])
+            if sd3:
+                loss = flow_loss(denoiser, x0_all[idx], pe, pooled, args.flow_time_sampling, gen)
+            else:
+                loss = sdxl_loss(denoiser, x0_all[idx], pe, pooled, time_ids, alphas_cumprod, args.snr_gamma, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+            opt.step()
+            sched.step()
+            decay = min(args.ema_max_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe_, p in zip(ema.parameters(), denoiser.parameters()):
+                    pe_.lerp_(p, 1 - decay)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_train_steps:
+                bar.write(f"step {step + 1}: loss {running:.4f} ({time.time() - start:.0f} s)")
+    return ema.eval(), round(time.time() - start, 1), running
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver.
 # ----------------------------------------------------------------------------------------------
 
 # Settings that define the teacher: a finished teacher trained with others is retrained.
-IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_layers", "projection_dim", "embedding_std", "text_pretrain_steps", "text_pretrain_lr",
-            "vae_channels", "vae_steps", "vae_batch_size", "vae_learning_rate", "vae_kl_weight", "channels",
-            "num_layers", "patch_size", "max_train_steps", "batch_size", "learning_rate", "lr_warmup_steps", "lr_scheduler", "max_grad_norm",
-            "ema_max_decay", "caption_dropout", "snr_gamma", "flow_time_sampling", "flow_shift")
+IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_layers", "projection_dim", "embedding_std",
+            "text_pretrain_steps", "text_pretrain_lr", "vae_channels", "vae_steps", "vae_batch_size",
+            "vae_learning_rate", "vae_kl_weight", "channels", "num_layers", "patch_size", "max_train_steps",
+            "batch_size", "learning_rate", "lr_warmup_steps", "lr_scheduler", "max_grad_norm", "ema_max_decay",
+            "caption_dropout", "snr_gamma", "flow_time_sampling", "flow_shift")
 
 
 def is_finished(output_dir, args):
@@ -497,7 +582,7 @@ def main(argv=None):
     heldout = read_prompts(args.data_dir, "heldout")
     bar_write = tqdm.write
 
-    # Text side: tokenizers over every caption word, random frozen CLIPs.
+    # Text side: tokenizers over every caption word; small CLIPs, pretrained briefly, then frozen.
     words = caption_words(read_prompts(args.data_dir, "train") + heldout + texts)
     tokenizer = build_tokenizer(words, args.max_length, pad_with_eos=True)
     tokenizer_2 = build_tokenizer(words, args.max_length, pad_with_eos=False)
@@ -537,74 +622,20 @@ def main(argv=None):
     # Every distinct caption encoded once by the pipeline; each image indexes its caption.
     cap_index = torch.tensor([captions.index(t) for t in texts])
     pe, pooled, uncond_pe, uncond_pooled = encode_captions(pipe, args.layout, captions)
+    same, other = cosine_by_digit(pooled, cap_digits)
     bar_write(f"Text: {len(tokenizer)} tokens, prompt embeddings {tuple(pe.shape[1:])}, pooled {pooled.shape[1]}; "
-              f"{len(captions)} training captions (max cosine between two: "
-              f"{max_offdiag_cosine(pe.flatten(1)):.3f} prompt, {max_offdiag_cosine(pooled):.3f} pooled)")
+              f"{len(captions)} training captions; mean pooled cosine {same:.3f} between captions of the same digit, "
+              f"{other:.3f} of different digits")
 
-    ema = copy.deepcopy(denoiser).requires_grad_(False)
-    denoiser.train()
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
-    gen = torch.Generator().manual_seed(args.seed + 4)
-    alphas_cumprod = None
-    if not sd3:
-        from diffusers import DDPMScheduler
-
-        alphas_cumprod = DDPMScheduler(**{k: v for k, v in SDXL_SCHEDULER_CONFIG.items() if k in (
-            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}).alphas_cumprod
-        time_ids = sdxl_time_ids(resolution, args.batch_size)
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
     bar_write(f"{'Transformer' if sd3 else 'UNet'}: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f} M "
               f"parameters, latents {latent_channels}×{latent_size}×{latent_size}, {len(images)} training digits, "
               f"{args.max_train_steps} steps of {args.batch_size}.")
-
-    collapse = collapsed_t5(denoiser) if sd3 else contextlib.nullcontext()
-    collapse.__enter__()
-    t_train, running = time.time(), None
-    bar = tqdm(range(args.max_train_steps), desc=f"{args.layout} teacher", dynamic_ncols=True)
-    for step in bar:
-        idx = torch.randint(len(images), (args.batch_size,), generator=gen)
-        x0 = (latent_means[idx] - shift) * scale  # posterior means: what TFD's real positives are
-        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
-        cond = torch.where(drop[:, None, None], uncond_pe, pe[cap_index[idx]])
-        cond_pooled = torch.where(drop[:, None], uncond_pooled, pooled[cap_index[idx]])
-        noise = torch.randn(x0.shape, generator=gen)
-        if sd3:
-            s = flow_times(args.batch_size, args.flow_time_sampling, gen)
-            xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
-            pred = denoiser(hidden_states=xs, timestep=1000 * s, encoder_hidden_states=cond,
-                            pooled_projections=cond_pooled, return_dict=False)[0]
-            loss = F.mse_loss(pred, noise - x0)
-        else:
-            t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = denoiser(xt, t, encoder_hidden_states=cond, added_cond_kwargs={
-                "text_embeds": cond_pooled, "time_ids": time_ids}, return_dict=False)[0]
-            if args.snr_gamma:  # min-SNR-γ weighting of the ε loss
-                snr = a / (1 - a)
-                w = snr.clamp(max=args.snr_gamma) / snr
-                loss = (w * (pred - noise) ** 2).mean()
-            else:
-                loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
-        opt.step()
-        sched.step()
-        decay = min(args.ema_max_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe_, p in zip(ema.parameters(), denoiser.parameters()):
-                pe_.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == args.max_train_steps:
-            bar.write(f"step {step + 1}: loss {running:.4f} ({time.time() - t_train:.0f} s)")
-    collapse.__exit__(None, None, None)
-    info.update(denoiser_seconds=round(time.time() - t_train, 1), final_loss=running)
+    x0_all = (latent_means - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor  # posterior means
+    ema, info["denoiser_seconds"], info["final_loss"] = train_denoiser(
+        denoiser, args, x0_all, cap_index, (pe, pooled), (uncond_pe, uncond_pooled), resolution)
 
     # Save the EMA pipeline, reload it, write the check grid, then the completion marker.
-    final = build_pipeline(args.layout, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, ema.eval(),
+    final = build_pipeline(args.layout, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, ema,
                            args.flow_shift)
     tmp = args.output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -620,17 +651,20 @@ def main(argv=None):
     info.update(check_seconds=round(time.time() - t_check, 1), seconds=round(time.time() - start, 1),
                 check_prompts=check_prompts, config=vars(args))
     write_json(os.path.join(args.output_dir, COMPLETE), info)
-    print(f"Saved the EMA {args.layout} teacher to {args.output_dir} ({info['seconds']} s: VAE {info['vae_seconds']} s, "
-          f"denoiser {info['denoiser_seconds']} s, check {info['check_seconds']} s); check grid "
+    print(f"Saved the EMA {args.layout} teacher to {args.output_dir} ({info['seconds']} s: VAE "
+          f"{info['vae_seconds']} s, denoiser {info['denoiser_seconds']} s, check {info['check_seconds']} s); "
+          f"check grid "
           f"{os.path.join(args.output_dir, 'samples.png')} (rows: first training template, first held-out ones).")
     return args.output_dir
 
 
-def max_offdiag_cosine(v):
+def cosine_by_digit(v, digits):
+    """Mean cosine between distinct rows naming the same digit, and between rows naming different ones."""
     v = F.normalize(v.float(), dim=1)
     sim = v @ v.T
-    sim.fill_diagonal_(-1)
-    return sim.max().item()
+    d = torch.as_tensor(digits)
+    same = (d[:, None] == d[None]) & ~torch.eye(len(d), dtype=torch.bool)
+    return sim[same].mean().item(), sim[d[:, None] != d[None]].mean().item()
 
 
 if __name__ == "__main__":
