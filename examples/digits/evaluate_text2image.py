@@ -88,7 +88,9 @@ def one_step_pipeline(teacher):
         return teacher
     keys = inspect.signature(LCMScheduler.__init__).parameters
     lcm = LCMScheduler.from_config({k: v for k, v in teacher.scheduler.config.items() if k in keys})
-    return type(teacher)(**{**teacher.components, "scheduler": lcm})
+    pipe = type(teacher)(**{**teacher.components, "scheduler": lcm})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_student(path, teacher_dir):
