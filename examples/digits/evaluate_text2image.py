@@ -1,0 +1,230 @@
+"""Evaluate text-to-image pipelines on the captioned digits: per prompt set FD and prompt accuracy.
+
+    python examples/digits/evaluate_text2image.py --teacher_dir outputs/digits/teacher_t2i_sdxl \
+        --students "TFD student=outputs/digits/runs_t2i/tfd" --output_dir outputs/digits/eval_t2i_sdxl
+
+Rows: the teacher through its own pipeline and scheduler (`--steps` Euler steps with CFG
+`--guidance_scale`), the teacher in one step (SDXL: LCMScheduler at timestep 999, the TFD student's
+initialisation; SD3: FlowMatchEulerDiscreteScheduler with one step), and each student (a saved
+pipeline folder, or a folder holding pytorch_lora_weights.safetensors for the teacher), run one step
+without CFG through its pipeline. Prompt sets: the data set's captions ("train") and the held-out
+templates ("heldout"), every prompt equally often (so every digit equally often).
+Metrics per prompt set, with the digit classifier of classifier.py: FD of its 64-d features against
+the held-out test digits (class-balanced), and accuracy = the classifier agrees with the digit the
+prompt names (prepare_text2image.caption_digit).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from classifier import get_classifier  # noqa: E402
+from evaluate import classifier_outputs, frechet  # noqa: E402
+from prepare_text2image import caption_digit, load_split_text, read_prompts  # noqa: E402
+from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, load_teacher  # noqa: E402
+
+PROMPT_SETS = ("train", "heldout")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FD and prompt accuracy of text-to-image digit pipelines.")
+    p.add_argument("--teacher_dir", required=True, help="Teacher pipeline folder (train_text2image_teacher.py).")
+    p.add_argument("--students", nargs="*", default=[],
+                   help="One-step students as LABEL=PATH: a pipeline folder, or a folder with LoRA weights.")
+    p.add_argument("--data_dir", default="outputs/digits/data_t2i", help="Folder written by prepare_text2image.py.")
+    p.add_argument("--classifier_dir", default="outputs/digits/classifier", help="The metric classifier folder.")
+    p.add_argument("--output_dir", default=None, help="Where results.json/results.md and grids go (default: none).")
+    p.add_argument("--num_samples", type=int, default=1000, help="Samples per prompt set (a multiple of its size).")
+    p.add_argument("--steps", type=int, default=25, help="Teacher sampling steps.")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Teacher CFG scale (default: the teacher's check_guidance_scale: sdxl 1.5, sd3 1.25).")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed (the same noise for every row).")
+    p.add_argument("--batch_size", type=int, default=250, help="Images per pipeline call.")
+    p.add_argument("--no_teacher_one_step", action="store_true", help="Skip the teacher's one-step row.")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: (prompts, seed) → uint8 gray [N, 1, H, W], through the pipelines themselves.
+# ----------------------------------------------------------------------------------------------
+
+
+def is_sd3(pipe):
+    return type(pipe).__name__.startswith("StableDiffusion3")
+
+
+@torch.no_grad()
+def sample(pipe, prompts, seed, steps, guidance_scale, batch_size=250):
+    """pipe(prompts) in chunks; one CPU generator seeded `seed` draws every chunk's noise in turn.
+
+    T5-less SD3 pipelines run with one zero T5 token standing for the default 256 (the same
+    function, train_text2image_teacher.collapsed_t5)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with fast_t5_zeros(pipe) as kw:
+        for i in range(0, len(prompts), batch_size):
+            images = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=gen, output_type="pt", **kw).images
+            out.append(gray_uint8(images))
+    return torch.cat(out)
+
+
+def one_step_pipeline(teacher):
+    """The teacher with the one-step scheduler a TFD student uses: SDXL LCMScheduler (t = 999),
+    SD3 its FlowMatchEulerDiscreteScheduler (one step: sigmas [1, 0])."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    if is_sd3(teacher):
+        return teacher
+    keys = inspect.signature(LCMScheduler.__init__).parameters
+    lcm = LCMScheduler.from_config({k: v for k, v in teacher.scheduler.config.items() if k in keys})
+    pipe = type(teacher)(**{**teacher.components, "scheduler": lcm})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_student(path, teacher_dir):
+    """A student folder: a whole pipeline (model_index.json), or LoRA weights for the teacher (with the
+    student's scheduler/ when saved)."""
+    from diffusers import DiffusionPipeline
+
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        index = json.load(open(os.path.join(path, "model_index.json")))
+        sd3 = index["_class_name"].startswith("StableDiffusion3")
+        kw = {"text_encoder_3": None, "tokenizer_3": None} if sd3 else {}
+        pipe = DiffusionPipeline.from_pretrained(path, **kw)
+    elif os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+        pipe = one_step_pipeline(load_teacher(teacher_dir))
+        pipe.load_lora_weights(path)
+        if os.path.isdir(os.path.join(path, "scheduler")):
+            pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
+    else:
+        raise FileNotFoundError(f"{path} holds neither a pipeline (model_index.json) nor LoRA weights.")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_set(data_dir, key, num_samples):
+    """The set's prompts, each repeated num_samples / len(set) times (prompt-major), and their digits."""
+    base = read_prompts(data_dir, key)
+    reps = max(1, num_samples // len(base))
+    prompts = [p for p in base for _ in range(reps)]
+    return prompts, torch.tensor([caption_digit(p) for p in prompts])
+
+
+def reference(data_dir, clf):
+    """Classifier feature statistics of the held-out test digits (stratified: class-balanced)."""
+    import tfd_fid
+
+    x, _, _ = load_split_text(data_dir, "test")
+    feats, _ = classifier_outputs(clf, torch.from_numpy(x)[:, None])
+    return tfd_fid.feature_stats(feats)
+
+
+def metrics(clf, images_u8, digits, ref_stats):
+    feats, preds = classifier_outputs(clf, images_u8)
+    return {"fd": float(frechet(feats, ref_stats)), "acc": float((preds == digits).float().mean())}
+
+
+def evaluate_rows(rows, data_dir, clf, num_samples, seed, batch_size, log=print):
+    """rows: [(label, pipe, steps, guidance)] → [{label, steps, guidance, <set>: {fd, acc}, seconds}], grids."""
+    ref_stats = reference(data_dir, clf)
+    sets = {k: prompt_set(data_dir, k, num_samples) for k in PROMPT_SETS}
+    results, grids = [], {}
+    for label, pipe, steps, guidance in rows:
+        t0 = time.time()
+        row = {"label": label, "steps": steps, "guidance_scale": guidance}
+        for key, (prompts, digits) in sets.items():
+            images = sample(pipe, prompts, seed, steps, guidance, batch_size)
+            row[key] = metrics(clf, images, digits, ref_stats)
+            row[key]["n"] = len(prompts)
+            grids[(label, key)] = first_per_prompt(images, prompts)
+        row["seconds"] = round(time.time() - t0, 1)
+        log(f"  {label}: " + ", ".join(f"{k} FD {row[k]['fd']:.2f} acc {row[k]['acc']:.3f}" for k in PROMPT_SETS)
+            + f" ({row['seconds']} s)")
+        results.append(row)
+    return results, grids
+
+
+def first_per_prompt(images, prompts):
+    """The first sample of each distinct prompt, in prompt order."""
+    seen, keep = set(), []
+    for i, p in enumerate(prompts):
+        if p not in seen:
+            seen.add(p)
+            keep.append(i)
+    return images[keep]
+
+
+def results_markdown(results, info):
+    lines = ["| samples | steps | CFG | FD ↓ train prompts | acc ↑ train prompts | FD ↓ held-out prompts | "
+             "acc ↑ held-out prompts |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['label']} | {r['steps']} | {r['guidance_scale']:g} | {r['train']['fd']:.2f} | "
+                     f"{r['train']['acc']:.3f} | {r['heldout']['fd']:.2f} | {r['heldout']['acc']:.3f} |")
+    lines += ["", info]
+    return "\n".join(lines) + "\n"
+
+
+def teacher_guidance(teacher_dir, fallback=1.5):
+    """The CFG scale the teacher was checked with (its completion marker), else `fallback`."""
+    from train_text2image_teacher import COMPLETE
+
+    path = os.path.join(teacher_dir, COMPLETE)
+    if os.path.isfile(path):
+        return float(json.load(open(path))["config"].get("check_guidance_scale", fallback))
+    return fallback
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from tfd_utils import atomic_write, save_png, write_json
+
+    clf, clf_info = get_classifier(args.data_dir, args.classifier_dir)
+    teacher = load_teacher(args.teacher_dir)
+    if args.guidance_scale is None:
+        args.guidance_scale = teacher_guidance(args.teacher_dir)
+    rows = [(f"teacher, {args.steps} steps, CFG {args.guidance_scale:g}", teacher, args.steps, args.guidance_scale)]
+    if not args.no_teacher_one_step:
+        rows.append(("teacher, one step", one_step_pipeline(teacher), 1, 0.0))
+    for spec in args.students:
+        label, path = spec.rsplit("=", 1)
+        rows.append((label, load_student(path, args.teacher_dir), 1, 0.0))
+    print(f"Evaluating {len(rows)} rows, {args.num_samples} samples per prompt set, seed {args.seed}:")
+    results, grids = evaluate_rows(rows, args.data_dir, clf, args.num_samples, args.seed, args.batch_size)
+    info = (f"FD: Fréchet distance in the 64-d features of the digit classifier (held-out accuracy "
+            f"{clf_info['test_accuracy']:.3f}) against the held-out test digits; accuracy: the classifier names the "
+            f"prompt's digit. Per prompt set about {args.num_samples} samples (every prompt equally often), seed "
+            f"{args.seed}. Teacher: {type(teacher).__name__}, {type(teacher.scheduler).__name__}.")
+    md = results_markdown(results, info)
+    print(md)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(os.path.join(args.output_dir, "results.json"), {"rows": results, "teacher": args.teacher_dir,
+                                                                  "num_samples": args.num_samples, "seed": args.seed})
+        atomic_write(os.path.join(args.output_dir, "results.md"), lambda p: open(p, "w").write(md))
+        for key in PROMPT_SETS:  # one band per row: 10 columns = the digits, rows = templates
+            grid = torch.cat([grids[(r[0], key)] for r in rows])
+            save_png(os.path.join(args.output_dir, f"samples_{key}.png"), grid_image(grid, 10))
+        print(f"Grids: samples_train.png / samples_heldout.png in {args.output_dir} "
+              f"(per row of the table, one image per prompt: templates down, digits 0–9 across).")
+    return results
+
+
+if __name__ == "__main__":
+    main()
