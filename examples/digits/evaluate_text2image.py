@@ -193,7 +193,7 @@ def teacher_guidance(teacher_dir, fallback=1.5):
 
 def main(argv=None):
     args = parse_args(argv)
-    from tfd_utils import atomic_write, save_png, write_json
+    from tfd_training import atomic_write, save_png, write_json
 
     clf, clf_info = get_classifier(args.data_dir, args.classifier_dir)
     teacher = load_teacher(args.teacher_dir)

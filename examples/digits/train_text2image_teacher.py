@@ -49,7 +49,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from prepare_text2image import load_split_text, read_prompts  # noqa: E402
-from tfd_utils import save_png, write_json  # noqa: E402
+from tfd_training import save_png, write_json  # noqa: E402
 
 COMPLETE = "teacher_complete.json"
 
