@@ -45,6 +45,15 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def write_text(path, text):
+    """Atomically write a text file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def save_png(path, image):
     atomic_write(path, lambda tmp: image.save(tmp, format="png"))
 
@@ -412,11 +421,7 @@ def truncate_metrics(path, step):
             if record.get("step", 0) <= step:
                 kept.append(ln.rstrip("\n") + "\n")
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-
-    atomic_write(path, write)
+    write_text(path, "".join(kept))
 
 
 class TrainingMonitor:
@@ -579,8 +584,12 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
             f"## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n")
-    card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_model,
-                                     license=license, model_description=body)
+    path = os.path.join(args.output_dir, "README.md")
+    if not args.push_to_hub:  # a card read from this stub, not the Hub (offline: no minute of retries)
+        write_text(path, "---\n---\n")
+    card = load_or_create_model_card(repo_id if args.push_to_hub else path, token=args.hub_token,
+                                     from_training=True, base_model=base_model, license=license,
+                                     model_description=body)
     card = populate_model_card(card, tags=tags)
     # A card already on the Hub (a repeated push) is updated: tags once each, this teacher's base model.
     card.data.tags = list(dict.fromkeys(card.data.tags))
@@ -588,7 +597,7 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(os.path.join(args.output_dir, "README.md"))
+    card.save(path)
 
 
 def hub_repo_name(args):

@@ -193,7 +193,7 @@ def teacher_guidance(teacher_dir, fallback=1.5):
 
 def main(argv=None):
     args = parse_args(argv)
-    from tfd_training import atomic_write, save_png, write_json
+    from tfd_training import save_png, write_json, write_text
 
     clf, clf_info = get_classifier(args.data_dir, args.classifier_dir)
     teacher = load_teacher(args.teacher_dir)
@@ -217,7 +217,7 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "results.json"), {"rows": results, "teacher": args.teacher_dir,
                                                                   "num_samples": args.num_samples, "seed": args.seed})
-        atomic_write(os.path.join(args.output_dir, "results.md"), lambda p: open(p, "w").write(md))
+        write_text(os.path.join(args.output_dir, "results.md"), md)
         for key in PROMPT_SETS:  # one band per row: 10 columns = the digits, rows = templates
             grid = torch.cat([grids[(r[0], key)] for r in rows])
             save_png(os.path.join(args.output_dir, f"samples_{key}.png"), grid_image(grid, 10))
