@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -104,6 +105,10 @@ SD3_TEXT_TOKENS = {"full": 77 + 256, "tiny": 77 + 8}  # CLIP tokens + T5 tokens 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPLIT = ("student", "teacher_gen", "teacher_ref", "losses", "pool", "optim", "data")
+# Full fine-tunes use the 8-bit AdamW a real run would (the memory column depends on it); without
+# bitsandbytes installed (it is optional) the row says it measured plain AdamW instead.
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
+FULL_OPTIMIZER = "8-bit AdamW" if HAVE_BNB else "AdamW: no bitsandbytes"
 
 
 def parse_args(argv=None):
@@ -569,13 +574,13 @@ class SDXLRow:
                  "--mixed_precision", "no" if precision == "fp32" else precision,
                  "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
                  str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
-        if mode == "full":
+        if mode == "full" and HAVE_BNB:
             flags += ["--use_8bit_adam"]
         self.targs = ta = script.parse_args(flags)
         self.lora = lora = mode == "lora"
         self.config = {"full": SDXL_BASE, "reduced": SDXL_REDUCED, "tiny": SDXL_TINY}[args.sdxl_unet]
         size = {"full": "SDXL base", "reduced": "SDXL-shaped reduced", "tiny": "SDXL-shaped tiny"}[args.sdxl_unet]
-        what = f"LoRA r{args.lora_rank}, ckpt" if lora else "full FT (ckpt, 8-bit AdamW)"
+        what = f"LoRA r{args.lora_rank}, ckpt" if lora else f"full FT (ckpt, {FULL_OPTIMIZER})"
         self.name = f"{size} {args.sdxl_resolution}px, {what}, {precision}{teacher_ckpt_name(teacher_ckpt)}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)
         self.alphas_cumprod = DDPMScheduler(**SDXL_SCHEDULER).alphas_cumprod.to(torch.float64)
@@ -705,14 +710,14 @@ class SD3Row(SDXLRow):
                  "--mixed_precision", "no" if precision == "fp32" else precision,
                  "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
                  str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
-        if mode == "full":
+        if mode == "full" and HAVE_BNB:
             flags += ["--use_8bit_adam"]
         self.targs = ta = script.parse_args(flags)
         self.lora = lora = mode == "lora"
         self.config = {"full": SD35_MEDIUM, "tiny": SD35_TINY}[args.sd3_transformer]
         self.text_tokens = SD3_TEXT_TOKENS[args.sd3_transformer]
         size = {"full": "SD3.5-medium-sized (config from memory)", "tiny": "SD3.5-shaped tiny"}[args.sd3_transformer]
-        what = f"LoRA r{args.lora_rank}, ckpt" if lora else "full FT (ckpt, 8-bit AdamW)"
+        what = f"LoRA r{args.lora_rank}, ckpt" if lora else f"full FT (ckpt, {FULL_OPTIMIZER})"
         self.name = f"{size} {args.sd3_resolution}px, {what}, {precision}{teacher_ckpt_name(teacher_ckpt)}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)
         self.latent = args.sd3_resolution // 8
