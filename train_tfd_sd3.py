@@ -26,7 +26,7 @@ import tfd_utils
 
 logger = get_logger(__name__, log_level="INFO")
 
-SD3_LAYERS = "block:1/3 block:2/3"  # depth fractions: carry from 24 (SD3/3.5-medium) to 38 blocks (3.5-large)
+SD3_LAYERS = "block:1/2"  # a depth fraction (measured: examples/digits/sd3_layers.py); carries to 24 and 38 blocks
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the joint attention
 VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="Sampling seed (the same noise for every row).")
     p.add_argument("--batch_size", type=int, default=250, help="Images per pipeline call.")
     p.add_argument("--no_teacher_one_step", action="store_true", help="Skip the teacher's one-step row.")
+    p.add_argument("--curves", nargs="*", default=[],
+                   help="TFD runs as LABEL=RUN_DIR: FD (train prompts) of every checkpoint-N, drawn in curves.png.")
+    p.add_argument("--curve_samples", type=int, default=250, help="Samples per checkpoint for the FD curves.")
     return p.parse_args(argv)
 
 
@@ -171,6 +175,111 @@ def first_per_prompt(images, prompts):
     return images[keep]
 
 
+def checkpoint_pipeline(teacher_dir, ckpt_dir):
+    """The one-step pipeline of a TFD checkpoint: its `unet/` or `transformer/` (full fine-tune) or its
+    LoRA weights, on the teacher."""
+    pipe = one_step_pipeline(load_teacher(teacher_dir))
+    for name in ("unet", "transformer"):
+        if os.path.isdir(os.path.join(ckpt_dir, name)):
+            model = type(getattr(pipe, name)).from_pretrained(ckpt_dir, subfolder=name)
+            pipe = type(pipe)(**{**pipe.components, name: model})
+            break
+    else:
+        pipe.load_lora_weights(ckpt_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
+    """[(step, FD on the training prompts)] from step 0 (the teacher in one step), cached in
+    run_dir/fd_curve.json."""
+    from tfd_training import list_checkpoints, write_json
+
+    ckpts = list_checkpoints(run_dir)
+    key = {"n": num_samples, "seed": seed, "steps": [s for s, _ in ckpts], "teacher": os.path.abspath(teacher_dir)}
+    cache = os.path.join(run_dir, "fd_curve.json")
+    if os.path.isfile(cache) and json.load(open(cache)).get("key") == key:
+        return [tuple(p) for p in json.load(open(cache))["curve"]]
+    ref_stats = reference(data_dir, clf)
+    prompts, digits = prompt_set(data_dir, "train", num_samples)
+    curve = []
+    for step, path in [(0, None)] + ckpts:
+        pipe = one_step_pipeline(load_teacher(teacher_dir)) if path is None else checkpoint_pipeline(teacher_dir, path)
+        images = sample(pipe, prompts, seed, 1, 0.0)
+        curve.append((step, metrics(clf, images, digits, ref_stats)["fd"]))
+    write_json(cache, {"key": key, "curve": curve})
+    return curve
+
+
+def curves_figure(curves, teacher_fd, path):
+    """FD (training prompts) against TFD updates (step 0: the teacher in one step), with the teacher's
+    many-step level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, curve in curves.items():
+        ax.plot(*zip(*curve), marker="o", ms=3, lw=1, label=label)
+    ax.axhline(teacher_fd, color="k", ls="--", lw=1, label="teacher, many steps")
+    ax.set_xlabel("TFD updates")
+    ax.set_ylabel("FD ↓ (training prompts)")
+    ax.set_title("Text-to-image digits: one-step FD during training", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    from tfd_training import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def grid_prompts(data_dir, key, count=10):
+    """One prompt per digit (0–9), templates rotating, for the captioned grid."""
+    by_digit = {}
+    for p in read_prompts(data_dir, key):
+        by_digit.setdefault(caption_digit(p), []).append(p)
+    return [by_digit[d][d % len(by_digit[d])] for d in range(count)]
+
+
+def real_per_prompt(data_dir, prompts, seed=0):
+    """A held-out real digit of each prompt's class (the test split), seeded."""
+    x, _, y = load_split_text(data_dir, "test")
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([x[rng.choice(np.flatnonzero(y == caption_digit(p)))] for p in prompts]))[:, None]
+
+
+def captioned_grid(rows, captions, scale=4):
+    """rows: [(label, uint8 [C, 1, H, W])] → a PIL image: one row per label (named on the left), one
+    column per caption (written under the columns)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    cols, h, w = len(captions), rows[0][1].shape[-2] * scale, rows[0][1].shape[-1] * scale
+    left, gap, line = 150, 4, 11
+    wrapped = [textwrap.wrap(c, max(6, (w + gap) // 6)) for c in captions]
+    bottom = line * max(len(t) for t in wrapped) + 6
+    canvas = Image.new("L", (left + cols * (w + gap), len(rows) * (h + gap) + bottom), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        y = r * (h + gap)
+        draw.multiline_text((4, y + h // 2 - line), "\n".join(textwrap.wrap(label, 24)), fill=0, spacing=1)
+        for c, im in enumerate(images[:cols, 0].numpy()):
+            canvas.paste(Image.fromarray(im).resize((w, h), Image.NEAREST), (left + c * (w + gap), y))
+    for c, text in enumerate(wrapped):
+        draw.multiline_text((left + c * (w + gap), len(rows) * (h + gap) + 2), "\n".join(text), fill=0, spacing=1)
+    return canvas
+
+
+def comparison_grid(data_dir, key, rows, seed):
+    """The captioned grid of one prompt set: real digits, then one sample per row pipeline (seed `seed`)."""
+    prompts = grid_prompts(data_dir, key)
+    out = [("real (held-out digit of the class)", real_per_prompt(data_dir, prompts, seed))]
+    out += [(label, sample(pipe, prompts, seed, steps, guidance)) for label, pipe, steps, guidance in rows]
+    return captioned_grid(out, prompts)
+
+
 def results_markdown(results, info):
     lines = ["| samples | steps | CFG | FD ↓ train prompts | acc ↑ train prompts | FD ↓ held-out prompts | "
              "acc ↑ held-out prompts |", "|---|---|---|---|---|---|---|"]
@@ -221,8 +330,18 @@ def main(argv=None):
         for key in PROMPT_SETS:  # one band per row: 10 columns = the digits, rows = templates
             grid = torch.cat([grids[(r[0], key)] for r in rows])
             save_png(os.path.join(args.output_dir, f"samples_{key}.png"), grid_image(grid, 10))
-        print(f"Grids: samples_train.png / samples_heldout.png in {args.output_dir} "
-              f"(per row of the table, one image per prompt: templates down, digits 0–9 across).")
+            save_png(os.path.join(args.output_dir, f"compare_{key}.png"),
+                     comparison_grid(args.data_dir, key, rows, args.seed))
+        if args.curves:
+            curves = {}
+            for spec in args.curves:
+                label, path = spec.rsplit("=", 1)
+                curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, args.seed)
+            curves_figure(curves, results[0]["train"]["fd"], os.path.join(args.output_dir, "curves.png"))
+            write_json(os.path.join(args.output_dir, "curves.json"), curves)
+        print(f"Grids in {args.output_dir}: compare_train.png / compare_heldout.png (rows: real, teacher, students; "
+              f"the prompt under each column), samples_train.png / samples_heldout.png (per row of the table, one "
+              f"image per prompt: templates down, digits 0–9 across).")
     return results
 
 

@@ -3,7 +3,9 @@
     python examples/digits/prepare_text2image.py --output_dir outputs/digits/data_t2i
 
 Writes a DatasetDict ("train", "test"; the same images and split as prepare_data.py) with columns
-"image" (PIL, mode L, 16×16), "text" (one caption per image) and "label" (0–9), plus two prompt files:
+"image" (PIL, mode L, 16×16), "text" (one caption per image) and "label" (0–9); a third split, "distill",
+is "train" plus one row per held-out prompt without an image (what train_tfd_sdxl.py / train_tfd_sd3.py
+distil on: real positives where a caption matches, teacher samples for the rest). Two prompt files:
 - prompts_train.txt: every caption of the data set (TRAIN_TEMPLATES × 10 digits); each one matches
   about 14 training images (the paper's prompt-matched real positives);
 - prompts_heldout.txt: HELDOUT_TEMPLATES × 10 digits, captions no image carries (their positives
@@ -103,7 +105,12 @@ def build_dataset(resolution=16, num_test=400, seed=0):
                 "label": labels[idx].tolist()}
         return datasets.Dataset.from_dict(rows, features=features)
 
-    return datasets.DatasetDict({"train": split(idx_train, seed), "test": split(idx_test, seed + 1)})
+    train = split(idx_train, seed)
+    held = prompts(HELDOUT_TEMPLATES)
+    no_images = datasets.Dataset.from_dict({"image": [None] * len(held), "text": held,
+                                            "label": [caption_digit(t) for t in held]}, features=features)
+    return datasets.DatasetDict({"train": train, "test": split(idx_test, seed + 1),
+                                 "distill": datasets.concatenate_datasets([train, no_images])})
 
 
 def save(dd, output_dir):

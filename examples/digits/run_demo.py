@@ -1,19 +1,39 @@
 """`make demo`: TFD end to end on scikit-learn's bundled digits, offline, on a CPU.
 
-    python examples/digits/run_demo.py                 # the demo (~15 min on 2 idle CPU cores)
+    python examples/digits/run_demo.py                 # the demo (~6–7 min on 2 CPU cores)
+    python examples/digits/run_demo.py --ablations     # + the paper's three ablations (~+12 min)
     python examples/digits/run_demo.py --scale tiny    # the same pipeline in seconds (tests/test_demo.py)
 
 Stages (each finished stage is reused by a rerun; a killed TFD run resumes from its checkpoint):
 1. data: prepare_data.py          digits → 16×16, train / held-out test, a `datasets` folder
-2. teacher: train_teacher.py      a small class-conditional EDM UNet (diffusers format)
+2. teacher: train_teacher.py      a small class-conditional EDM UNet (diffusers format), 600 steps of 64;
+                                  10% of its samples at log-uniform σ in [1, 80], so that σ_max = 80 (where
+                                  the one-step student starts) is inside its training range
 3. classifier: classifier.py      the metric network (64-d features, class predictions)
-4. TFD: train_tfd_imagenet64.py   through `accelerate launch`: the student and 3 ablations
-5. evaluate.py                    results.md, samples.png, curves.png
+4. TFD: train_tfd_imagenet64.py   through `accelerate launch`: the student (with --ablations also the
+                                  3 ablations, same budget); meanwhile a second process computes the
+                                  evaluation rows that need no student (real digits, the teacher)
+5. evaluate.py                    the student rows, results.md, samples.png, curves.png
+
+The student's TFD settings (TFD_FLAGS; README "The demo" has the measured results): teacher layers
+`down_blocks.1 mid_block up_blocks.0 up_blocks.2` at pool 1 (the last one is the teacher's
+full-resolution 16×16 decoder block), clean teacher features (σ = 0), 10 classes × (N=8, P=8, M=4)
+per update, AdamW 2e-4 constant, student EMA 0.99. Why: the one-step samples of the former defaults
+(pool 2, no layer finer than 8×8, σ ∈ [0.02, 0.1]) kept a faint pixel speckle. It was the teacher's
+own one-step output (at σ = 80, far outside its training noise levels, it passes the input noise
+through), inherited by the student, and neither coarse nor noised teacher features see it: the
+drifting field of a sample does not depend on that sample's own zero-mean noise, and a denoiser
+treats such noise as noise. A full-resolution layer with clean features removes it; Inception FID,
+which weighs faint noise heavily, fell from ~184 to ~50 at the same budget.
+
+Every process runs one thread (THREADS): on a loaded 2-core machine two OpenMP threads in one
+process made a TFD update 20–30× slower; the second core goes to a second process instead.
 """
 
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -26,41 +46,63 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 RUN_COMPLETE = "demo_run_complete.json"
+THREADS = 1  # per process (see the module docstring)
 
 # The demo's settings: sized for a 2-core CPU (README, "The demo", has the measured results and times).
 SCALES = {
     "full": dict(
-        num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32", classifier_epochs=15,
-        tfd_steps=360, checkpointing_steps=40, classes_per_batch=10, num_generated=8, num_positives=8,
-        num_anchors=4, num_samples=1000, seeds="0,1,2", fid_samples=100, fid_reference_max=400, heun_steps=18,
-        ssim_per_class=32, curve_samples=500,
+        num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32", teacher_high_sigma_fraction=0.1,
+        classifier_epochs=15, tfd_steps=720, tfd_learning_rate=2e-4, checkpointing_steps=120, classes_per_batch=10,
+        num_generated=8, num_positives=8, num_anchors=4, num_samples=1000, seeds="0,1,2", fid_samples=400,
+        fid_reference_max=400, fid_rows="teacher,students", heun_steps=18, ssim_per_class=16, curve_samples=500,
+        t2i_teacher=[], t2i_tfd_steps=200, t2i_checkpointing_steps=50, t2i_prompts_per_batch=10,
+        t2i_num_generated=8, t2i_num_positives=8, t2i_num_samples=500, t2i_curve_samples=250,
     ),
     "tiny": dict(
-        num_test=100, teacher_steps=6, teacher_batch=16, teacher_channels="8,16,16", classifier_epochs=1,
-        tfd_steps=2, checkpointing_steps=1, classes_per_batch=10, num_generated=2, num_positives=2,
-        num_anchors=2, num_samples=40, seeds="0,1", fid_samples=10, fid_reference_max=10, heun_steps=2,
-        ssim_per_class=3, curve_samples=20,
+        num_test=100, teacher_steps=6, teacher_batch=16, teacher_channels="8,16,16", teacher_high_sigma_fraction=0.1,
+        classifier_epochs=1, tfd_steps=2, tfd_learning_rate=2e-4, checkpointing_steps=1, classes_per_batch=10,
+        num_generated=2, num_positives=2, num_anchors=2, num_samples=40, seeds="0,1", fid_samples=10,
+        fid_reference_max=10, fid_rows="real,teacher,teacher_one_step,students", heun_steps=2, ssim_per_class=3,
+        curve_samples=20,
+        t2i_teacher=["--text_widths", "16,16", "--projection_dim", "8", "--text_pretrain_steps", "3", "--vae_steps",
+                     "2", "--vae_batch_size", "8", "--max_train_steps", "2", "--batch_size", "4", "--lr_warmup_steps",
+                     "1", "--check_steps", "2", "--log_every", "1", "--vae_channels", "8,8", "--channels", "8,16,16"],
+        t2i_tfd_steps=2, t2i_checkpointing_steps=1, t2i_prompts_per_batch=2, t2i_num_generated=2,
+        t2i_num_positives=2, t2i_num_samples=60, t2i_curve_samples=60,
     ),
 }
 
-# The student and the paper's ablations (Table 4 of the paper), all with the same budget.
+# The TFD settings of every demo run (a run's own flags come after these and override them).
+TFD_FLAGS = ["--feature_layers", "down_blocks.1 mid_block up_blocks.0 up_blocks.2", "--feature_pool_size", "1",
+             "--feature_noise_min", "0", "--feature_noise_max", "0"]
+
+# The student and the paper's ablations (its Figure 4 / Table 5 questions), all with the same budget.
 RUNS = {
     "tfd": ("TFD student, one step", []),
     "no_anchor": ("ablation: no anchor term (λ=0)", ["--anchor_weight", "0"]),
-    "clean_features": ("ablation: clean features (σ=0)", ["--feature_noise_min", "0", "--feature_noise_max", "0"]),
+    "noised_features": ("ablation: noised features (σ ∈ [0.02, 0.1])",
+                        ["--feature_noise_min", "0.02", "--feature_noise_max", "0.1"]),
     "pixel_space": ("ablation: pixel space (input)", ["--feature_layers", "input"]),
 }
+MAIN_RUN = "tfd"
+ABLATIONS = [r for r in RUNS if r != MAIN_RUN]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="The offline digits demo of TFD (data, teacher, distillation, metrics).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "digits"), help="Where everything goes.")
     p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full: the demo; tiny: seconds (tests).")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"TFD runs to train and evaluate, from {', '.join(RUNS)}.")
+    p.add_argument("--ablations", action="store_true",
+                   help=f"Also train and evaluate the paper's three ablations ({', '.join(ABLATIONS)}), each with the "
+                        "main run's budget; their rows join the same results table.")
+    p.add_argument("--runs", default=None,
+                   help=f"TFD runs to train and evaluate, from {', '.join(RUNS)} (default: {MAIN_RUN}; "
+                        f"{MAIN_RUN} and the ablations with --ablations).")
     p.add_argument("--tfd_steps", type=int, default=None, help="Override the TFD updates per run.")
     p.add_argument("--teacher_steps", type=int, default=None, help="Override the teacher's training steps.")
     p.add_argument("--jobs", type=int, default=None,
-                   help="TFD runs trained at the same time, each with cpu_count/jobs threads (default: one per core).")
+                   help="TFD runs trained at the same time, one thread each (default: one per core, at most one "
+                        "per run).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the data split, the teacher and the TFD runs.")
     return p.parse_args(argv)
 
@@ -106,7 +148,8 @@ def stage_teacher(data_dir, teacher_dir, cfg, seed):
 
     train_teacher.main(["--data_dir", data_dir, "--output_dir", teacher_dir, "--max_train_steps",
                         str(cfg["teacher_steps"]), "--batch_size", str(cfg["teacher_batch"]), "--channels",
-                        cfg["teacher_channels"], "--seed", str(seed), "--log_every", "250"])
+                        cfg["teacher_channels"], "--high_sigma_fraction", str(cfg["teacher_high_sigma_fraction"]),
+                        "--seed", str(seed), "--log_every", "250"])
 
 
 def stage_classifier(data_dir, clf_dir, cfg, seed):
@@ -117,11 +160,10 @@ def stage_classifier(data_dir, clf_dir, cfg, seed):
 
 
 def tfd_command(teacher_dir, data_dir, run_dir, cfg, extra, seed):
-    """The real training script through `accelerate launch`, demo-sized."""
+    """The real training script through `accelerate launch`, demo-sized (TFD_FLAGS, then the run's own)."""
     args = [
-        "--pretrained_teacher_model", teacher_dir, "--dataset_name", data_dir,
-        "--feature_layers", "down_blocks.1 mid_block up_blocks.0", "--feature_pool_size", "2",
-        "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--pretrained_teacher_model", teacher_dir, "--dataset_name", data_dir, *TFD_FLAGS,
+        "--learning_rate", str(cfg["tfd_learning_rate"]), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--classes_per_batch", str(cfg["classes_per_batch"]), "--num_generated", str(cfg["num_generated"]),
         "--num_positives", str(cfg["num_positives"]), "--num_anchors", str(cfg["num_anchors"]),
         "--max_train_steps", str(cfg["tfd_steps"]), "--checkpointing_steps", str(cfg["checkpointing_steps"]),
@@ -135,12 +177,11 @@ def tfd_command(teacher_dir, data_dir, run_dir, cfg, extra, seed):
     return launch + [os.path.join(ROOT, "train_tfd_imagenet64.py")] + args
 
 
-def start_tfd(name, teacher_dir, data_dir, run_dir, cfg, extra, seed, threads):
+def start_tfd(name, cmd, run_dir, threads):
     """Start one TFD run (log in run_dir/train.log); None when a finished run with the same command exists.
 
     A run killed before the end resumes from its last checkpoint (--resume_from_checkpoint latest).
     """
-    cmd = tfd_command(teacher_dir, data_dir, run_dir, cfg, extra, seed)
     marker = os.path.join(run_dir, RUN_COMPLETE)
     if os.path.isfile(marker):
         if json.load(open(marker)).get("command") == cmd[1:]:
@@ -170,15 +211,13 @@ def finish_tfd(job):
     print(f"[{job['name']}] finished in {info['seconds']:.0f} s", flush=True)
 
 
-def stage_tfd(runs, teacher_dir, data_dir, out, cfg, seed, jobs):
-    """The TFD runs, `jobs` at a time (each with cpu_count // jobs threads)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+def stage_tfd(runs, jobs, max_steps, background=None):
+    """The TFD runs [(name, command, run_dir)], `jobs` at a time, one thread each (see THREADS), while
+    `background` (the evaluation's reference rows, a Popen) runs beside them."""
     pending, active, last_report = list(runs), [], time.time()
     while pending or active:
         while pending and len(active) < jobs:
-            key = pending.pop(0)
-            job = start_tfd(key, teacher_dir, data_dir, os.path.join(out, "runs", key), cfg, RUNS[key][1], seed,
-                            threads)
+            job = start_tfd(*pending.pop(0), THREADS)
             if job is not None:
                 active.append(job)
         time.sleep(1)
@@ -187,8 +226,10 @@ def stage_tfd(runs, teacher_dir, data_dir, out, cfg, seed, jobs):
             finish_tfd(job)
         if active and time.time() - last_report > 30:
             last_report = time.time()
-            print("  " + ", ".join(f"[{j['name']}] step {last_step(j['run_dir'])}/{cfg['tfd_steps']}" for j in active),
-                  flush=True)
+            extra = "" if background is None else (", reference rows: done" if background.poll() is not None
+                                                   else ", reference rows: running")
+            print("  " + ", ".join(f"[{j['name']}] step {last_step(j['run_dir'])}/{max_steps}" for j in active)
+                  + extra, flush=True)
 
 
 def last_step(run_dir):
@@ -200,13 +241,147 @@ def last_step(run_dir):
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+# The text-to-image task: train_tfd_sdxl.py on an SDXL-layout digits teacher (TODO-T2I: measured settings).
+T2I_FLAGS = ["--feature_pool_size", "1", "--learning_rate", "2e-5"]
+T2I_RUNS = {
+    "t2i_full": ("TFD student, full fine-tune", []),
+    "t2i_lora": ("TFD student, LoRA r16", ["--train_mode", "lora", "--lora_rank", "16", "--lora_alpha", "16",
+                                           "--learning_rate", "1e-4"]),
+}
+
+
+def stage_t2i_data(data_dir, cfg, seed):
+    import prepare_text2image
+
+    if os.path.isfile(os.path.join(data_dir, "dataset_dict.json")):
+        print(f"Reusing {data_dir}")
+        return
+    prepare_text2image.main(["--output_dir", data_dir, "--num_test", str(cfg["num_test"]), "--seed", str(seed)])
+
+
+def stage_t2i_teacher(data_dir, teacher_dir, cfg, seed):
+    """The SDXL-layout teacher (train_text2image_teacher.py returns at once when it is finished)."""
+    import torch
+    import train_text2image_teacher
+
+    torch.set_num_threads(os.cpu_count() or 1)  # nothing runs beside it
+    try:
+        train_text2image_teacher.main(["--layout", "sdxl", "--data_dir", data_dir, "--output_dir", teacher_dir,
+                                       "--seed", str(seed), *cfg["t2i_teacher"]])
+    finally:
+        torch.set_num_threads(THREADS)
+
+
+def t2i_command(teacher_dir, data_dir, run_dir, cache_dir, cfg, extra, seed):
+    """train_tfd_sdxl.py through `accelerate launch`, as a user runs it on SDXL: the "distill" split
+    (captioned digits, plus held-out prompts without images whose positives the teacher samples)."""
+    args = [
+        "--pretrained_model_name_or_path", teacher_dir, "--dataset_name", data_dir, "--dataset_split", "distill",
+        "--image_column", "image", "--caption_column", "text", "--resolution", "16", *T2I_FLAGS,
+        "--prompts_per_batch", str(cfg["t2i_prompts_per_batch"]), "--num_generated", str(cfg["t2i_num_generated"]),
+        "--num_positives", str(cfg["t2i_num_positives"]), "--num_positive_steps", "25",
+        "--positive_guidance_scale", "1.5", "--positive_cache_dir", cache_dir, "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0", "--max_train_steps", str(cfg["t2i_tfd_steps"]),
+        "--checkpointing_steps", str(cfg["t2i_checkpointing_steps"]), "--checkpoints_total_limit", "100",
+        "--mixed_precision", "no", "--report_to", "none", "--logging_steps", "10" if cfg["t2i_tfd_steps"] >= 10 else "1",
+        "--validation_steps", "0", "--validation_prompts", "the digit 3", "a handwritten seven",
+        "--seed", str(seed), "--output_dir", run_dir, "--resume_from_checkpoint", "latest",
+    ] + extra
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launch + [os.path.join(ROOT, "train_tfd_sdxl.py")] + args
+
+
+def stage_t2i_positives(cmd, log_path):
+    """--prepare_positives_only, once, before the two runs share the cache: the teacher samples the
+    positives of the prompts without images (25 steps, CFG 1.5)."""
+    cmd = cmd + ["--prepare_positives_only"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DIFFUSERS_OFFLINE="1",
+               OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"Preparing the text-to-image positives failed; see {log_path}:\n"
+                           + open(log_path).read()[-3000:])
+
+
+# Targets of the text-to-image students (training prompts): FD / teacher many-step FD, accuracy, and
+# how much lower their FD is than the teacher's in one step (their initialisation).
+T2I_TARGETS = {"t2i_full": (1.5, 0.90, 5.0), "t2i_lora": (2.0, 0.85, 3.0)}
+
+
+def t2i_section(t2i_dir):
+    """The text-to-image table (evaluate_text2image's results.md) and each student against its targets."""
+    rows = {r["label"]: r for r in json.load(open(os.path.join(t2i_dir, "results.json")))["rows"]}
+    labels = list(rows)
+    teacher, one_step = rows[labels[0]], rows["teacher, one step"]
+    lines = ["## Text-to-image: train_tfd_sdxl.py on an SDXL-layout digits teacher", "",
+             open(os.path.join(t2i_dir, "results.md")).read().strip(), ""]
+    for key, (label, _) in T2I_RUNS.items():
+        if label not in rows:
+            continue
+        r, (max_ratio, min_acc, min_gain) = rows[label]["train"], T2I_TARGETS[key]
+        ratio, gain = r["fd"] / teacher["train"]["fd"], one_step["train"]["fd"] / r["fd"]
+        ok = ratio <= max_ratio and r["acc"] >= min_acc and gain >= min_gain
+        lines.append(f"- {label} (training prompts): FD {ratio:.2f}× the teacher's {teacher['steps']}-step FD "
+                     f"(target ≤ {max_ratio}×), accuracy {r['acc']:.3f} (≥ {min_acc}), FD {gain:.2f}× lower than the "
+                     f"teacher in one step (≥ {min_gain}×): **{'met' if ok else 'missed'}**.")
+    lines += ["", "Pictures: text2image/compare_train.png, compare_heldout.png (rows: real, teacher, students; the "
+              "prompt under each column), text2image/curves.png (FD against TFD updates)."]
+    return "\n".join(lines) + "\n"
+
+
+def eval_argv(cfg, out, data_dir, teacher_dir, clf_dir):
+    """evaluate.py's arguments without the runs (the same for the background reference rows)."""
+    return ["--data_dir", data_dir, "--teacher_dir", teacher_dir, "--classifier_dir", clf_dir, "--output_dir", out,
+            "--num_samples", str(cfg["num_samples"]), "--seeds", cfg["seeds"], "--heun_steps", str(cfg["heun_steps"]),
+            "--fid_samples", str(cfg["fid_samples"]), "--fid_reference_max", str(cfg["fid_reference_max"]),
+            "--fid_rows", cfg["fid_rows"], "--ssim_per_class", str(cfg["ssim_per_class"]), "--curve_samples",
+            str(cfg["curve_samples"])]
+
+
+def start_reference_rows(argv, out):
+    """evaluate.py --reference_rows_only in a one-thread process (log: eval_reference.log): the rows
+    that need no student, computed on the core the TFD run leaves free; the evaluation stage reuses them."""
+    log = open(os.path.join(out, "eval_reference.log"), "w")
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", DIFFUSERS_OFFLINE="1")
+    cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), *argv, "--reference_rows_only"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log, proc.started = log, time.time()
+    return proc
+
+
+def finish_reference_rows(proc):
+    """Wait for the background reference rows; a failure only costs time (evaluate.py recomputes them).
+
+    Returns the process's own wall seconds (from its log), or None if it failed.
+    """
+    proc.wait()
+    proc.log.close()
+    if proc.returncode != 0:
+        print(f"Reference rows FAILED (exit {proc.returncode}; see eval_reference.log): evaluating them now.")
+        return None
+    log = open(proc.log.name).read()
+    found = re.findall(r"Reference rows done in (\d+) s", log)
+    seconds = float(found[-1]) if found else time.time() - proc.started
+    print(f"Reference rows done in {seconds:.0f} s beside the TFD stage", flush=True)
+    return seconds
+
+
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(THREADS)
     cfg = dict(SCALES[args.scale])
     for key in ("tfd_steps", "teacher_steps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    runs = [r for r in args.runs.replace(" ", ",").split(",") if r]
+    if args.runs is None:
+        runs = [MAIN_RUN] + (ABLATIONS if args.ablations else [])
+    else:
+        runs = [r for r in args.runs.replace(" ", ",").split(",") if r]
+        runs += [r for r in (ABLATIONS if args.ablations else []) if r not in runs]
     unknown = [r for r in runs if r not in RUNS]
     if unknown or not runs:
         raise ValueError(f"Unknown --runs {unknown}; choose from {', '.join(RUNS)}.")
@@ -218,24 +393,62 @@ def main(argv=None):
     timer.run("1 data", stage_data, data_dir, cfg, args.seed)
     timer.run("2 teacher", stage_teacher, data_dir, teacher_dir, cfg, args.seed)
     timer.run("3 classifier", stage_classifier, data_dir, clf_dir, cfg, args.seed)
-    jobs = args.jobs or min(len(runs), os.cpu_count() or 1)
-    timer.run(f"4 TFD: {len(runs)} runs, {jobs} at a time", stage_tfd, runs, teacher_dir, data_dir, out, cfg,
-              args.seed, jobs)
+    base_eval = eval_argv(cfg, out, data_dir, teacher_dir, clf_dir)
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or min(len(runs), cores)
+    background = start_reference_rows(base_eval, out) if cores > 1 else None
+    tfd_runs = [(key, tfd_command(teacher_dir, data_dir, os.path.join(out, "runs", key), cfg, RUNS[key][1], args.seed),
+                 os.path.join(out, "runs", key)) for key in runs]
+    timer.run(f"4 TFD: {len(runs)} run{'s' if len(runs) > 1 else ''}, {jobs} at a time"
+              + (" (+ reference rows beside it)" if background is not None else ""), stage_tfd, tfd_runs, jobs,
+              cfg["tfd_steps"], background)
     run_args = [f"{RUNS[key][0]}={os.path.join(out, 'runs', key)}" for key in runs]
 
     import evaluate
 
-    eval_argv = ["--data_dir", data_dir, "--teacher_dir", teacher_dir, "--classifier_dir", clf_dir, "--output_dir",
-                 out, "--num_samples", str(cfg["num_samples"]), "--seeds", cfg["seeds"], "--heun_steps",
-                 str(cfg["heun_steps"]), "--fid_samples", str(cfg["fid_samples"]), "--fid_reference_max",
-                 str(cfg["fid_reference_max"]), "--ssim_per_class", str(cfg["ssim_per_class"]), "--curve_samples",
-                 str(cfg["curve_samples"]), "--runs"] + run_args
-    timer.run("5 evaluate", evaluate.main, eval_argv)
+    reference_seconds = []
+
+    def evaluation():
+        if background is not None:
+            reference_seconds.append(finish_reference_rows(background))
+        return evaluate.main(base_eval + ["--workers", str(min(2, cores)), "--runs"] + run_args)
+
+    timer.run("5 evaluate", evaluation)
+
+    # The text-to-image task: the same digits with captions, through train_tfd_sdxl.py.
+    t2i = os.path.join(out, "text2image")
+    t2i_data, t2i_teacher, t2i_cache = (os.path.join(t2i, d) for d in ("data", "teacher", "positive_cache"))
+    timer.run("6 text-to-image data", stage_t2i_data, t2i_data, cfg, args.seed)
+    timer.run("7 text-to-image teacher (SDXL layout)", stage_t2i_teacher, t2i_data, t2i_teacher, cfg, args.seed)
+    prepare = t2i_command(t2i_teacher, t2i_data, os.path.join(t2i, "runs", "prepare"), t2i_cache, cfg, [], args.seed)
+    timer.run("8 text-to-image positives (--prepare_positives_only)", stage_t2i_positives, prepare,
+              os.path.join(t2i, "prepare_positives.log"))
+    t2i_runs = [(key, t2i_command(t2i_teacher, t2i_data, os.path.join(t2i, "runs", key), t2i_cache, cfg, extra,
+                                  args.seed), os.path.join(t2i, "runs", key)) for key, (_, extra) in T2I_RUNS.items()]
+    timer.run(f"9 text-to-image TFD: full and LoRA, {min(2, cores)} at a time", stage_tfd, t2i_runs, min(2, cores),
+              cfg["t2i_tfd_steps"])
+    import evaluate_text2image
+
+    students = [f"{label}={os.path.join(t2i, 'runs', key)}" for key, (label, _) in T2I_RUNS.items()]
+    timer.run("10 text-to-image evaluate", evaluate_text2image.main, [
+        "--teacher_dir", t2i_teacher, "--data_dir", t2i_data, "--classifier_dir", clf_dir, "--output_dir", t2i,
+        "--num_samples", str(cfg["t2i_num_samples"]), "--seed", str(args.seed), "--students", *students,
+        "--curves", *students, "--curve_samples", str(cfg["t2i_curve_samples"])])
+
+    from tfd_training import write_text
+
+    results = os.path.join(out, "results.md")
+    write_text(results, open(results).read().rstrip() + "\n\n" + t2i_section(t2i))
 
     table = timer.table()
     load = os.getloadavg()
-    summary = (f"{table}\n\nWall time {time.time() - wall0:.0f} s on {os.cpu_count()} CPU cores (scale {args.scale}; "
-               f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).\n")
+    summary = (f"{table}\n\nWall time {time.time() - wall0:.0f} s on {cores} CPU cores (scale {args.scale}; "
+               f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}).")
+    if reference_seconds and reference_seconds[0] is not None:
+        summary += (f" The evaluation's reference rows (real digits, the teacher in many steps and in one step, the "
+                    f"Inception reference) ran beside stage 4 in a one-thread process for {reference_seconds[0]:.0f} s "
+                    f"(their CPU time counts in stage 5's; log: eval_reference.log).")
+    summary += "\n"
     from tfd_training import atomic_write
 
     atomic_write(os.path.join(out, "timings.md"), lambda p: open(p, "w").write(summary))

@@ -12,6 +12,7 @@ with a finished teacher in --output_dir returns at once.
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--P_mean", type=float, default=-1.2, help="Mean of log σ in the EDM loss.")
     p.add_argument("--P_std", type=float, default=1.2, help="Std of log σ in the EDM loss.")
     p.add_argument("--sigma_data", type=float, default=0.5, help="σ_data of the EDM preconditioning.")
+    p.add_argument("--high_sigma_fraction", type=float, default=0.0,
+                   help="Fraction of samples with log σ uniform in [--high_sigma_min, --high_sigma_max] instead of "
+                        "the log-normal.")
+    p.add_argument("--high_sigma_min", type=float, default=1.0, help="Lower end of the high-σ draws.")
+    p.add_argument("--high_sigma_max", type=float, default=80.0, help="Upper end of the high-σ draws (σ_max).")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, batches and noise.")
     p.add_argument("--log_every", type=int, default=100, help="Steps between loss lines in the log.")
     p.add_argument("--overwrite", action="store_true", help="Retrain even if a finished teacher exists.")
@@ -61,10 +67,20 @@ def teacher_config(resolution, channels, num_classes=10):
     )
 
 
-def edm_loss(unet, x, labels, generator, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-    """EDM training loss: weighted ‖D(x + σn; σ) − x‖² with log σ ~ N(P_mean, P_std²)."""
+def edm_loss(unet, x, labels, generator, P_mean=-1.2, P_std=1.2, sigma_data=0.5, high_sigma_fraction=0.0,
+             high_sigma_range=(1.0, 80.0)):
+    """EDM training loss: weighted ‖D(x + σn; σ) − x‖² with log σ ~ N(P_mean, P_std²).
+
+    With high_sigma_fraction > 0, that fraction of the samples instead draws log σ uniformly in
+    high_sigma_range: EDM's log-normal almost never reaches σ = 80 (4.6 std above its mean), where
+    the one-step student starts.
+    """
     rnd = torch.randn(x.shape[0], generator=generator)
     sigma = (P_mean + P_std * rnd).exp()
+    if high_sigma_fraction > 0:
+        lo, hi = (math.log(s) for s in high_sigma_range)
+        pick = torch.rand(x.shape[0], generator=generator) < high_sigma_fraction
+        sigma = torch.where(pick, (lo + (hi - lo) * torch.rand(x.shape[0], generator=generator)).exp(), sigma)
     noise = torch.randn(x.shape, generator=generator)
     denoised = edm_denoise(unet, x + sigma.view(-1, 1, 1, 1) * noise, sigma, labels, "cm", sigma_data)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -73,7 +89,8 @@ def edm_loss(unet, x, labels, generator, P_mean=-1.2, P_std=1.2, sigma_data=0.5)
 
 # Settings that define the teacher: a finished teacher trained with others is retrained.
 IDENTITY = ("data_dir", "max_train_steps", "batch_size", "learning_rate", "lr_warmup_steps", "max_grad_norm",
-            "ema_max_decay", "channels", "P_mean", "P_std", "sigma_data", "seed")
+            "ema_max_decay", "channels", "P_mean", "P_std", "sigma_data", "high_sigma_fraction", "high_sigma_min",
+            "high_sigma_max", "seed")
 
 
 def is_finished(output_dir, args):
@@ -123,7 +140,8 @@ def main(argv=None):
     bar = tqdm(range(args.max_train_steps), desc="teacher", dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(len(images), (args.batch_size,), generator=gen)
-        loss = edm_loss(unet, images[idx], labels[idx], gen, args.P_mean, args.P_std, args.sigma_data)
+        loss = edm_loss(unet, images[idx], labels[idx], gen, args.P_mean, args.P_std, args.sigma_data,
+                        args.high_sigma_fraction, (args.high_sigma_min, args.high_sigma_max))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
