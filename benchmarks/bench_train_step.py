@@ -588,11 +588,16 @@ class SDXLRow:
         torch.manual_seed(args.seed)
         with torch.device(self.device):
             unet = UNet2DConditionModel(**self.config)
-        self.num_params = count_params(unet)
-        unet.requires_grad_(False).eval()
-        # As in the script: LoRA adapters (fp32) on the teacher's weights, or a float32 copy.
+        self.prepare_student(unet, prompts)
+
+    def prepare_student(self, model, prompts):
+        """As in the script: LoRA adapters (fp32) on the teacher's weights, or a float32 copy; the loss,
+        AdamW (8-bit for a full fine-tune when bitsandbytes is there) and accelerator.prepare."""
+        args, ta, lora = self.args, self.targs, self.lora
+        self.num_params = count_params(model)
+        model.requires_grad_(False).eval()
         student, teacher = tfd_text2image.student_and_teacher(
-            unet, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
+            model, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
             ta.lora_target_modules)
         student.enable_gradient_checkpointing()  # the teacher's blocks: TFDLoss, --teacher_checkpointing
         student.train()
@@ -725,25 +730,7 @@ class SD3Row(SDXLRow):
         torch.manual_seed(args.seed)
         with torch.device(self.device):
             transformer = SD3Transformer2DModel(**self.config)
-        self.num_params = count_params(transformer)
-        transformer.requires_grad_(False).eval()
-        student, teacher = tfd_text2image.student_and_teacher(
-            transformer, ta.train_mode, self.device, DTYPES[ta.teacher_dtype], ta.lora_rank, ta.lora_alpha,
-            ta.lora_target_modules)
-        student.enable_gradient_checkpointing()  # the teacher's blocks: TFDLoss, --teacher_checkpointing
-        student.train()
-        prepare_networks(args, *({student, teacher} if not lora else {student}))
-        self.teacher = teacher
-        self.loss_fn = TimedLoss(teacher, ta, teacher_context=self.teacher_context if lora else None,
-                                 checkpoint_teacher=ta.teacher_checkpointing)
-        self.params = [q for q in student.parameters() if q.requires_grad]
-        self.num_trainable = sum(q.numel() for q in self.params)
-        optimizer = tfd_training.make_optimizer(self.params, ta)
-        lr_scheduler = tfd_training.make_lr_scheduler(optimizer, ta, 1)
-        self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
-        mark_student(self.accelerator.unwrap_model(self.student), self)
-        self.tmp = tempfile.TemporaryDirectory(prefix="tfd-bench-cache-")
-        self.set_groups(prompts)
+        self.prepare_student(transformer, prompts)
 
     def set_groups(self, groups):
         """Batch-dependent state: one PositiveCache entry per prompt (random latents and embeddings)."""
