@@ -554,6 +554,18 @@ class ImageNet64Row:
         yield
 
 
+def text2image_flags(args, mode, precision, prompts, resolution, teacher_ckpt):
+    """The text-to-image scripts' flags of one benchmark row (full fine-tunes with 8-bit AdamW when
+    bitsandbytes is installed)."""
+    n, p = args.sdxl_batch
+    flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
+             "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
+             "--resolution", str(resolution), "--mixed_precision", "no" if precision == "fp32" else precision,
+             "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha", str(args.lora_rank),
+             "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
+    return flags + (["--use_8bit_adam"] if mode == "full" and HAVE_BNB else [])
+
+
 class SDXLRow:
     """train_tfd_sdxl.py's student, teacher, loss and optimiser on the SDXL UNet (full or LoRA); the step
     is the script's own (tfd_text2image.prompt_batch from cache entries, train_step, the backward,
@@ -567,16 +579,8 @@ class SDXLRow:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         self.script, self.args, self.device = script, args, args.device
-        n, p = args.sdxl_batch
-        flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
-                 "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
-                 "--resolution", str(args.sdxl_resolution),
-                 "--mixed_precision", "no" if precision == "fp32" else precision,
-                 "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
-                 str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
-        if mode == "full" and HAVE_BNB:
-            flags += ["--use_8bit_adam"]
-        self.targs = ta = script.parse_args(flags)
+        self.targs = ta = script.parse_args(text2image_flags(args, mode, precision, prompts, args.sdxl_resolution,
+                                                             teacher_ckpt))
         self.lora = lora = mode == "lora"
         self.config = {"full": SDXL_BASE, "reduced": SDXL_REDUCED, "tiny": SDXL_TINY}[args.sdxl_unet]
         size = {"full": "SDXL base", "reduced": "SDXL-shaped reduced", "tiny": "SDXL-shaped tiny"}[args.sdxl_unet]
@@ -708,16 +712,8 @@ class SD3Row(SDXLRow):
         from diffusers import SD3Transformer2DModel
 
         self.script, self.args, self.device = script, args, args.device
-        n, p = args.sdxl_batch
-        flags = ["--pretrained_model_name_or_path", "bench", "--dataset_name", "bench", "--train_mode", mode,
-                 "--prompts_per_batch", str(prompts), "--num_generated", str(n), "--num_positives", str(p),
-                 "--resolution", str(args.sd3_resolution),
-                 "--mixed_precision", "no" if precision == "fp32" else precision,
-                 "--teacher_dtype", precision, "--lora_rank", str(args.lora_rank), "--lora_alpha",
-                 str(args.lora_rank), "--gradient_checkpointing", *teacher_ckpt_flags(teacher_ckpt)]
-        if mode == "full" and HAVE_BNB:
-            flags += ["--use_8bit_adam"]
-        self.targs = ta = script.parse_args(flags)
+        self.targs = ta = script.parse_args(text2image_flags(args, mode, precision, prompts, args.sd3_resolution,
+                                                             teacher_ckpt))
         self.lora = lora = mode == "lora"
         self.config = {"full": SD35_MEDIUM, "tiny": SD35_TINY}[args.sd3_transformer]
         self.text_tokens = SD3_TEXT_TOKENS[args.sd3_transformer]
