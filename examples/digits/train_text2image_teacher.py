@@ -16,8 +16,10 @@ Both layouts share:
   `shift_factor`) measured so that the pipeline's latents have unit std.
 Then:
 - sdxl: a `UNet2DConditionModel` with SDXL's added conditioning (pooled text + 6 time ids) on 4×8×8
-  latents, ε-prediction on SDXL's noise schedule, saved as a StableDiffusionXLPipeline
-  (EulerDiscreteScheduler). Dropped captions are ZERO prompt and pooled embeddings: what the
+  latents, ε-prediction on SDXL's noise schedule (min-SNR-5 weights, floored at the x₀ loss where
+  SNR < 1, a quarter of the draws at t ≥ 900: with the plain ε loss this small teacher's one-step
+  output at t = 999, a TFD student's start, passes its input noise through), saved as a
+  StableDiffusionXLPipeline (EulerDiscreteScheduler). Dropped captions are ZERO prompt and pooled embeddings: what the
   pipeline feeds as the unconditional input (force_zeros_for_empty_prompt) without a negative prompt.
 - sd3: an `SD3Transformer2DModel` on 16×4×4 latents trained with rectified flow (x_s = (1−s)x₀ + sε,
   velocity ε − x₀, timestep 1000·s), saved as a StableDiffusion3Pipeline without T5 (load it with
@@ -63,14 +65,17 @@ SDXL_SCHEDULER_CONFIG = dict(
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"
 
 
-# Per-layout defaults, sized for about 2.5 (sdxl) and 3.5 (sd3) minutes on one CPU core.
+# Per-layout defaults, sized for about 3 (sdxl) and 3.5 (sd3) minutes on one CPU core.
 LAYOUT_DEFAULTS = {
+    # sdxl: the x₀-space floor and the extra draws near t = 999 teach the one-step start (see --snr_floor).
     "sdxl": dict(vae_channels="16,32", vae_steps=200, vae_learning_rate=5e-3, channels="32,64,64",
-                 max_train_steps=700, snr_gamma=5.0, flow_shift=None, patch_size=None, check_guidance_scale=1.5),
+                 max_train_steps=1200, snr_gamma=5.0, snr_floor=1.0, high_timestep_fraction=0.25, flow_shift=None,
+                 patch_size=None, check_guidance_scale=1.5),
     # 16 channels at 8×8 (4× more latent numbers than pixels) were far harder for a tiny transformer than
     # 16 at 4×4; there patch size 1 keeps 16 image tokens.
     "sd3": dict(vae_channels="16,32,32", vae_steps=300, vae_learning_rate=3e-3, channels="96",
-                max_train_steps=1200, snr_gamma=None, flow_shift=3.0, patch_size=1, check_guidance_scale=1.25),
+                max_train_steps=1200, snr_gamma=None, snr_floor=0.0, high_timestep_fraction=0.0, flow_shift=3.0,
+                patch_size=1, check_guidance_scale=1.25),
 }
 
 
@@ -106,7 +111,7 @@ def parse_args(argv=None):
                    help="sdxl: UNet block_out_channels (32,64,64); sd3: transformer width (96).")
     g.add_argument("--num_layers", type=int, default=4, help="sd3: transformer blocks.")
     g.add_argument("--patch_size", type=int, default=None, help="sd3: transformer patch size (1).")
-    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (sdxl 700, sd3 1200).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (sdxl 1200, sd3 1200).")
     g.add_argument("--batch_size", type=int, default=64, help="Images per step.")
     g.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW learning rate after warm-up.")
     g.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear learning-rate warm-up steps.")
@@ -116,8 +121,16 @@ def parse_args(argv=None):
     g.add_argument("--ema_max_decay", type=float, default=0.995, help="EMA decay cap; decay = min(cap, (1+t)/(10+t)).")
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="Probability a caption is replaced by the pipeline's unconditional input (for CFG).")
+    g.add_argument("--high_timestep_fraction", type=float, default=None,
+                   help="sdxl: fraction of the samples whose timestep is uniform in [--high_timestep_min, 999] instead "
+                        "of uniform over all 1,000, so the one-step start (t = 999) is trained more (0.25).")
+    g.add_argument("--high_timestep_min", type=int, default=900, help="sdxl: lower end of those timesteps.")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="sdxl: min-SNR-γ weight min(SNR, γ)/SNR of the ε loss (5; 0: plain MSE).")
+    g.add_argument("--snr_floor", type=float, default=None,
+                   help="sdxl: weight the ε loss by at least SNR_FLOOR/SNR, i.e. at least SNR_FLOOR in x₀ terms (1, the "
+                        "default: the x₀ loss wherever SNR < 1. The plain ε loss barely sees x₀ at t = 999, where "
+                        "one-step sampling starts, so the teacher's one-step output leaks its input noise; 0: off).")
     g.add_argument("--flow_time_sampling", default="mixed", choices=("logit_normal", "uniform", "mixed"),
                    help="sd3: distribution of the training flow time s. Logit-normal(0, 1) alone leaves s near 1 "
                         "(where sampling starts) almost untrained at this budget; mixed = half logit-normal, half "
@@ -135,6 +148,8 @@ def parse_args(argv=None):
     for key, value in LAYOUT_DEFAULTS[args.layout].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.layout == "sd3" and (args.snr_floor or args.high_timestep_fraction):
+        p.error("--snr_floor and --high_timestep_fraction belong to the sdxl layout's ε loss.")
     if args.output_dir is None:
         args.output_dir = f"outputs/digits/teacher_t2i_{args.layout}"
     return args
@@ -432,15 +447,22 @@ def sdxl_alphas_cumprod():
     return DDPMScheduler(**{k: SDXL_SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod
 
 
-def sdxl_loss(unet, x0, cond, cond_pooled, time_ids, alphas_cumprod, snr_gamma, gen):
-    """ε-prediction loss at t ~ U{0, …, 999} on SDXL's schedule, min-SNR-γ weighted when γ > 0."""
+def sdxl_loss(unet, x0, cond, cond_pooled, time_ids, alphas_cumprod, snr_gamma, gen, high_fraction=0.0, high_min=900,
+              snr_floor=0.0):
+    """ε-prediction loss at t ~ U{0, …, 999} on SDXL's schedule, min-SNR-γ weighted when γ > 0; with
+    high_fraction > 0 that fraction of the samples draws t ~ U{high_min, …, 999} instead."""
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen)
+    if high_fraction > 0:
+        pick = torch.rand(x0.shape[0], generator=gen) < high_fraction
+        t = torch.where(pick, torch.randint(high_min, len(alphas_cumprod), (x0.shape[0],), generator=gen), t)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond,
                 added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids}, return_dict=False)[0]
     snr = a / (1 - a)
     weight = snr.clamp(max=snr_gamma) / snr if snr_gamma else torch.ones_like(snr)
+    if snr_floor:  # x₀-space weight at least snr_floor: ε errors at low SNR cost what they do to x₀
+        weight = weight.clamp(min=snr_floor / snr)
     return (weight * (pred - noise) ** 2).mean()
 
 
@@ -479,7 +501,8 @@ def train_denoiser(denoiser, args, x0_all, cap_index, cond, uncond, resolution):
             if sd3:
                 loss = flow_loss(denoiser, x0_all[idx], pe, pooled, args.flow_time_sampling, gen)
             else:
-                loss = sdxl_loss(denoiser, x0_all[idx], pe, pooled, time_ids, alphas_cumprod, args.snr_gamma, gen)
+                loss = sdxl_loss(denoiser, x0_all[idx], pe, pooled, time_ids, alphas_cumprod, args.snr_gamma, gen,
+                                 args.high_timestep_fraction, args.high_timestep_min, args.snr_floor)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
@@ -505,7 +528,7 @@ IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_lay
             "text_pretrain_steps", "text_pretrain_lr", "vae_channels", "vae_steps", "vae_batch_size",
             "vae_learning_rate", "vae_kl_weight", "channels", "num_layers", "patch_size", "max_train_steps",
             "batch_size", "learning_rate", "lr_warmup_steps", "lr_scheduler", "max_grad_norm", "ema_max_decay",
-            "caption_dropout", "snr_gamma", "flow_time_sampling", "flow_shift")
+            "caption_dropout", "high_timestep_fraction", "high_timestep_min", "snr_gamma", "snr_floor", "flow_time_sampling", "flow_shift")
 
 
 def is_finished(output_dir, args):
