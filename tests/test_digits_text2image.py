@@ -158,11 +158,15 @@ def test_evaluation_reports_finite_metrics_for_every_row(teachers, data_dir, tmp
         out = tmp_path / layout
         results = E.main(["--teacher_dir", teachers[layout], "--data_dir", data_dir, "--classifier_dir",
                           str(tmp_path / "clf"), "--num_samples", "100", "--steps", "2", "--output_dir", str(out),
-                          "--students", f"copy={teachers[layout]}"])
+                          "--seeds", "0,1", "--students", f"copy={teachers[layout]}"])
         assert [r["steps"] for r in results] == [2, 1, 1]
         for r in results:
             for key in ("train", "heldout"):
                 assert np.isfinite(r[key]["fd"]) and 0 <= r[key]["acc"] <= 1
+                per_seed = [s["fd"] for s in r[key]["per_seed"]]
+                assert len(per_seed) == 2 and per_seed[0] != per_seed[1]  # each seed draws its own noise
+                assert r[key]["fd"] == pytest.approx(np.mean(per_seed)) and r[key]["fd_std"] > 0
+        assert " ± " in (out / "results.md").read_text()
         assert (out / "samples_train.png").is_file() and (out / "results.md").is_file()
 
 
@@ -173,3 +177,46 @@ def test_sdxl_teacher_in_one_step_is_the_lcm_step_at_999(teachers):
     one = E.one_step_pipeline(T.load_teacher(teachers["sdxl"]))
     one.scheduler.set_timesteps(1)
     assert one.scheduler.timesteps.tolist() == [999]
+
+
+def test_sdxl_teacher_loss_floor_is_the_x0_loss_at_low_snr():
+    """--snr_floor 1 at t = 999 (SNR 0.005) weights the ε error by 1/SNR: exactly the squared error of the
+    x₀ it implies, which the plain ε loss (min-SNR weight 1 there) scales down 200×."""
+    import train_text2image_teacher as T
+
+    alphas = T.sdxl_alphas_cumprod()
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pred = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    unet = lambda x, t, **kw: (pred,)  # noqa: E731  a fixed ε prediction
+    kw = dict(cond=None, cond_pooled=None, time_ids=None, alphas_cumprod=alphas, snr_gamma=5.0, high_fraction=1.0,
+              high_min=999)
+    floored = T.sdxl_loss(unet, x0, gen=torch.Generator().manual_seed(2), snr_floor=1.0, **kw)
+    plain = T.sdxl_loss(unet, x0, gen=torch.Generator().manual_seed(2), snr_floor=0.0, **kw)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = alphas[999]
+    x0_hat = ((a.sqrt() * x0 + (1 - a).sqrt() * noise) - (1 - a).sqrt() * pred) / a.sqrt()
+    assert floored.item() == pytest.approx(((x0_hat - x0) ** 2).mean().item(), rel=1e-5)
+    assert plain.item() == pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-5)
+    assert floored.item() / plain.item() == pytest.approx(((1 - a) / a).item(), rel=1e-4)
+
+
+def test_students_trained_at_another_timestep_are_sampled_there(teachers, tmp_path):
+    """A run's --conditioning_timestep (training_args.json) decides how evaluate_text2image samples it:
+    [T] through the scheduler's custom timesteps; [999] is exactly the plain one-step call."""
+    import evaluate_text2image as E
+    import train_text2image_teacher as T
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert E.student_steps(str(run)) == 1
+    (run / "training_args.json").write_text(json.dumps({"conditioning_timestep": 999}))
+    assert E.student_steps(str(run)) == 1
+    (run / "training_args.json").write_text(json.dumps({"conditioning_timestep": 399}))
+    assert E.student_steps(str(run)) == [399]
+
+    one = E.one_step_pipeline(T.load_teacher(teachers["sdxl"]))
+    prompts = ["the digit 3", "a handwritten seven"]
+    plain = E.sample(one, prompts, 0, 1, 0.0)
+    assert torch.equal(E.sample(one, prompts, 0, [999], 0.0), plain)
+    assert not torch.equal(E.sample(one, prompts, 0, [399], 0.0), plain)

@@ -47,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="Teacher sampling steps.")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="Teacher CFG scale (default: the teacher's check_guidance_scale: sdxl 1.5, sd3 1.25).")
-    p.add_argument("--seed", type=int, default=0, help="Sampling seed (the same noise for every row).")
+    p.add_argument("--seeds", default="0",
+                   help="Sampling seeds, comma-separated (the same noise for every row): the table gives the mean and "
+                        "standard deviation over them; grids and curves use the first.")
     p.add_argument("--batch_size", type=int, default=250, help="Images per pipeline call.")
     p.add_argument("--no_teacher_one_step", action="store_true", help="Skip the teacher's one-step row.")
     p.add_argument("--curves", nargs="*", default=[],
@@ -67,7 +69,8 @@ def is_sd3(pipe):
 
 @torch.no_grad()
 def sample(pipe, prompts, seed, steps, guidance_scale, batch_size=250):
-    """pipe(prompts) in chunks; one CPU generator seeded `seed` draws every chunk's noise in turn.
+    """pipe(prompts) in chunks; one CPU generator seeded `seed` draws every chunk's noise in turn. steps:
+    a number of steps, or a list of timesteps (a student trained with --conditioning_timestep T: [T]).
 
     T5-less SD3 pipelines run with one zero T5 token standing for the default 256 (the same
     function, train_text2image_teacher.collapsed_t5)."""
@@ -75,8 +78,9 @@ def sample(pipe, prompts, seed, steps, guidance_scale, batch_size=250):
     out = []
     with fast_t5_zeros(pipe) as kw:
         for i in range(0, len(prompts), batch_size):
-            images = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=gen, output_type="pt", **kw).images
+            when = {"timesteps": list(steps)} if isinstance(steps, (list, tuple)) else {"num_inference_steps": steps}
+            images = pipe(list(prompts[i:i + batch_size]), guidance_scale=guidance_scale, generator=gen,
+                          output_type="pt", **when, **kw).images
             out.append(gray_uint8(images))
     return torch.cat(out)
 
@@ -118,6 +122,14 @@ def load_student(path, teacher_dir):
     return pipe
 
 
+def student_steps(run_dir):
+    """How a TFD run's student samples: one step (1), or [T] for a run trained with
+    --conditioning_timestep T other than 999 (read from its training_args.json)."""
+    path = os.path.join(run_dir, "training_args.json")
+    t = json.load(open(path)).get("conditioning_timestep", 999) if os.path.isfile(path) else 999
+    return 1 if t == 999 else [t]
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics.
 # ----------------------------------------------------------------------------------------------
@@ -145,22 +157,32 @@ def metrics(clf, images_u8, digits, ref_stats):
     return {"fd": float(frechet(feats, ref_stats)), "acc": float((preds == digits).float().mean())}
 
 
-def evaluate_rows(rows, data_dir, clf, num_samples, seed, batch_size, log=print):
-    """rows: [(label, pipe, steps, guidance)] → [{label, steps, guidance, <set>: {fd, acc}, seconds}], grids."""
+def evaluate_rows(rows, data_dir, clf, num_samples, seeds, batch_size, log=print):
+    """rows: [(label, pipe, steps, guidance)] → [{label, steps, guidance, <set>: {fd, acc, fd_std, acc_std, per_seed},
+    seconds}] (mean and standard deviation over the sampling seeds), grids (first seed)."""
     ref_stats = reference(data_dir, clf)
     sets = {k: prompt_set(data_dir, k, num_samples) for k in PROMPT_SETS}
     results, grids = [], {}
     for label, pipe, steps, guidance in rows:
         t0 = time.time()
-        row = {"label": label, "steps": steps, "guidance_scale": guidance}
+        row = {"label": label, "steps": len(steps) if isinstance(steps, (list, tuple)) else steps,
+               "guidance_scale": guidance}
+        if isinstance(steps, (list, tuple)):
+            row["timesteps"] = list(steps)
         for key, (prompts, digits) in sets.items():
-            images = sample(pipe, prompts, seed, steps, guidance, batch_size)
-            row[key] = metrics(clf, images, digits, ref_stats)
-            row[key]["n"] = len(prompts)
-            grids[(label, key)] = first_per_prompt(images, prompts)
+            per_seed = []
+            for seed in seeds:
+                images = sample(pipe, prompts, seed, steps, guidance, batch_size)
+                per_seed.append(metrics(clf, images, digits, ref_stats))
+                if seed == seeds[0]:
+                    grids[(label, key)] = first_per_prompt(images, prompts)
+            row[key] = {"n": len(prompts), "per_seed": per_seed}
+            for m in ("fd", "acc"):
+                vals = np.array([r[m] for r in per_seed])
+                row[key][m], row[key][f"{m}_std"] = float(vals.mean()), float(vals.std())
         row["seconds"] = round(time.time() - t0, 1)
-        log(f"  {label}: " + ", ".join(f"{k} FD {row[k]['fd']:.2f} acc {row[k]['acc']:.3f}" for k in PROMPT_SETS)
-            + f" ({row['seconds']} s)")
+        log(f"  {label}: " + ", ".join(f"{k} FD {row[k]['fd']:.2f} ± {row[k]['fd_std']:.2f} acc {row[k]['acc']:.3f}"
+                                       for k in PROMPT_SETS) + f" ({row['seconds']} s)")
         results.append(row)
     return results, grids
 
@@ -191,12 +213,14 @@ def checkpoint_pipeline(teacher_dir, ckpt_dir):
 
 
 def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
-    """[(step, FD on the training prompts)] from step 0 (the teacher in one step), cached in
-    run_dir/fd_curve.json."""
+    """[(step, FD on the training prompts)] from step 0 (the teacher in one step, at the run's conditioning
+    timestep), cached in run_dir/fd_curve.json."""
     from tfd_training import list_checkpoints, write_json
 
     ckpts = list_checkpoints(run_dir)
-    key = {"n": num_samples, "seed": seed, "steps": [s for s, _ in ckpts], "teacher": os.path.abspath(teacher_dir)}
+    steps = student_steps(run_dir)
+    key = {"n": num_samples, "seed": seed, "steps": [s for s, _ in ckpts], "teacher": os.path.abspath(teacher_dir),
+           "sampling": steps}
     cache = os.path.join(run_dir, "fd_curve.json")
     if os.path.isfile(cache) and json.load(open(cache)).get("key") == key:
         return [tuple(p) for p in json.load(open(cache))["curve"]]
@@ -205,7 +229,7 @@ def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
     curve = []
     for step, path in [(0, None)] + ckpts:
         pipe = one_step_pipeline(load_teacher(teacher_dir)) if path is None else checkpoint_pipeline(teacher_dir, path)
-        images = sample(pipe, prompts, seed, 1, 0.0)
+        images = sample(pipe, prompts, seed, steps, 0.0)
         curve.append((step, metrics(clf, images, digits, ref_stats)["fd"]))
     write_json(cache, {"key": key, "curve": curve})
     return curve
@@ -284,8 +308,9 @@ def results_markdown(results, info):
     lines = ["| samples | steps | CFG | FD ↓ train prompts | acc ↑ train prompts | FD ↓ held-out prompts | "
              "acc ↑ held-out prompts |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['label']} | {r['steps']} | {r['guidance_scale']:g} | {r['train']['fd']:.2f} | "
-                     f"{r['train']['acc']:.3f} | {r['heldout']['fd']:.2f} | {r['heldout']['acc']:.3f} |")
+        cells = [f"{r[k]['fd']:.2f} ± {r[k]['fd_std']:.2f} | {r[k]['acc']:.3f} ± {r[k]['acc_std']:.3f}"
+                 for k in PROMPT_SETS]
+        lines.append(f"| {r['label']} | {r['steps']} | {r['guidance_scale']:g} | " + " | ".join(cells) + " |")
     lines += ["", info]
     return "\n".join(lines) + "\n"
 
@@ -313,30 +338,31 @@ def main(argv=None):
         rows.append(("teacher, one step", one_step_pipeline(teacher), 1, 0.0))
     for spec in args.students:
         label, path = spec.rsplit("=", 1)
-        rows.append((label, load_student(path, args.teacher_dir), 1, 0.0))
-    print(f"Evaluating {len(rows)} rows, {args.num_samples} samples per prompt set, seed {args.seed}:")
-    results, grids = evaluate_rows(rows, args.data_dir, clf, args.num_samples, args.seed, args.batch_size)
+        rows.append((label, load_student(path, args.teacher_dir), student_steps(path), 0.0))
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    print(f"Evaluating {len(rows)} rows, {args.num_samples} samples per prompt set, seeds {seeds}:")
+    results, grids = evaluate_rows(rows, args.data_dir, clf, args.num_samples, seeds, args.batch_size)
     info = (f"FD: Fréchet distance in the 64-d features of the digit classifier (held-out accuracy "
             f"{clf_info['test_accuracy']:.3f}) against the held-out test digits; accuracy: the classifier names the "
-            f"prompt's digit. Per prompt set about {args.num_samples} samples (every prompt equally often), seed "
-            f"{args.seed}. Teacher: {type(teacher).__name__}, {type(teacher.scheduler).__name__}.")
+            f"prompt's digit. Per prompt set about {args.num_samples} samples (every prompt equally often) per "
+            f"sampling seed; mean ± standard deviation over seeds {args.seeds}. Teacher: {type(teacher).__name__}, {type(teacher.scheduler).__name__}.")
     md = results_markdown(results, info)
     print(md)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "results.json"), {"rows": results, "teacher": args.teacher_dir,
-                                                                  "num_samples": args.num_samples, "seed": args.seed})
+                                                                  "num_samples": args.num_samples, "seeds": seeds})
         write_text(os.path.join(args.output_dir, "results.md"), md)
         for key in PROMPT_SETS:  # one band per row: 10 columns = the digits, rows = templates
             grid = torch.cat([grids[(r[0], key)] for r in rows])
             save_png(os.path.join(args.output_dir, f"samples_{key}.png"), grid_image(grid, 10))
             save_png(os.path.join(args.output_dir, f"compare_{key}.png"),
-                     comparison_grid(args.data_dir, key, rows, args.seed))
+                     comparison_grid(args.data_dir, key, rows, seeds[0]))
         if args.curves:
             curves = {}
             for spec in args.curves:
                 label, path = spec.rsplit("=", 1)
-                curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, args.seed)
+                curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, seeds[0])
             curves_figure(curves, results[0]["train"]["fd"], os.path.join(args.output_dir, "curves.png"))
             write_json(os.path.join(args.output_dir, "curves.json"), curves)
         print(f"Grids in {args.output_dir}: compare_train.png / compare_heldout.png (rows: real, teacher, students; "
