@@ -63,13 +63,13 @@ def test_demo_rerun_reuses_finished_stages(demo_dir, capsys):
 
     run_demo.main(["--scale", "tiny", "--output_dir", str(demo_dir), "--runs", "tfd,pixel_space"])
     log = capsys.readouterr().out
-    assert "Teacher already trained" in log and log.count("Reusing finished run") == 4  # 2 class-cond + 2 t2i
+    assert "Teacher already trained" in log and log.count("Reusing finished run") == 5  # 2 class-cond + 3 t2i
     assert log.count(": cached") == 5 and "Text-to-image teacher already trained" in log
 
 
 def test_demo_text_to_image_task(demo_dir):
-    """The second task: train_tfd_sdxl.py (full and LoRA) on the SDXL-layout digits teacher, evaluated
-    per prompt, with the captioned grids and the FD curves."""
+    """The second task: train_tfd_sdxl.py (full at t = 999 and 399, LoRA) on the SDXL-layout digits teacher,
+    evaluated per prompt over sampling seeds, with the captioned grids and the FD curves."""
     from diffusers import DiffusionPipeline
     from PIL import Image
 
@@ -77,14 +77,16 @@ def test_demo_text_to_image_task(demo_dir):
     md = (demo_dir / "results.md").read_text()
     assert "## Text-to-image" in md
     rows = {r["label"]: r for r in json.loads((t2i / "results.json").read_text())["rows"]}
-    assert {"teacher, one step", "TFD student, full fine-tune", "TFD student, LoRA r16"} <= set(rows)
+    students = ("TFD student, full fine-tune", "TFD student, full fine-tune, t = 399", "TFD student, LoRA r16")
+    assert {"teacher, one step", *students} <= set(rows)
     for r in rows.values():
         for key in ("train", "heldout"):
-            assert math.isfinite(r[key]["fd"]) and 0.0 <= r[key]["acc"] <= 1.0
-    for label in ("TFD student, full fine-tune", "TFD student, LoRA r16"):
+            assert math.isfinite(r[key]["fd"]) and 0.0 <= r[key]["acc"] <= 1.0 and len(r[key]["per_seed"]) == 2
+    assert rows["TFD student, full fine-tune, t = 399"]["timesteps"] == [399]  # sampled where it was trained
+    for label in students:
         assert f"- {label} (training prompts)" in md
     curves = json.loads((t2i / "curves.json").read_text())
-    assert all([s for s, _ in c] == [0, 1, 2] for c in curves.values()) and len(curves) == 2
+    assert all([s for s, _ in c] == [0, 1, 2] for c in curves.values()) and len(curves) == 3
     for name in ("compare_train.png", "compare_heldout.png", "curves.png"):
         with Image.open(t2i / name) as im:
             assert im.size[0] > 200 and im.size[1] > 100

@@ -1,6 +1,6 @@
 """`make demo`: TFD end to end on scikit-learn's bundled digits, offline, on a CPU.
 
-    python examples/digits/run_demo.py                 # the demo (~12.5 min on 2 CPU cores)
+    python examples/digits/run_demo.py                 # the demo (~14 min on 2 CPU cores)
     python examples/digits/run_demo.py --ablations     # + the paper's three class-conditional ablations (~+10 min)
     python examples/digits/run_demo.py --scale tiny    # the same pipeline in seconds (tests/test_demo.py)
 
@@ -17,10 +17,15 @@ Stages (each finished stage is reused by a rerun; a killed TFD run resumes from 
 Then the text-to-image task, in text2image/:
 6. prepare_text2image.py          the same digits with captions (templates per digit), held-out templates
                                   without images, and the "distill" split (both, for train_tfd_sdxl.py)
-7. train_text2image_teacher.py    a small SDXL-layout pipeline (VAE, two small CLIPs, text_time UNet)
+7. train_text2image_teacher.py    a small SDXL-layout pipeline (VAE, two small CLIPs, text_time UNet);
+                                  its ε loss is floored at the x₀ loss where SNR < 1, so that its one-step
+                                  output at t = 999 (where the student starts) is a smooth average rather
+                                  than its input noise passed through
 8. train_tfd_sdxl.py --prepare_positives_only: teacher positives of the prompts without images
-9. train_tfd_sdxl.py              through `accelerate launch`: full fine-tune and LoRA, side by side
-10. evaluate_text2image.py        per prompt: FD and prompt accuracy, captioned grids, FD curves
+9. train_tfd_sdxl.py              through `accelerate launch`: full fine-tune at t = 999 (the recipe) and
+                                  at t = 399, and LoRA, two at a time
+10. evaluate_text2image.py        per prompt: FD and prompt accuracy (3 sampling seeds), captioned grids,
+                                  FD curves
 
 The student's TFD settings (TFD_FLAGS; README "The demo" has the measured results): teacher layers
 `down_blocks.1 mid_block up_blocks.0 up_blocks.2` at pool 1 (the last one is the teacher's
@@ -248,14 +253,18 @@ def last_step(run_dir):
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-# The text-to-image task: train_tfd_sdxl.py on an SDXL-layout digits teacher. The best of the settings
-# measured (lr 1e-4 to 5e-6, 200 to 1,000 updates, finer layers, pool 1/2/4, the input layer): the recipe
-# layers at pool 1, lr 2e-5, 200 updates; it only just beats the teacher in one step (docs/digits_demo.md).
+# The text-to-image task: train_tfd_sdxl.py on an SDXL-layout digits teacher, the recipe's layers at pool 1,
+# 200 updates (docs/digits_demo.md has what else was measured). At the recipe's t = 999 the student's
+# x₀ = (z − 0.998 ε̂)/0.069 magnifies every change of ε̂ 14.6×, and the full fine-tune stalls near 1.7× the
+# teacher's FD whatever the lr, layers, noise or batch; at t = 399 (x₀ = (z − 0.76 ε̂)/0.65: 1.2×) it keeps
+# improving.
 T2I_FLAGS = ["--feature_pool_size", "1", "--learning_rate", "2e-5"]
 T2I_RUNS = {
     "t2i_full": ("TFD student, full fine-tune", []),
+    "t2i_full_t399": ("TFD student, full fine-tune, t = 399", ["--conditioning_timestep", "399",
+                                                              "--learning_rate", "5e-5"]),
     "t2i_lora": ("TFD student, LoRA r16", ["--train_mode", "lora", "--lora_rank", "16", "--lora_alpha", "16",
-                                           "--learning_rate", "1e-4"]),
+                                           "--learning_rate", "1e-3"]),
 }
 
 
@@ -268,17 +277,23 @@ def stage_t2i_data(data_dir, cfg, seed):
     prepare_text2image.main(["--output_dir", data_dir, "--num_test", str(cfg["num_test"]), "--seed", str(seed)])
 
 
-def stage_t2i_teacher(data_dir, teacher_dir, cfg, seed):
-    """The SDXL-layout teacher (train_text2image_teacher.py returns at once when it is finished)."""
+def on_every_core(fn, *args):
+    """fn(*args) with torch on every core: for the stages nothing runs beside."""
     import torch
-    import train_text2image_teacher
 
-    torch.set_num_threads(os.cpu_count() or 1)  # nothing runs beside it
+    torch.set_num_threads(os.cpu_count() or 1)
     try:
-        train_text2image_teacher.main(["--layout", "sdxl", "--data_dir", data_dir, "--output_dir", teacher_dir,
-                                       "--seed", str(seed), *cfg["t2i_teacher"]])
+        return fn(*args)
     finally:
         torch.set_num_threads(THREADS)
+
+
+def stage_t2i_teacher(data_dir, teacher_dir, cfg, seed):
+    """The SDXL-layout teacher (train_text2image_teacher.py returns at once when it is finished)."""
+    import train_text2image_teacher
+
+    on_every_core(train_text2image_teacher.main, ["--layout", "sdxl", "--data_dir", data_dir, "--output_dir",
+                                                  teacher_dir, "--seed", str(seed), *cfg["t2i_teacher"]])
 
 
 def t2i_command(teacher_dir, data_dir, run_dir, cache_dir, cfg, extra, seed):
@@ -316,7 +331,7 @@ def stage_t2i_positives(cmd, log_path):
 
 # Targets of the text-to-image students (training prompts): FD / teacher many-step FD, accuracy, and
 # how much lower their FD is than the teacher's in one step (their initialisation).
-T2I_TARGETS = {"t2i_full": (1.5, 0.90, 5.0), "t2i_lora": (2.0, 0.85, 3.0)}
+T2I_TARGETS = {"t2i_full": (1.5, 0.90, 5.0), "t2i_full_t399": (1.5, 0.90, 5.0), "t2i_lora": (2.0, 0.85, 3.0)}
 
 
 def t2i_section(t2i_dir):
@@ -331,10 +346,11 @@ def t2i_section(t2i_dir):
             continue
         r, (max_ratio, min_acc, min_gain) = rows[label]["train"], T2I_TARGETS[key]
         ratio, gain = r["fd"] / teacher["train"]["fd"], one_step["train"]["fd"] / r["fd"]
-        ok = ratio <= max_ratio and r["acc"] >= min_acc and gain >= min_gain
+        mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
         lines.append(f"- {label} (training prompts): FD {ratio:.2f}× the teacher's {teacher['steps']}-step FD "
-                     f"(target ≤ {max_ratio}×), accuracy {r['acc']:.3f} (≥ {min_acc}), FD {gain:.2f}× lower than the "
-                     f"teacher in one step (≥ {min_gain}×): **{'met' if ok else 'missed'}**.")
+                     f"(target ≤ {max_ratio}×: {mark(ratio <= max_ratio)}), accuracy {r['acc']:.3f} (≥ {min_acc}: "
+                     f"{mark(r['acc'] >= min_acc)}), FD {gain:.2f}× lower than the teacher in one step (≥ {min_gain}×: "
+                     f"{mark(gain >= min_gain)}).")
     lines += ["", "Pictures: text2image/compare_train.png, compare_heldout.png (rows: real, teacher, students; the "
               "prompt under each column), text2image/curves.png (FD against TFD updates)."]
     return "\n".join(lines) + "\n"
@@ -434,14 +450,14 @@ def main(argv=None):
               os.path.join(t2i, "prepare_positives.log"))
     t2i_runs = [(key, t2i_command(t2i_teacher, t2i_data, os.path.join(t2i, "runs", key), t2i_cache, cfg, extra,
                                   args.seed), os.path.join(t2i, "runs", key)) for key, (_, extra) in T2I_RUNS.items()]
-    timer.run(f"9 text-to-image TFD: full and LoRA, {min(2, cores)} at a time", stage_tfd, t2i_runs, min(2, cores),
-              cfg["t2i_tfd_steps"])
+    timer.run(f"9 text-to-image TFD: {len(t2i_runs)} runs, {min(2, cores)} at a time", stage_tfd, t2i_runs,
+              min(2, cores), cfg["t2i_tfd_steps"])
     import evaluate_text2image
 
     students = [f"{label}={os.path.join(t2i, 'runs', key)}" for key, (label, _) in T2I_RUNS.items()]
-    timer.run("10 text-to-image evaluate", evaluate_text2image.main, [
+    timer.run("10 text-to-image evaluate", on_every_core, evaluate_text2image.main, [
         "--teacher_dir", t2i_teacher, "--data_dir", t2i_data, "--classifier_dir", clf_dir, "--output_dir", t2i,
-        "--num_samples", str(cfg["t2i_num_samples"]), "--seed", str(args.seed), "--students", *students,
+        "--num_samples", str(cfg["t2i_num_samples"]), "--seeds", cfg["seeds"], "--students", *students,
         "--curves", *students, "--curve_samples", str(cfg["t2i_curve_samples"])])
 
     from tfd_training import write_text
