@@ -68,35 +68,39 @@ def embed(pipe, prompt):
     return pe, pooled
 
 
-def student_latents(unet, pipe, prompt, noise):
+def student_latents(unet, pipe, prompt, noise, t=999):
     """The training generator (tfd_utils.sdxl_one_step) for a prompt, as the script calls it."""
     pe, pooled = embed(pipe, prompt)
     b = noise.shape[0]
     cond = {"text_embeds": pooled.expand(b, -1), "time_ids": script.sdxl_time_ids(32, b)}
     ac = pipe.scheduler.alphas_cumprod
     with torch.no_grad():
-        return tfd_utils.sdxl_one_step(unet, noise, 999, ac[999], pe.expand(b, -1, -1), cond)
+        return tfd_utils.sdxl_one_step(unet, noise, t, ac[t], pe.expand(b, -1, -1), cond)
 
 
-def pipeline_latents(pipe, prompt, noise):
-    return pipe(prompt, num_inference_steps=1, guidance_scale=0.0, latents=noise.clone(), height=32, width=32,
-                num_images_per_prompt=noise.shape[0],
-                output_type="latent").images
+def pipeline_latents(pipe, prompt, noise, t=999):
+    when = {"num_inference_steps": 1} if t == 999 else {"timesteps": [t]}  # the model card's call
+    return pipe(prompt, guidance_scale=0.0, latents=noise.clone(), height=32, width=32,
+                num_images_per_prompt=noise.shape[0], output_type="latent", **when).images
 
 
-def test_one_step_equals_lcm_pipeline_step(teacher):
-    """sdxl_one_step is exactly StableDiffusionXLPipeline + LCMScheduler (1 step, no CFG, latents)."""
+@pytest.mark.parametrize("t", [999, 399])
+def test_one_step_equals_lcm_pipeline_step(teacher, t):
+    """sdxl_one_step is exactly StableDiffusionXLPipeline + LCMScheduler (1 step, no CFG, latents), also
+    at another --conditioning_timestep sampled with timesteps=[t]."""
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline(**{**teacher.components,
                                         "scheduler": script_lcm(teacher.scheduler.config)})
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    ours = student_latents(pipe.unet, pipe, "a photo of a cat", noise)
-    theirs = pipeline_latents(pipe, "a photo of a cat", noise)
-    assert pipe.scheduler.timesteps.tolist() == [999]
+    ours = student_latents(pipe.unet, pipe, "a photo of a cat", noise, t)
+    theirs = pipeline_latents(pipe, "a photo of a cat", noise, t)
+    assert pipe.scheduler.timesteps.tolist() == [t]
     torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-6)
-    assert ours.abs().mean() > 1.0  # x0 from ε at t=999 is large: the comparison is not vacuous
+    other = student_latents(pipe.unet, pipe, "a photo of a cat", noise, 399 if t == 999 else 999)
+    assert not torch.allclose(ours, other, atol=1e-3)  # the timestep matters: the comparison is not vacuous
+    assert ours.abs().mean() > (1.0 if t == 999 else 0.1)
 
 
 def script_lcm(config):
