@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from classifier import get_classifier  # noqa: E402
 from evaluate import classifier_outputs, frechet  # noqa: E402
 from prepare_text2image import caption_digit, load_split_text, read_prompts  # noqa: E402
-from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, load_teacher  # noqa: E402
+from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, ints, load_teacher  # noqa: E402
 
 PROMPT_SETS = ("train", "heldout")
 
@@ -77,11 +77,13 @@ def sample(pipe, prompts, seed, steps, guidance_scale, batch_size=250):
     function, train_text2image_teacher.collapsed_t5)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    if isinstance(steps, (list, tuple)):  # on purpose: LCMScheduler warns on every call that T is not 999
+    when = {"num_inference_steps": steps}
+    if isinstance(steps, (list, tuple)):
+        when = {"timesteps": list(steps)}
+        # on purpose: LCMScheduler warns on every call that the first timestep is not 999
         logging.getLogger("diffusers.schedulers.scheduling_lcm").setLevel(logging.ERROR)
     with fast_t5_zeros(pipe) as kw:
         for i in range(0, len(prompts), batch_size):
-            when = {"timesteps": list(steps)} if isinstance(steps, (list, tuple)) else {"num_inference_steps": steps}
             images = pipe(list(prompts[i:i + batch_size]), guidance_scale=guidance_scale, generator=gen,
                           output_type="pt", **when, **kw).images
             out.append(gray_uint8(images))
@@ -168,10 +170,9 @@ def evaluate_rows(rows, data_dir, clf, num_samples, seeds, batch_size, log=print
     results, grids = [], {}
     for label, pipe, steps, guidance in rows:
         t0 = time.time()
-        row = {"label": label, "steps": len(steps) if isinstance(steps, (list, tuple)) else steps,
-               "guidance_scale": guidance}
+        row = {"label": label, "steps": steps, "guidance_scale": guidance}
         if isinstance(steps, (list, tuple)):
-            row["timesteps"] = list(steps)
+            row.update(steps=len(steps), timesteps=list(steps))
         for key, (prompts, digits) in sets.items():
             per_seed = []
             for seed in seeds:
@@ -343,13 +344,14 @@ def main(argv=None):
     for spec in args.students:
         label, path = spec.rsplit("=", 1)
         rows.append((label, load_student(path, args.teacher_dir), student_steps(path), 0.0))
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    seeds = ints(args.seeds)
     print(f"Evaluating {len(rows)} rows, {args.num_samples} samples per prompt set, seeds {seeds}:")
     results, grids = evaluate_rows(rows, args.data_dir, clf, args.num_samples, seeds, args.batch_size)
     info = (f"FD: Fréchet distance in the 64-d features of the digit classifier (held-out accuracy "
             f"{clf_info['test_accuracy']:.3f}) against the held-out test digits; accuracy: the classifier names the "
             f"prompt's digit. Per prompt set about {args.num_samples} samples (every prompt equally often) per "
-            f"sampling seed; mean ± standard deviation over seeds {args.seeds}. Teacher: {type(teacher).__name__}, {type(teacher.scheduler).__name__}.")
+            f"sampling seed; mean ± standard deviation over seeds {args.seeds}. Teacher: {type(teacher).__name__}, "
+            f"{type(teacher.scheduler).__name__}.")
     md = results_markdown(results, info)
     print(md)
     if args.output_dir:

@@ -528,7 +528,8 @@ IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_lay
             "text_pretrain_steps", "text_pretrain_lr", "vae_channels", "vae_steps", "vae_batch_size",
             "vae_learning_rate", "vae_kl_weight", "channels", "num_layers", "patch_size", "max_train_steps",
             "batch_size", "learning_rate", "lr_warmup_steps", "lr_scheduler", "max_grad_norm", "ema_max_decay",
-            "caption_dropout", "high_timestep_fraction", "high_timestep_min", "snr_gamma", "snr_floor", "flow_time_sampling", "flow_shift")
+            "caption_dropout", "high_timestep_fraction", "high_timestep_min", "snr_gamma", "snr_floor",
+            "flow_time_sampling", "flow_shift")
 
 
 def is_finished(output_dir, args):
