@@ -230,6 +230,11 @@ def source_key(paths):
     return h.hexdigest()[:16]
 
 
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) over sampling seeds."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def evaluate_row(name, sample_fn, nfe, ctx, args, cache_id, fid=True, workers=1):
     """Metrics of one row over all seeds, plus its first samples for the grids (FID only if `fid`)."""
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -252,8 +257,8 @@ def evaluate_row(name, sample_fn, nfe, ctx, args, cache_id, fid=True, workers=1)
         fds.append(frechet(feats, ctx["ref_stats"]))
         accs.append((preds == labels).float().mean().item())
         first = images if first is None else first
-    row = dict(name=name, nfe=nfe, fd=fds, fd_mean=float(np.mean(fds)),
-               fd_std=float(np.std(fds, ddof=1)) if len(fds) > 1 else 0.0, acc=float(np.mean(accs)),
+    fd_mean, fd_std = mean_std(fds)
+    row = dict(name=name, nfe=nfe, fd=fds, fd_mean=fd_mean, fd_std=fd_std, acc=float(np.mean(accs)),
                ssim=max_pairwise_ssim(first, labels, args.ssim_per_class), fid=None,
                grid=first[:3 * NUM_CLASSES].clone())
     if fid_n > 0:

@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from classifier import get_classifier  # noqa: E402
-from evaluate import classifier_outputs, frechet  # noqa: E402
+from evaluate import classifier_outputs, frechet, mean_std  # noqa: E402
 from prepare_text2image import caption_digit, load_split_text, read_prompts  # noqa: E402
 from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, ints, load_teacher  # noqa: E402
 
@@ -182,8 +182,7 @@ def evaluate_rows(rows, data_dir, clf, num_samples, seeds, batch_size, log=print
                     grids[(label, key)] = first_per_prompt(images, prompts)
             row[key] = {"n": len(prompts), "per_seed": per_seed}
             for m in ("fd", "acc"):
-                vals = np.array([r[m] for r in per_seed])
-                row[key][m], row[key][f"{m}_std"] = float(vals.mean()), float(vals.std())
+                row[key][m], row[key][f"{m}_std"] = mean_std([r[m] for r in per_seed])
         row["seconds"] = round(time.time() - t0, 1)
         log(f"  {label}: " + ", ".join(f"{k} FD {row[k]['fd']:.2f} ± {row[k]['fd_std']:.2f} acc {row[k]['acc']:.3f}"
                                        for k in PROMPT_SETS) + f" ({row['seconds']} s)")
