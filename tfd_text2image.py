@@ -16,8 +16,84 @@ import torch
 import tfd_training
 import tfd_utils
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "float16": torch.float16}
+# ----------------------------------------------------------------------------------------------
+# 0. The flags both text-to-image scripts have: prompts and real images, positives and their cache, the
+#    batch and the student (the teacher's, the objective's and the training flags are the scripts' own).
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help):
+    """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings."""
+    g = parser.add_argument_group("prompts and real images")
+    g.add_argument("--dataset_name", default=None,
+                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk "
+                        "folder, or 'webdataset' with --data_files.")
+    g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
+    g.add_argument("--data_files", nargs="+", default=None,
+                   help="Data files of --dataset_name, e.g. webdataset shards 'shards/{00000..00099}.tar' (ranges in "
+                        "braces are expanded).")
+    g.add_argument("--dataset_split", default="train",
+                   help="Split, optionally sliced as datasets does it: 'train', 'train[:100000]'.")
+    g.add_argument("--streaming", action="store_true",
+                   help="Stream the data set instead of downloading it whole: only the first --max_train_samples "
+                        "rows are read (and their images, with --image_column).")
+    g.add_argument("--caption_column", default="text",
+                   help="Caption column (a string or a list of strings per row; LAION metadata: TEXT, Re-LAION: "
+                        "caption, img2dataset webdataset shards: txt). Every distinct caption is a prompt.")
+    g.add_argument("--image_column", default=None,
+                   help="Optional image column (webdataset: jpg): images whose caption matches a prompt become its "
+                        "first positives.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Use this many rows (a seeded random subset; with --streaming the first rows).")
+    g.add_argument("--prompts_file", default=None,
+                   help="A text file of prompts, one per line (instead of a data set).")
+
+    g = parser.add_argument_group("positives and their cache")
+    g.add_argument("--positive_cache_dir", default=None,
+                   help="On-disk cache of positives and text embeddings (default: OUTPUT_DIR/positive_cache). Share "
+                        "it between runs: entries are keyed by every setting they depend on.")
+    g.add_argument("--prepare_positives_only", action="store_true",
+                   help="Fill the cache for the whole prompt set (sharded over all processes, resumable) and exit. "
+                        "Run this first: a prompt missing from the cache is sampled inside a training step.")
+    g.add_argument("--num_positive_steps", type=int, default=positive_steps,
+                   help="Teacher sampling steps of a positive.")
+    g.add_argument("--positive_guidance_scale", type=float, default=positive_guidance,
+                   help="CFG scale of teacher positives.")
+    g.add_argument("--positive_seed", type=int, default=0,
+                   help="Base seed of teacher positives (each (prompt, slot) derives its own from it).")
+    g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
+                   help="Storage dtype of cached latents and text embeddings.")
+
+    g = parser.add_argument_group("batch and student")
+    g.add_argument("--resolution", type=int, default=1024, help="Image resolution (pixels) of students and positives.")
+    g.add_argument("--prompts_per_batch", type=int, default=1, help="Prompts (groups) per step per process.")
+    g.add_argument("--num_generated", type=int, default=4, help="Student samples per prompt (N, at least 2).")
+    g.add_argument("--num_positives", type=int, default=4,
+                   help="Positives per prompt (P): matching real images first, then teacher samples. They are also "
+                        "the anchors of the anchor-margin loss.")
+    g.add_argument("--train_mode", default="full", choices=("full", "lora"),
+                   help=f"full: train a copy of the teacher {denoiser}; lora: train LoRA adapters on it (the teacher "
+                        f"is the same {denoiser} with adapters disabled: no second copy).")
+    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank).")
+    g.add_argument("--lora_target_modules", default=lora_targets, help=lora_targets_help)
+    return g
+
+
+# Valid ranges of the shared flags, checked at parse time (tfd_training.check_ranges).
+RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
+          "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0",
+          "resolution": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"}
+
+
+def check_args(args, ranges):
+    """Bad settings fail here, before any model or data is loaded (ranges: the script's own)."""
+    check_data_args(args)
+    tfd_training.check_common_args(args, {**RANGES, **ranges})
+    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if args.positive_cache_dir is None:
+        args.positive_cache_dir = os.path.join(args.output_dir, "positive_cache")
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. Prompts and real images.
@@ -200,8 +276,8 @@ class PositiveCache:
     def exists(self, prompt, slots):
         return os.path.exists(self.path(prompt, slots))
 
-    def save(self, prompt, slots, tensors, before_commit=None):
-        """Write an entry atomically; before_commit(prompt) runs once its temporary file is written."""
+    def save(self, prompt, slots, tensors):
+        """Write an entry atomically (a temporary file, then a rename)."""
         from safetensors.torch import save_file
 
         path = self.path(prompt, slots)
@@ -210,12 +286,7 @@ class PositiveCache:
         meta = {"prompt": prompt, "slots": json.dumps(list(slots)), "sha256": tfd_training.tensor_digest(tensors),
                 "settings_key": self.key}
 
-        def write(tmp):
-            save_file(tensors, tmp, metadata=meta)
-            if before_commit is not None:
-                before_commit(prompt)
-
-        tfd_training.atomic_write(path, write)
+        tfd_training.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
     def load(self, prompt, slots):
@@ -260,12 +331,11 @@ class Positives:
     """
 
     def __init__(self, args, cache, real_rows, dataset, teacher_pipe, device, teacher_context=None,
-                 offload_modules=(), before_commit=None, logger=None):
+                 offload_modules=(), logger=None):
         self.args, self.cache, self.real_rows, self.dataset = args, cache, real_rows, dataset
         self.pipe, self.device, self.logger = teacher_pipe, device, logger
         self.teacher_context = teacher_context or contextlib.nullcontext
         self.offload_modules, self.offloaded = list(offload_modules), False
-        self.before_commit = before_commit
         self.stats = {"hits": 0, "generated": 0, "regenerated": 0}
         self._window = dict(self.stats)
 
@@ -288,7 +358,7 @@ class Positives:
             self.stats["hits"] += 1
             return entry
         entry = self.make(prompt, slots)
-        self.cache.save(prompt, slots, entry, self.before_commit)
+        self.cache.save(prompt, slots, entry)
         self.stats["generated"] += 1
         return entry
 
@@ -326,21 +396,22 @@ class Positives:
                     image = self.dataset[int(tag[5:])][args.image_column]
                     latents[i] = encode_image(self.pipe.vae, image, args.resolution, self.device)
                 except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for truncated/garbled files
-                    raise ValueError(f"Row {tag[5:]} of {args.dataset_name}: its {args.image_column!r} image cannot be "
-                                     f"decoded ({type(e).__name__}: {e}); remove or re-encode it.") from e
+                    raise ValueError(f"Row {tag[5:]} of {args.dataset_name}: its {args.image_column!r} image cannot "
+                                     f"be decoded ({type(e).__name__}: {e}); remove or re-encode it.") from e
         teacher_slots = [i for i, tag in enumerate(slots) if tag == "teacher"]
         if teacher_slots:
             gens = [torch.Generator().manual_seed(positive_seed(prompt, i, args.positive_seed)) for i in teacher_slots]
             with self.teacher_context():
                 out = self.pipe(prompt, height=args.resolution, width=args.resolution,
-                                num_inference_steps=args.num_positive_steps, guidance_scale=args.positive_guidance_scale,
-                                num_images_per_prompt=len(gens), generator=gens, output_type="latent").images
+                                num_inference_steps=args.num_positive_steps,
+                                guidance_scale=args.positive_guidance_scale, num_images_per_prompt=len(gens),
+                                generator=gens, output_type="latent").images
             for i, lat in zip(teacher_slots, out):
                 latents[i] = lat.float()
         if self.offloaded:
             for m in self.offload_modules:
                 m.to("cpu")
-        cdt = DTYPES[args.cache_dtype]
+        cdt = getattr(torch, args.cache_dtype)
         return {"positives": torch.stack(latents).to(cdt), "prompt_embeds": pe[0].to(cdt),
                 "pooled_prompt_embeds": pooled[0].to(cdt)}
 
@@ -353,8 +424,9 @@ class Positives:
             self.get(prompt)
         accelerator.wait_for_everyone()
         s = self.stats
-        self.logger.info(f"Positive cache ready: {self.cache.dir}; this process: {s['hits']} reused, {s['generated']} "
-                         f"generated ({s['regenerated']} of them replaced unreadable entries).", main_process_only=False)
+        self.logger.info(f"Positive cache ready: {self.cache.dir}; this process: {s['hits']} reused, "
+                         f"{s['generated']} generated ({s['regenerated']} of them replaced unreadable entries).",
+                         main_process_only=False)
         accelerator.end_training()
         return dict(s)
 
@@ -382,8 +454,9 @@ def open_positive_cache(args, teacher_scheduler, logger, **settings):
         "real_images": [args.dataset_name, args.dataset_config_name, args.dataset_split, args.data_files,
                         args.image_column] if args.image_column else None, "cache_dtype": args.cache_dtype,
         **settings})
-    logger.info(f"Positive cache: {cache.dir}" + (f" ({len(cache.other_settings)} caches made with other settings in "
-                                                   f"{args.positive_cache_dir} are not used)" if cache.other_settings else ""))
+    others = (f" ({len(cache.other_settings)} caches made with other settings in {args.positive_cache_dir} are not "
+              "used)" if cache.other_settings else "")
+    logger.info(f"Positive cache: {cache.dir}{others}")
     removed = tfd_training.remove_stale_tmp_files(cache.dir)
     if removed:
         logger.info(f"Positive cache: removed {removed} temporary files of killed writers.")
@@ -394,8 +467,7 @@ def open_positives(args, pipe, real_rows, dataset, device, teacher_context, logg
     """Positives through the cache under --positive_cache_dir (settings: what else the entries depend on)."""
     cache = open_positive_cache(args, pipe.scheduler, logger, **settings)
     modules = [m for k, m in pipe.components.items() if m is not None and (k.startswith("text_encoder") or k == "vae")]
-    return Positives(args, cache, real_rows, dataset, pipe, device, teacher_context, modules,
-                     before_commit=tfd_training.fault_pause("cache_entry"), logger=logger)
+    return Positives(args, cache, real_rows, dataset, pipe, device, teacher_context, modules, logger=logger)
 
 
 def warn_about_misses(positives, prompts, logger):
@@ -481,8 +553,8 @@ def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
         components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
                                                           cache_dir=args.cache_dir)
     dtypes = {"default": teacher_dtype, "vae": torch.float32, "unet": torch.float32, "transformer": torch.float32}
-    pipe = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                        cache_dir=args.cache_dir, dtype=dtypes,
+    pipe = pipeline_cls.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                        variant=args.variant, cache_dir=args.cache_dir, dtype=dtypes,
                                         **{**absent_components(pipeline_cls, args), **components})
     pipe.set_progress_bar_config(disable=True)
     for name, m in pipe.components.items():
@@ -504,7 +576,7 @@ def absent_components(pipeline_cls, args):
 def make_student(pipe, component, args, device):
     """(student, teacher, teacher_context) from the pipeline's denoiser; the pipeline keeps the teacher.
     teacher_context: the factory TFDLoss and the positives enter around teacher passes (LoRA: adapters off)."""
-    teacher_dtype = DTYPES[args.teacher_dtype]
+    teacher_dtype = tfd_training.DTYPES[args.teacher_dtype]
     if args.prepare_positives_only:
         return None, getattr(pipe, component).to(device, teacher_dtype), None
     student, teacher = student_and_teacher(getattr(pipe, component), args.train_mode, device, teacher_dtype,
@@ -515,23 +587,7 @@ def make_student(pipe, component, args, device):
 
 def cond_dtype(args):
     """dtype of the text conditioning the student gets: LoRA adapters sit on the teacher's base weights."""
-    return DTYPES[args.teacher_dtype] if args.train_mode == "lora" else torch.float32
-
-
-def prepare_training(accelerator, args, student, teacher, teacher_context, pipeline_cls, component):
-    """Gradient checkpointing of the student (the teacher's: TFDLoss, --teacher_checkpointing), the loss
-    (TFDLoss from its flags), AdamW and its schedule, checkpoint hooks, accelerator.prepare."""
-    lora = args.train_mode == "lora"
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.train()
-    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, teacher_context=teacher_context,
-                                          checkpoint_teacher=args.teacher_checkpointing)
-    optimizer = tfd_training.make_optimizer([prm for prm in student.parameters() if prm.requires_grad], args)
-    lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    register_checkpoint_hooks(accelerator, lora, pipeline_cls, component)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    return loss_fn, student, optimizer, lr_scheduler
+    return tfd_training.DTYPES[args.teacher_dtype] if args.train_mode == "lora" else torch.float32
 
 
 def student_and_teacher(model, train_mode, device, teacher_dtype, lora_rank=64, lora_alpha=64,
@@ -633,7 +689,7 @@ def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
 # ----------------------------------------------------------------------------------------------
 
 
-def card_settings(args, num_prompts, data_desc):
+def card_settings(args, num_prompts):
     """The settings a text-to-image model card shows (no local paths, no secrets)."""
     source = "a prompt file" if args.prompts_file else tfd_training.public_name(args.dataset_name)
     return {"prompts": f"{num_prompts} from {source}", "training mode": args.train_mode +
@@ -647,8 +703,45 @@ def card_settings(args, num_prompts, data_desc):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The training loop, the validation grid and the export: the same for every text-to-image teacher.
+# 7. Set-up, the batch, the validation grid and the export: the same for every text-to-image teacher.
 # ----------------------------------------------------------------------------------------------
+
+
+def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, components=None, cache_settings=None):
+    """What a text-to-image script's loop needs, as a namespace: prompts (and the data set and its
+    description), the teacher pipeline (loaded unless `pipe` is given: the benchmark passes one built from a
+    config; components: what it is loaded with, e.g. no T5), student, teacher and teacher_context, the positives
+    (their cache; cache_settings: what else its entries depend on) and the validation prompts' embeddings; then
+    the loss (TFDLoss from its flags), AdamW and its schedule, prepared by the accelerator. With
+    --prepare_positives_only: the teacher and positives only."""
+    components, cache_settings = components or {}, cache_settings or {}
+    from types import SimpleNamespace
+
+    device, teacher_dtype = accelerator.device, tfd_training.DTYPES[args.teacher_dtype]
+    # a. Prompts, and the real images whose captions match them.
+    prompts, real_rows, dataset, data_desc = load_prompts(args, logger)
+    # b. The teacher pipeline: the text encoders in the teacher's dtype, the VAE in float32.
+    pipe = pipe if pipe is not None else load_pipeline(pipeline_cls, args, device, teacher_dtype, **components)
+    # c. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
+    student, teacher, teacher_context = make_student(pipe, component, args, device)
+    positives = open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger, **cache_settings)
+    run = SimpleNamespace(prompts=prompts, dataset=dataset, data_desc=data_desc, pipe=pipe, student=student,
+                          teacher=teacher, teacher_context=teacher_context, positives=positives)
+    if args.prepare_positives_only:
+        return run
+    run.val_embeds = encode_prompts(pipe, args.validation_prompts, device)
+    positives.offload_if_complete(prompts)
+    # d. The loss, the optimiser and its schedule; checkpoints hold the trainable weights as exported.
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    run.loss_fn = tfd_utils.TFDLoss(teacher, **tfd_training.loss_kwargs(args), teacher_context=teacher_context,
+                                    checkpoint_teacher=args.teacher_checkpointing)
+    optimizer = tfd_training.make_optimizer([prm for prm in student.parameters() if prm.requires_grad], args)
+    lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component)
+    run.student, run.optimizer, run.lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    return run
 
 
 def prompt_batch(entries, num_generated, latent_shape, generator, device, dtype):
@@ -659,55 +752,6 @@ def prompt_batch(entries, num_generated, latent_shape, generator, device, dtype)
     pooled = torch.stack([e["pooled_prompt_embeds"] for e in entries]).to(device, dtype)
     noise = torch.randn(len(entries) * num_generated, *latent_shape, generator=generator).to(device)
     return positives, prompt_embeds, pooled, noise
-
-
-def train_loop(accelerator, args, student, optimizer, lr_scheduler, loss_fn, positives, prompts, step_fn, latent_shape,
-               grid_fn, first_step, metrics_path, logger):
-    """Updates first_step+1 .. --max_train_steps. A micro-step draws --prompts_per_batch prompts (positions
-    [rank·G, (rank+1)·G) of one sequence all processes share: they never repeat each other), builds the
-    batch from their cache entries and runs step_fn(batch, generator) → (loss, logs), the script's
-    training step; then the backward, the update (skipped when not finite), logging, checkpoints and
-    validation grids (grid_fn(model) → PIL image)."""
-    from tqdm.auto import tqdm
-
-    G, N, rank = args.prompts_per_batch, args.num_generated, accelerator.process_index
-    logger.info(f"***** TFD ({args.train_mode}): {args.max_train_steps} updates, {G} prompts x (N={N}, "
-                f"P={args.num_positives}) per process, {accelerator.num_processes} processes, layers {loss_fn.layers}, "
-                f"σ in [{args.feature_noise_min}, {args.feature_noise_max}] *****")
-    params = [prm for prm in student.parameters() if prm.requires_grad]  # FSDP clips the prepared model's own
-    fsdp = accelerator.distributed_type.value == "FSDP"
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step,
-                                           G * N * args.gradient_accumulation_steps * accelerator.num_processes, logger)
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            drawn = tfd_training.shared_draw(len(prompts), rank * G, G, shared).tolist()
-            tfd_training.debug_record(accelerator, "draws", lambda: {"step": step, "micro": micro, "prompts": drawn})
-            batch = prompt_batch([positives.get(prompts[i]) for i in drawn], N, latent_shape, gen, accelerator.device,
-                                 cond_dtype(args))
-            with accelerator.accumulate(student):
-                loss, logs = step_fn(batch, gen)
-                accelerator.backward(tfd_training.fault_loss(loss, step, rank))
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
-                                                               args.max_grad_norm)
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0],
-                                                       **positives.window(accelerator)})
-        tfd_training.debug_record(accelerator, "steps", lambda: {
-            "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger,
-                                         before_commit=tfd_training.fault_pause("checkpoint"))
-        if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process and not fsdp:
-            grid = grid_fn(accelerator.unwrap_model(student))  # (FSDP: one process cannot run the sharded student)
-            os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-            tfd_training.save_png(os.path.join(args.output_dir, "validation", f"step-{step}.png"), grid)
-            tfd_training.log_image(accelerator, grid, step)
 
 
 @torch.no_grad()

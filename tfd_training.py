@@ -1,7 +1,6 @@
 # What every TFD training script's loop shares: files written atomically, the start of a run
 # (resume, settings, trackers, Hub repo), per-step seeds and process-disjoint draws, the update,
 # logging, checkpoints, images, model cards and the Hub upload. The method itself is in tfd_utils.py.
-# Test-only fault hooks are gathered at the bottom; outside tests they do nothing.
 
 import json
 import math
@@ -143,13 +142,16 @@ def list_checkpoints(output_dir, logger=None):
 
 
 def resolve_resume_checkpoint(output_dir, resume_from, logger=None):
-    """`latest` → the newest complete checkpoint under output_dir (None if there is none); a path →
-    that checkpoint, which must be complete."""
+    """`latest` → the newest complete checkpoint under output_dir (None if there is none); a path, or a
+    checkpoint-N folder inside output_dir → that checkpoint, which must be complete."""
     if not resume_from:
         return None
     if resume_from == "latest":
         ckpts = list_checkpoints(output_dir, logger)
         return ckpts[-1][1] if ckpts else None
+    inside = os.path.join(output_dir, resume_from)
+    if not os.path.isdir(resume_from) and os.path.isdir(inside):  # a checkpoint-N name, as diffusers' scripts take
+        resume_from = inside
     if not os.path.isdir(resume_from):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from!r} does not exist.")
     if not os.path.exists(os.path.join(resume_from, CHECKPOINT_COMPLETE)):
@@ -172,9 +174,9 @@ def check_output_dir(output_dir, resume_from_checkpoint):
                               "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None, before_commit=None):
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None):
     """accelerator.save_state into checkpoint-N atomically, then drop the oldest complete checkpoints
-    beyond total_limit. Call on every process. before_commit(step) runs between writing and marking."""
+    beyond total_limit. Call on every process."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = final + ".incomplete"
     if accelerator.is_main_process and os.path.isdir(tmp):
@@ -182,8 +184,6 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
-    if before_commit is not None:
-        before_commit(step)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, CHECKPOINT_COMPLETE), "w") as f:
             f.write(f"{step}\n")
@@ -202,8 +202,135 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None
 
 
 # ----------------------------------------------------------------------------------------------
-# The start of a run: resume, recorded settings (secrets never), trackers, the Hub repo.
+# Flags every script shares: the objective's (the keywords of tfd_utils.TFDLoss, by the same names),
+# optimisation, logging, checkpoints and the Hub. Every value that can be checked without loading
+# anything is checked at parse time, naming the flag.
 # ----------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
+
+
+def argument_parser(description):
+    """An ArgumentParser whose --help shows every default."""
+    import argparse
+
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_loss_arguments(parser, layers, radii, sigma_min, sigma_max, pool_size=4):
+    """The objective's flags (recipe defaults given by each script): each is the tfd_utils.TFDLoss keyword of
+    the same name, passed on by loss_kwargs. A new loss hyperparameter is a TFDLoss keyword and a flag here."""
+    g = parser.add_argument_group("TFD objective")
+    g.add_argument("--feature_layers", default=layers,
+                   help="Teacher layers whose outputs are features, spaces or commas: enc:K, dec:K, bottleneck "
+                        "(UNets), block:K or block:A/B (transformers; negative K from the end, A/B a fraction of the "
+                        "depth), input (the noised sample itself), or module names (model.named_modules()).")
+    g.add_argument("--feature_pool_size", type=int, default=pool_size,
+                   help="Average-pool kernel and stride applied to each feature map (1: no pooling).")
+    g.add_argument("--drift_radii", default=radii, help="Kernel radii R of the drifting field, summed over.")
+    g.add_argument("--drift_kernel", default="drifting", choices=("drifting", "meanshift"),
+                   help="drifting: the authors' double-softmax kernel; meanshift: the paper's Eq. (2)-(4).")
+    g.add_argument("--feature_noise_mean", type=float, default=-1.2, help="Mean of log σ of the feature noise.")
+    g.add_argument("--feature_noise_std", type=float, default=1.2, help="Std of log σ of the feature noise.")
+    g.add_argument("--feature_noise_min", type=float, default=sigma_min,
+                   help="Lower truncation of σ, in units of the teacher's data (min == max fixes σ; 0: clean).")
+    g.add_argument("--feature_noise_max", type=float, default=sigma_max, help="Upper truncation of σ.")
+    g.add_argument("--anchor_weight", type=float, default=1.0, help="λ of the anchor-margin loss (0 disables it).")
+    g.add_argument("--anchor_alpha", type=float, default=0.5, help="Margin α of the anchor-margin loss.")
+    g.add_argument("--anchor_temperature", type=float, default=1.0,
+                   help="τ: the bandwidth is the batch's median anchor distance × τ.")
+    g.add_argument("--anchor_bandwidth", type=float, default=None, help="A fixed anchor bandwidth instead of τ.")
+    return g
+
+
+LOSS_RANGES = {"feature_pool_size": ">= 1", "feature_noise_std": ">= 0", "feature_noise_min": ">= 0",
+               "feature_noise_max": ">= 0", "anchor_weight": ">= 0", "anchor_alpha": "> 0",
+               "anchor_temperature": "> 0", "anchor_bandwidth": "> 0"}
+
+
+def loss_kwargs(args):
+    """The tfd_utils.TFDLoss keywords from the flags of the same names."""
+    import inspect
+
+    import tfd_utils
+
+    names = inspect.signature(tfd_utils.TFDLoss.__init__).parameters
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
+
+
+def add_training_arguments(parser, output_dir, learning_rate, max_train_steps, max_grad_norm, validation_steps,
+                           checkpointing_steps, lr_warmup_steps=500):
+    """Optimisation, logging, checkpoint and Hub flags, with the script's recipe defaults."""
+    import argparse
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=learning_rate, help="AdamW learning rate.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW: a quarter of AdamW's optimiser memory (`pip install "
+                        "bitsandbytes`).")
+    g.add_argument("--lr_scheduler", default="constant_with_warmup", choices=LR_SCHEDULERS,
+                   help="Learning-rate schedule (diffusers.optimization).")
+    g.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps, help="Warm-up steps of the learning rate.")
+    g.add_argument("--max_train_steps", type=int, default=max_train_steps, help="Optimiser updates.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches per update (each a full batch of groups on every process).")
+    g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="Gradient clipping norm.")
+    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="Autocast of the student; its weights stay float32 (default: the accelerate config's "
+                        "setting).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the student's blocks in backward instead of keeping their activations.")
+    g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
+                   help="In the generated samples' teacher pass, recompute the teacher's blocks in backward instead "
+                        "of keeping their activations (a diffusers teacher; LoRA: with the adapters off). Default: "
+                        "on with --gradient_checkpointing.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="Stop after this many consecutive updates with a non-finite loss or gradient (each skipped).")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Seed of everything: initialisation, draws, noise (per step and process).")
+
+    g = parser.add_argument_group("logging, validation, checkpoints, output")
+    g.add_argument("--output_dir", default=output_dir, help="Where checkpoints, logs and the student go.")
+    g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to --output_dir.")
+    g.add_argument("--report_to", default="tensorboard", choices=(*TRACKERS, "all", "none"),
+                   help="Tracker of the training metrics.")
+    g.add_argument("--tracker_project_name", default=os.path.basename(output_dir), help="Tracker project name.")
+    g.add_argument("--logging_steps", type=int, default=10, help="Log (trackers, metrics.jsonl) every N updates.")
+    g.add_argument("--validation_steps", type=int, default=validation_steps,
+                   help="Validation grid every N updates (0: never).")
+    g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
+                   help="Save a checkpoint every N updates.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest complete checkpoint in --output_dir; a new run if there is none), a "
+                        "checkpoint-N folder name inside --output_dir, or a checkpoint path.")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Create the Hub repo at the start, upload --output_dir at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None,
+                   help="Hub token (default: the cached `hf auth login` or HF_TOKEN, which are safer: a token on the "
+                        "command line shows in the process list, and accelerate prints a failed command). Never "
+                        "written to any file or tracker.")
+    return g
+
+
+NUM_GENERATED = (">= 2", "the generated samples of a group are each other's negatives")
+
+# Ranges of the flags add_training_arguments defines.
+TRAINING_RANGES = {
+    "learning_rate": "> 0", "adam_beta1": "0..0.999999", "adam_beta2": "0..0.999999", "adam_weight_decay": ">= 0",
+    "adam_epsilon": "> 0", "lr_warmup_steps": ">= 0", "max_train_steps": ">= 1", "gradient_accumulation_steps": ">= 1",
+    "max_grad_norm": "> 0", "max_bad_steps": ">= 1", "logging_steps": ">= 1", "validation_steps": ">= 0",
+    "checkpointing_steps": ">= 1", "checkpoints_total_limit": ">= 1", "seed": ">= 0",
+}
+
 
 def check_ranges(args, rules):
     """Refuse out-of-range flag values at parse time, naming every offending flag. rules: {dest: rule}
@@ -226,16 +353,53 @@ def check_ranges(args, rules):
         raise ValueError("; ".join(bad) + ".")
 
 
-NUM_GENERATED = (">= 2", "the generated samples of a group are each other's negatives")
+def parse_floats(text):
+    """'0.02,0.05 0.2' → [0.02, 0.05, 0.2] (commas or spaces)."""
+    try:
+        return [float(v) for v in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of numbers separated by commas or spaces.") from None
 
-# Ranges of the flags every training script has.
-COMMON_RANGES = {
-    "learning_rate": "> 0", "adam_beta1": "0..0.999999", "adam_beta2": "0..0.999999", "adam_weight_decay": ">= 0",
-    "adam_epsilon": "> 0", "lr_warmup_steps": ">= 0", "max_train_steps": ">= 1", "gradient_accumulation_steps": ">= 1",
-    "max_grad_norm": "> 0", "max_bad_steps": ">= 1", "logging_steps": ">= 1", "validation_steps": ">= 0",
-    "checkpointing_steps": ">= 1", "checkpoints_total_limit": ">= 1", "seed": ">= 0",
-}
 
+def check_common_args(args, ranges):
+    """The checks every script runs right after parsing (before anything loads): ranges (the shared ones and
+    the script's), the objective's lists, optional packages the flags need, the Hub token."""
+    import importlib.util
+
+    check_ranges(args, {**TRAINING_RANGES, **LOSS_RANGES, **ranges})
+    if isinstance(args.feature_layers, str):
+        args.feature_layers = args.feature_layers.replace(",", " ").split()
+    if isinstance(args.drift_radii, str):
+        args.drift_radii = parse_floats(args.drift_radii)
+    if not args.feature_layers:
+        raise ValueError("--feature_layers: give at least one teacher layer.")
+    if not args.drift_radii or min(args.drift_radii) <= 0:
+        raise ValueError(f"--drift_radii {args.drift_radii}: give positive radii (a negative one flips the kernel and "
+                         "drives samples the wrong way).")
+    if args.feature_noise_min > args.feature_noise_max:
+        raise ValueError(f"--feature_noise_min {args.feature_noise_min} is above --feature_noise_max "
+                         f"{args.feature_noise_max}.")
+    # wandb records the command line itself, so a token on it would be uploaded: refuse the pair.
+    if getattr(args, "hub_token", None) is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("Do not pass --hub_token together with --report_to wandb (wandb records the command line): "
+                         "log in with `hf auth login` instead.")
+    for flag, package in (("--use_8bit_adam", "bitsandbytes" if args.use_8bit_adam else None),
+                          (f"--report_to {args.report_to}", TRACKERS.get(args.report_to))):
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag} needs the {package} package, which is not installed: `pip install {package}`.")
+    if args.teacher_checkpointing is None:
+        args.teacher_checkpointing = args.gradient_checkpointing
+    if args.lr_warmup_steps > args.max_train_steps and args.lr_scheduler != "constant":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            f"--lr_warmup_steps {args.lr_warmup_steps} is longer than the run (--max_train_steps "
+            f"{args.max_train_steps}): the learning rate never reaches --learning_rate {args.learning_rate}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The start of a run: resume, recorded settings (secrets never), trackers, the Hub repo.
+# ----------------------------------------------------------------------------------------------
 
 SECRET_ARGS = ("hub_token",)
 
@@ -243,13 +407,6 @@ SECRET_ARGS = ("hub_token",)
 def public_args(args):
     """The run's settings without secrets: what may be written to files, trackers and model cards."""
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
-
-
-def check_hub_args(args):
-    """wandb records the command line itself, so a token on it would be uploaded: refuse the pair."""
-    if getattr(args, "hub_token", None) is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("Do not pass --hub_token together with --report_to wandb (wandb records the command line): "
-                         "log in with `hf auth login` instead.")
 
 
 def create_hub_repo(args):
@@ -484,6 +641,19 @@ class TrainingMonitor:
             append_metrics(self.metrics_path, {"step": step, **values})
 
 
+def is_validation_step(accelerator, args, step):
+    """Every --validation_steps, on the main process; never under FSDP (one process cannot run a sharded model)."""
+    return bool(args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process and
+                accelerator.distributed_type.value != "FSDP")
+
+
+def save_validation_grid(accelerator, args, grid, step):
+    """OUTPUT_DIR/validation/step-N.png, and the image to the trackers."""
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    save_png(os.path.join(args.output_dir, "validation", f"step-{step}.png"), grid)
+    log_image(accelerator, grid, step)
+
+
 def log_image(accelerator, image, step, tag="validation"):
     """A PIL image to the accelerator's trackers (tensorboard, wandb)."""
     import numpy as np
@@ -614,51 +784,3 @@ def push_folder_to_hub(folder, repo_id, token=None, message="TFD one-step studen
                   ignore_patterns=["checkpoint-*", "positive_cache/*", "logs/*", "*.incomplete*", "*.tmp-*",
                                    "training_args.json"])
     return repo_id
-
-
-# ----------------------------------------------------------------------------------------------
-# Test-only hooks (tests/test_faults.py, tests/test_distributed.py), called at named points of the
-# training loops. Without the TFD_TEST_* / TFD_DEBUG_DIR environment variables they do nothing.
-# ----------------------------------------------------------------------------------------------
-
-
-def fault_pause(point):
-    """pause(detail): with TFD_TEST_PAUSE=POINT (or POINT:DETAIL) it announces itself on stderr and
-    sleeps TFD_TEST_PAUSE_SECONDS (60), so a test can SIGKILL the process at that moment."""
-    def pause(detail=""):
-        import sys
-
-        want = os.environ.get("TFD_TEST_PAUSE")
-        if want and want in (point, f"{point}:{detail}"):
-            print(f"TFD_TEST_PAUSE {point}:{detail} pid={os.getpid()}", file=sys.stderr, flush=True)
-            time.sleep(float(os.environ.get("TFD_TEST_PAUSE_SECONDS", "60")))
-
-    return pause
-
-
-def fault_loss(loss, step, rank=0):
-    """At the steps in TFD_TEST_NONFINITE_STEPS ("3,4"; "3@1": rank 1 only) make the loss non-finite as
-    TFD_TEST_NONFINITE_KIND says: nan (default), inf, or grad (finite loss, infinite gradient)."""
-    spec = os.environ.get("TFD_TEST_NONFINITE_STEPS")
-    if not spec or not ({str(step), f"{step}@{rank}"} & set(spec.replace(" ", "").split(","))):
-        return loss
-    kind = os.environ.get("TFD_TEST_NONFINITE_KIND", "nan")
-    if kind == "grad":
-        return loss + (loss - loss.detach()) * float("inf")
-    return loss * float(kind)
-
-
-def debug_record(accelerator, name, make_record):
-    """Append make_record() as a JSON line to $TFD_DEBUG_DIR/NAME-rankR.jsonl (nothing is computed
-    without TFD_DEBUG_DIR)."""
-    folder = os.environ.get("TFD_DEBUG_DIR")
-    if not folder:
-        return
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{name}-rank{accelerator.process_index}.jsonl"), "a") as f:
-        f.write(json.dumps(make_record()) + "\n")
-
-
-def state_digest(model):
-    """SHA-256 of a module's state dict: equal digests, equal weights."""
-    return tensor_digest(dict(model.state_dict()))

@@ -1,15 +1,17 @@
-# Teacher-Feature Drifting (TFD): the method, one short function per equation, in the paper's order.
+# Teacher-Feature Drifting (TFD): the method, one short function per equation. The sections follow
+# docs/method.md, which explains each in words:
 #
-#   1. losses            the drifting loss (Eq. 7/11) and the anchor-margin loss (Eq. 12-14)
-#   2. features          forward hooks on teacher modules, pooling, early stop, layer selectors
-#   3. noise maps        one feature-noise level per group, and how each teacher family takes it
-#   4. teacher forwards  forward(sample, sigma) closures for the feature pass
-#   5. students          the one-step generators (EDM, variance-preserving, rectified flow)
-#   6. TFDLoss           the whole objective, built once from its settings, called once per step
+#   1. teacher features       forward hooks on teacher modules, pooling, early stop, layer selectors
+#   2. feature noise          one noise level per group, how each teacher family takes it, teacher forwards
+#   3. the drifting field     attraction to positives, repulsion from the generated samples (Eq. 2-4, 7)
+#   4. the regression         the frozen-target mean squared error (Eq. 11)
+#   5. the anchor-margin loss coverage of real modes (Eq. 12-14)
+#   6. the total              TFDLoss: the whole objective of a step, built from keyword arguments
+#   7. one-step students      the generators (EDM, variance-preserving, rectified flow)
 #
 # Equation numbers refer to the paper ("Teacher-Feature Drifting: One-Step Diffusion Distillation with
-# Pretrained Diffusion Representations"); docs/method.md explains the method in words. Nothing here
-# knows about training loops, data or files: tfd_training.py and the scripts do.
+# Pretrained Diffusion Representations"). Nothing here knows about flags, training loops, data or files:
+# tfd_training.py and the scripts do.
 
 import difflib
 import math
@@ -20,149 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
-# 1. Losses. Drifting: attraction to positives, repulsion from the generated samples themselves.
-# ----------------------------------------------------------------------------------------------
-
-DRIFT_KERNELS = ("drifting", "meanshift")
-
-
-def pairwise_distance(a, b):
-    """Euclidean distances [G, A, B] between the rows of a [G, A, D] and b [G, B, D], floored at 1e-4
-    (sqrt(max(d², 1e-8))) so the gradient stays finite at coincident points."""
-    # the direct (difference-based) kernel: the matmul form loses precision for close points
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-4)
-
-
-def drifting_weights(logits, num_generated):
-    """The authors' kernel: a double softmax (over targets, over generated rows), then the coupling.
-
-    logits: [G, N, N+P] = -d̂/R. Returns c [G, N, N+P]: the first N columns (negatives) carry
-    -A⁻·ΣA⁺, the last P (positives) A⁺·ΣA⁻.
-    """
-    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
-    a_neg, a_pos = a[..., :num_generated], a[..., num_generated:]
-    c_neg = -a_neg * a_pos.sum(dim=-1, keepdim=True)
-    c_pos = a_pos * a_neg.sum(dim=-1, keepdim=True)
-    return torch.cat([c_neg, c_pos], dim=-1)
-
-
-def meanshift_weights(logits, num_generated):
-    """Paper Eq. (2)–(4): V = V⁺ − V⁻, separately normalised Laplace-kernel means, in the c-form of
-    `drifting_weights` (each row's positive weights sum to 1, its negative weights to −1)."""
-    w_neg = logits[..., :num_generated].softmax(dim=-1)
-    w_pos = logits[..., num_generated:].softmax(dim=-1)
-    return torch.cat([-w_neg, w_pos], dim=-1)
-
-
-def drifting_field(generated, positives, radii, kernel="drifting"):
-    """The drift F (the frozen target is t = x/s_in + F), in float32 without gradient.
-
-    generated [G, N, D], positives [G, P, D] → (force [G, N, D], s_in, stats). The scale s is the
-    mean distance over every group of the batch; each radius's force is normalised to unit RMS and
-    the forces are summed. stats: `scale` and `force_norms` (the raw RMS force per radius, before
-    normalisation: the progress signal, since the normalised loss stays flat by design).
-    """
-    if kernel not in DRIFT_KERNELS:
-        raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {DRIFT_KERNELS}.")
-    with torch.no_grad(), torch.autocast(generated.device.type, enabled=False):
-        x = generated.detach().float()
-        y = positives.detach().float()
-        num_gen, dim = x.shape[1], x.shape[2]
-        dist = torch.cat([pairwise_distance(x, x), pairwise_distance(x, y)], dim=-1)  # targets [x; y]
-        scale = dist.mean()
-        s_in = (scale / math.sqrt(dim)).clamp_min(1e-3)
-        self_mask = torch.eye(num_gen, dist.shape[-1], device=x.device, dtype=x.dtype)
-        dist_s = dist / scale.clamp_min(1e-3) + 1e6 * self_mask
-        weights_fn = drifting_weights if kernel == "drifting" else meanshift_weights
-        combined = torch.zeros_like(dist)
-        force_norms = []
-        for radius in radii:
-            w = _force_matrix(weights_fn(-dist_s / radius, num_gen)) / s_in
-            norm = _rms(_apply_weights(w, x, y)).clamp_min(1e-4)
-            force_norms.append(norm)
-            combined = combined + w / norm
-        force = _apply_weights(combined, x, y)  # Σ_R F_R / ‖F_R‖: linear in the weights
-    return force, s_in, {"scale": scale, "force_norms": torch.stack(force_norms)}
-
-
-def _rms(t):
-    """sqrt(mean(t²)), per-row norms first (one float32 norm over many millions of elements loses ~1e-4)."""
-    return (torch.linalg.vector_norm(t.flatten(1), dim=1).square().sum() / t.numel()).sqrt()
-
-
-def _force_matrix(c):
-    """c [G, N, N+P] → w with F_i = Σ_j w_ij Y_j: the −(Σ_j c_ij) x_i term moves onto column i."""
-    eye = torch.eye(c.shape[1], c.shape[-1], device=c.device, dtype=c.dtype)
-    return c - c.sum(dim=-1, keepdim=True) * eye
-
-
-def _apply_weights(w, x, y):
-    """w [G, N, N+P] applied to the rows of [x; y] without concatenating them."""
-    num_gen = x.shape[1]
-    return torch.bmm(w[..., num_gen:], y).baddbmm_(w[..., :num_gen], x)
-
-
-class _FrozenTargetRegression(torch.autograd.Function):
-    """mean over (N, D) of (x/s_in − sg(x/s_in + F))² per group: the value mean(F²) and the gradient
-    −2F/(s_in·N·D) w.r.t. x, without materialising the target (Eq. 11)."""
-
-    @staticmethod
-    def forward(ctx, generated, force, s_in):
-        ctx.save_for_backward(force, s_in)
-        ctx.input_dtype = generated.dtype
-        return force.square().mean(dim=(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        force, s_in = ctx.saved_tensors
-        scale = grad_loss.float().view(-1, 1, 1) * (-2.0 / (force.shape[1] * force.shape[2])) / s_in
-        return (force * scale).to(ctx.input_dtype), None, None
-
-
-def drifting_loss(generated, positives, radii, kernel="drifting", return_stats=False):
-    """Per-group drifting loss [G] (Eq. 7/11): generated [G, N, D] carries the gradient, positives
-    [G, P, D] are constants. With return_stats=True also returns `drifting_field`'s diagnostics."""
-    force, s_in, stats = drifting_field(generated, positives, radii, kernel)
-    with torch.autocast(generated.device.type, enabled=False):
-        loss = _FrozenTargetRegression.apply(generated, force, s_in)
-    return (loss, stats) if return_stats else loss
-
-
-def anchor_margin_loss(generated, anchors, alpha=0.5, bandwidth=None, temperature=1.0, return_stats=False):
-    """Per-group anchor-margin coverage loss [G] on raw features: generated [G, N, D], anchors [G, M, D].
-
-    support s_m = mean_j exp(−‖a_m − x_j‖/h) (Eq. 12), self-support s̄_m = mean_{k≠m} exp(−‖a_m − a_k‖/2h)
-    (Eq. 13), loss = mean_m relu(α s̄_m − s_m) (Eq. 14). The bandwidth h is ONE value for the whole
-    batch: the median of every anchor–generated distance of every group (torch.median's convention:
-    the lower of the two middle values), detached, times `temperature`; or a fixed `bandwidth`.
-    return_stats: also the fraction of anchors already meeting the margin (`covered`) and h.
-    """
-    with torch.autocast(generated.device.type, enabled=False):
-        x = generated.float()
-        a = anchors.detach().float()
-        dist = pairwise_distance(a, x)  # [G, M, N], gradient through x
-        h = dist.detach().median() * temperature if bandwidth is None else torch.tensor(float(bandwidth))
-        h = h.to(x.device).clamp_min(1e-8)
-        support = torch.exp(-dist / h).mean(dim=2)  # [G, M]
-        deficit = alpha * _anchor_self_support(a, h) - support
-        loss = deficit.clamp_min(0).mean(dim=1)
-    if not return_stats:
-        return loss
-    return loss, {"covered": (deficit <= 0).float().mean(), "bandwidth": h}
-
-
-def _anchor_self_support(anchors, h):
-    """s̄_m of Eq. 13: [G, M]; zero when there is a single anchor."""
-    num_anchors = anchors.shape[1]
-    if num_anchors < 2:
-        return anchors.new_zeros(anchors.shape[:2])
-    k = torch.exp(-pairwise_distance(anchors, anchors) / (2 * h))
-    k = k * (1 - torch.eye(num_anchors, device=anchors.device, dtype=k.dtype))
-    return k.sum(dim=2) / (num_anchors - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Teacher features: forward hooks, pooling, early stop, layer selectors.
+# 1. Teacher features: forward hooks, pooling, early stop, layer selectors.
 # ----------------------------------------------------------------------------------------------
 
 INPUT_SELECTOR = "input"
@@ -411,8 +271,9 @@ class FeatureExtractor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Feature noise: one σ per group (Eq. 9), in "variance exploding" units of the teacher's data,
-#    and its mapping onto variance-preserving and rectified-flow teachers.
+# 2. Feature noise: one σ per group (Eq. 9), in "variance exploding" units of the teacher's data;
+#    how variance-preserving and rectified-flow teachers take it; the teacher forwards of the feature
+#    pass (forward(sample, sigma); conditioning given per group is repeated over its samples).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -473,12 +334,6 @@ def flow_time_for_sigma(sigma):
 def flow_scale_input(x_noisy, sigma):
     """x + σξ as a rectified-flow model input: (x + σξ)/(1 + σ), the point at s = σ/(1 + σ)."""
     return (x_noisy.float() / (1 + _per_sample(sigma, x_noisy))).to(x_noisy.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Teacher forwards: forward(sample, sigma) for the feature pass; conditioning given per group is
-#    repeated over the group's samples. Only the hooks' outputs are used.
-# ----------------------------------------------------------------------------------------------
 
 PRECONDS = ("cm", "edm")
 
@@ -546,7 +401,249 @@ def flow_teacher_forward(transformer, encoder_hidden_states, pooled_projections)
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. One-step students: each is exactly the function its saved pipeline runs in one step.
+# 3. The drifting field: attraction to positives, repulsion from the generated samples themselves.
+# ----------------------------------------------------------------------------------------------
+
+DRIFT_KERNELS = ("drifting", "meanshift")
+
+
+def pairwise_distance(a, b):
+    """Euclidean distances [G, A, B] between the rows of a [G, A, D] and b [G, B, D], floored at 1e-4
+    (sqrt(max(d², 1e-8))) so the gradient stays finite at coincident points."""
+    # the direct (difference-based) kernel: the matmul form loses precision for close points
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-4)
+
+
+def drifting_weights(logits, num_generated):
+    """The authors' kernel: a double softmax (over targets, over generated rows), then the coupling.
+
+    logits: [G, N, N+P] = -d̂/R. Returns c [G, N, N+P]: the first N columns (negatives) carry
+    -A⁻·ΣA⁺, the last P (positives) A⁺·ΣA⁻.
+    """
+    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
+    a_neg, a_pos = a[..., :num_generated], a[..., num_generated:]
+    c_neg = -a_neg * a_pos.sum(dim=-1, keepdim=True)
+    c_pos = a_pos * a_neg.sum(dim=-1, keepdim=True)
+    return torch.cat([c_neg, c_pos], dim=-1)
+
+
+def meanshift_weights(logits, num_generated):
+    """Paper Eq. (2)–(4): V = V⁺ − V⁻, separately normalised Laplace-kernel means, in the c-form of
+    `drifting_weights` (each row's positive weights sum to 1, its negative weights to −1)."""
+    w_neg = logits[..., :num_generated].softmax(dim=-1)
+    w_pos = logits[..., num_generated:].softmax(dim=-1)
+    return torch.cat([-w_neg, w_pos], dim=-1)
+
+
+def drifting_field(generated, positives, radii, kernel="drifting"):
+    """The drift F (the frozen target is t = x/s_in + F), in float32 without gradient.
+
+    generated [G, N, D], positives [G, P, D] → (force [G, N, D], s_in, stats). The scale s is the
+    mean distance over every group of the batch; each radius's force is normalised to unit RMS and
+    the forces are summed. stats: `scale` and `force_norms` (the raw RMS force per radius, before
+    normalisation: the progress signal, since the normalised loss stays flat by design).
+    """
+    if kernel not in DRIFT_KERNELS:
+        raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {DRIFT_KERNELS}.")
+    with torch.no_grad(), torch.autocast(generated.device.type, enabled=False):
+        x = generated.detach().float()
+        y = positives.detach().float()
+        num_gen, dim = x.shape[1], x.shape[2]
+        dist = torch.cat([pairwise_distance(x, x), pairwise_distance(x, y)], dim=-1)  # targets [x; y]
+        scale = dist.mean()
+        s_in = (scale / math.sqrt(dim)).clamp_min(1e-3)
+        self_mask = torch.eye(num_gen, dist.shape[-1], device=x.device, dtype=x.dtype)
+        dist_s = dist / scale.clamp_min(1e-3) + 1e6 * self_mask
+        weights_fn = drifting_weights if kernel == "drifting" else meanshift_weights
+        combined = torch.zeros_like(dist)
+        force_norms = []
+        for radius in radii:
+            w = _force_matrix(weights_fn(-dist_s / radius, num_gen)) / s_in
+            norm = _rms(_apply_weights(w, x, y)).clamp_min(1e-4)
+            force_norms.append(norm)
+            combined = combined + w / norm
+        force = _apply_weights(combined, x, y)  # Σ_R F_R / ‖F_R‖: linear in the weights
+    return force, s_in, {"scale": scale, "force_norms": torch.stack(force_norms)}
+
+
+def _rms(t):
+    """sqrt(mean(t²)), per-row norms first (one float32 norm over many millions of elements loses ~1e-4)."""
+    return (torch.linalg.vector_norm(t.flatten(1), dim=1).square().sum() / t.numel()).sqrt()
+
+
+def _force_matrix(c):
+    """c [G, N, N+P] → w with F_i = Σ_j w_ij Y_j: the −(Σ_j c_ij) x_i term moves onto column i."""
+    eye = torch.eye(c.shape[1], c.shape[-1], device=c.device, dtype=c.dtype)
+    return c - c.sum(dim=-1, keepdim=True) * eye
+
+
+def _apply_weights(w, x, y):
+    """w [G, N, N+P] applied to the rows of [x; y] without concatenating them."""
+    num_gen = x.shape[1]
+    return torch.bmm(w[..., num_gen:], y).baddbmm_(w[..., :num_gen], x)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The frozen-target regression (Eq. 11).
+# ----------------------------------------------------------------------------------------------
+
+
+def frozen_target_regression(generated, force, s_in):
+    """Per-group loss [G]: mean over (N, D) of (x/s_in − sg(x/s_in + F))². Its value is mean(F²) and its
+    gradient w.r.t. x is −2F/(s_in·N·D): the drift pulls each generated feature along F."""
+    with torch.autocast(generated.device.type, enabled=False):
+        x = generated.float() / s_in
+        target = (x + force).detach()
+        return (x - target).square().mean(dim=(1, 2))
+
+
+def drifting_loss(generated, positives, radii, kernel="drifting", return_stats=False):
+    """Per-group drifting loss [G] (Eq. 7/11): generated [G, N, D] carries the gradient, positives
+    [G, P, D] are constants. With return_stats=True also returns `drifting_field`'s diagnostics."""
+    force, s_in, stats = drifting_field(generated, positives, radii, kernel)
+    loss = frozen_target_regression(generated, force, s_in)
+    return (loss, stats) if return_stats else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The anchor-margin loss (Eq. 12-14).
+# ----------------------------------------------------------------------------------------------
+
+
+def anchor_margin_loss(generated, anchors, alpha=0.5, bandwidth=None, temperature=1.0, return_stats=False):
+    """Per-group anchor-margin coverage loss [G] on raw features: generated [G, N, D], anchors [G, M, D].
+
+    support s_m = mean_j exp(−‖a_m − x_j‖/h) (Eq. 12), self-support s̄_m = mean_{k≠m} exp(−‖a_m − a_k‖/2h)
+    (Eq. 13), loss = mean_m relu(α s̄_m − s_m) (Eq. 14). The bandwidth h is ONE value for the whole
+    batch: the median of every anchor–generated distance of every group (torch.median's convention:
+    the lower of the two middle values), detached, times `temperature`; or a fixed `bandwidth`.
+    return_stats: also the fraction of anchors already meeting the margin (`covered`) and h.
+    """
+    with torch.autocast(generated.device.type, enabled=False):
+        x = generated.float()
+        a = anchors.detach().float()
+        dist = pairwise_distance(a, x)  # [G, M, N], gradient through x
+        h = dist.detach().median() * temperature if bandwidth is None else torch.tensor(float(bandwidth))
+        h = h.to(x.device).clamp_min(1e-8)
+        support = torch.exp(-dist / h).mean(dim=2)  # [G, M]
+        deficit = alpha * _anchor_self_support(a, h) - support
+        loss = deficit.clamp_min(0).mean(dim=1)
+    if not return_stats:
+        return loss
+    return loss, {"covered": (deficit <= 0).float().mean(), "bandwidth": h}
+
+
+def _anchor_self_support(anchors, h):
+    """s̄_m of Eq. 13: [G, M]; zero when there is a single anchor."""
+    num_anchors = anchors.shape[1]
+    if num_anchors < 2:
+        return anchors.new_zeros(anchors.shape[:2])
+    k = torch.exp(-pairwise_distance(anchors, anchors) / (2 * h))
+    k = k * (1 - torch.eye(num_anchors, device=anchors.device, dtype=k.dtype))
+    return k.sum(dim=2) / (num_anchors - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The total of one step (Algorithm 1): noised teacher features of the generated samples (with
+#    gradient), of positives and anchors (without), the drifting and anchor losses summed over layers.
+# ----------------------------------------------------------------------------------------------
+
+
+class TFDLoss:
+    """The TFD objective, built once from its settings, called once per step:
+
+        loss_fn = TFDLoss(teacher, feature_layers=["enc:6", "bottleneck"], drift_radii=[0.02, 0.05, 0.1, 0.2])
+        loss, logs = loss_fn(teacher_forward, generated, positives, anchors, generator=gen)
+
+    generated [G, N, ...] carries the student's graph; positives [G, P, ...] and anchors [G, M, ...]
+    (None: the positives are the anchors) are constants; teacher_forward(sample, sigma) runs the
+    teacher (section 2). Each group draws one σ (log-normal, truncated) shared by its samples; ξ is
+    fresh per sample. Loss = Σ_layers mean_groups(drift) + anchor_weight·Σ_layers mean_groups(anchor).
+    logs: scalar tensors (no host sync), `loss/total` first.
+
+    The keywords of the objective are named as the scripts' flags (tfd_training.loss_kwargs passes them
+    on by name). teacher_context: a context-manager factory entered around every teacher pass (a LoRA
+    student's "adapters off"). checkpoint_teacher: in the generated samples' teacher pass, recompute the
+    teacher's blocks in backward instead of keeping their activations (a diffusers teacher; the context
+    is entered again around each recomputation).
+    """
+
+    def __init__(self, teacher, feature_layers, feature_pool_size=4, drift_radii=(0.02, 0.05, 0.1, 0.2),
+                 drift_kernel="drifting", feature_noise_mean=-1.2, feature_noise_std=1.2, feature_noise_min=0.02,
+                 feature_noise_max=0.1, anchor_weight=1.0, anchor_alpha=0.5, anchor_temperature=1.0,
+                 anchor_bandwidth=None, teacher_context=None, checkpoint_teacher=False):
+        if drift_kernel not in DRIFT_KERNELS:
+            raise ValueError(f"Unknown drift kernel {drift_kernel!r}; choose one of {DRIFT_KERNELS}.")
+        self.extractor = FeatureExtractor(teacher, feature_layers, feature_pool_size)
+        self.radii, self.kernel = list(drift_radii), drift_kernel
+        self.sigma_law = (feature_noise_mean, feature_noise_std, feature_noise_min, feature_noise_max)
+        self.anchor_weight, self.anchor_alpha = anchor_weight, anchor_alpha
+        self.anchor_temperature, self.anchor_bandwidth = anchor_temperature, anchor_bandwidth
+        self.teacher_context = teacher_context or nullcontext
+        if checkpoint_teacher and not hasattr(teacher, "enable_gradient_checkpointing"):
+            raise ValueError(f"checkpoint_teacher: {type(teacher).__name__} has no block checkpointing (diffusers "
+                             "models do).")
+        self.checkpoint_teacher = checkpoint_teacher
+
+    @property
+    def layers(self):
+        return self.extractor.names
+
+    def sample_sigmas(self, num_groups, generator=None, device="cpu"):
+        return sample_feature_sigmas(num_groups, *self.sigma_law, generator=generator, device=device)
+
+    def features(self, forward, x, sigma, checkpoint=False):
+        """Teacher features {layer: [G, K, D]} of grouped samples x [G, K, ...] at x + σ_g ξ; checkpoint: the
+        teacher's blocks are recomputed in backward (those holding a hooked layer run plainly)."""
+        g, k = x.shape[:2]
+        flat = x.reshape(g * k, *x.shape[2:])
+        sig = sigma.to(flat.device).repeat_interleave(k)
+        model = self.extractor.model
+        with self.teacher_context(), (checkpointed_blocks(model, self.teacher_context) if checkpoint
+                                      else nullcontext()), self.extractor:
+            feats = self.extractor(lambda s: forward(s, sig), add_feature_noise(flat, sig))
+        return {name: f.reshape(g, k, -1) for name, f in feats.items()}
+
+    def __call__(self, teacher_forward, generated, positives, anchors=None, generator=None, sigma=None):
+        num_pos = positives.shape[1]
+        sigma = self.sample_sigmas(generated.shape[0], generator, generated.device) if sigma is None else sigma
+        gen_feats = self.features(teacher_forward, generated, sigma, checkpoint=self.checkpoint_teacher)
+        with torch.no_grad():
+            refs = positives if anchors is None else torch.cat([positives, anchors.to(positives.dtype)], dim=1)
+            ref_feats = self.features(teacher_forward, refs, sigma)
+        return self.loss(gen_feats, {k: v[:, :num_pos] for k, v in ref_feats.items()},
+                         {k: v[:, num_pos:] for k, v in ref_feats.items()} if anchors is not None else None, sigma)
+
+    def loss(self, gen_feats, pos_feats, anchor_feats, sigma):
+        """Σ_layers of the per-group losses, averaged over groups, and the logs. anchor_feats None: the
+        positives are the anchors."""
+        anchor_feats = pos_feats if anchor_feats is None else anchor_feats
+        drift_total, anchor_total, covered = 0.0, 0.0, []
+        logs = {}
+        for layer, gen in gen_feats.items():
+            drift, stats = drifting_loss(gen, pos_feats[layer], self.radii, self.kernel, return_stats=True)
+            drift_total = drift_total + drift.mean()
+            logs[f"drift/{layer}"] = drift.mean().detach()
+            logs[f"scale/{layer}"] = stats["scale"]
+            for r, norm in zip(self.radii, stats["force_norms"]):
+                logs[f"force/{layer}/r{r:g}"] = norm
+            if self.anchor_weight > 0:
+                anchor, astats = anchor_margin_loss(gen, anchor_feats[layer], self.anchor_alpha, self.anchor_bandwidth,
+                                                    self.anchor_temperature, return_stats=True)
+                anchor_total = anchor_total + anchor.mean()
+                logs[f"anchor/{layer}"] = anchor.mean().detach()
+                covered.append(astats["covered"])
+        total = drift_total + self.anchor_weight * anchor_total
+        logs = {"loss/total": total.detach(), "loss/drift": torch.as_tensor(drift_total).detach(),
+                "loss/anchor": torch.as_tensor(anchor_total).detach(), **logs,
+                "sigma/mean": sigma.float().mean(), "sigma/min": sigma.float().min(), "sigma/max": sigma.float().max()}
+        if covered:
+            logs["anchor/covered"] = torch.stack(covered).mean()
+        return total, logs
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. One-step students: each is exactly the function its saved pipeline runs in one step.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -636,160 +733,3 @@ def flow_one_step(transformer, noise, encoder_hidden_states, pooled_projections)
     v = transformer(hidden_states=noise, timestep=t, encoder_hidden_states=encoder_hidden_states,
                     pooled_projections=pooled_projections, return_dict=False)[0]
     return noise.float() - v.float()
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. The objective of one step (Algorithm 1): noised teacher features of the generated samples (with
-#    gradient), of positives and anchors (without), the drifting and anchor losses summed over layers.
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_floats(text):
-    """'0.02,0.05 0.2' → [0.02, 0.05, 0.2] (commas or spaces)."""
-    try:
-        return [float(v) for v in str(text).replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"{text!r} is not a list of numbers separated by commas or spaces.") from None
-
-
-class TFDLoss:
-    """The TFD objective, built once from its settings, called once per step:
-
-        loss_fn = TFDLoss(teacher, layers=["enc:6", "bottleneck"], radii=[0.02, 0.05, 0.1, 0.2])
-        loss, logs = loss_fn(teacher_forward, generated, positives, anchors, generator=gen)
-
-    generated [G, N, ...] carries the student's graph; positives [G, P, ...] and anchors [G, M, ...]
-    (None: the positives are the anchors) are constants; teacher_forward(sample, sigma) runs the
-    teacher (section 4). Each group draws one σ (log-normal, truncated) shared by its samples; ξ is
-    fresh per sample. Loss = Σ_layers mean_groups(drift) + anchor_weight·Σ_layers mean_groups(anchor).
-    logs: scalar tensors (no host sync), `loss/total` first.
-
-    teacher_context: a context-manager factory entered around every teacher pass (a LoRA student's
-    "adapters off"). checkpoint_teacher: in the generated samples' teacher pass, recompute the teacher's
-    blocks in backward instead of keeping their activations (a diffusers teacher; the context is entered
-    again around each recomputation).
-    """
-
-    def __init__(self, teacher, layers, pool_size=4, radii=(0.02, 0.05, 0.1, 0.2), kernel="drifting",
-                 sigma_mean=-1.2, sigma_std=1.2, sigma_min=0.02, sigma_max=0.1, anchor_weight=1.0, anchor_alpha=0.5,
-                 anchor_temperature=1.0, anchor_bandwidth=None, teacher_context=None, checkpoint_teacher=False):
-        if kernel not in DRIFT_KERNELS:
-            raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {DRIFT_KERNELS}.")
-        self.extractor = FeatureExtractor(teacher, layers, pool_size)
-        self.radii, self.kernel = list(radii), kernel
-        self.sigma_law = (sigma_mean, sigma_std, sigma_min, sigma_max)
-        self.anchor_weight, self.anchor_alpha = anchor_weight, anchor_alpha
-        self.anchor_temperature, self.anchor_bandwidth = anchor_temperature, anchor_bandwidth
-        self.teacher_context = teacher_context or nullcontext
-        if checkpoint_teacher and not hasattr(teacher, "enable_gradient_checkpointing"):
-            raise ValueError(f"checkpoint_teacher: {type(teacher).__name__} has no block checkpointing (diffusers "
-                             "models do).")
-        self.checkpoint_teacher = checkpoint_teacher
-
-    @staticmethod
-    def add_arguments(parser, layers, radii, sigma_min, sigma_max, pool_size=4):
-        """The objective's flags (recipe defaults given by each script) as one argument group."""
-        g = parser.add_argument_group("TFD objective")
-        g.add_argument("--feature_layers", default=layers,
-                       help="Teacher layers whose outputs are features, spaces or commas: enc:K, dec:K, bottleneck "
-                            "(UNets), block:K (transformers, negative from the end), input (the noised sample "
-                            "itself), or module names (model.named_modules()).")
-        g.add_argument("--feature_pool_size", type=int, default=pool_size,
-                       help="Average-pool kernel and stride applied to each feature map (1: no pooling).")
-        g.add_argument("--drift_radii", default=radii, help="Kernel radii R of the drifting field, summed over.")
-        g.add_argument("--drift_kernel", default="drifting", choices=DRIFT_KERNELS,
-                       help="drifting: the authors' double-softmax kernel; meanshift: the paper's Eq. (2)-(4).")
-        g.add_argument("--feature_noise_mean", type=float, default=-1.2, help="Mean of log σ of the feature noise.")
-        g.add_argument("--feature_noise_std", type=float, default=1.2, help="Std of log σ of the feature noise.")
-        g.add_argument("--feature_noise_min", type=float, default=sigma_min,
-                       help="Lower truncation of σ, in units of the teacher's data (min == max fixes σ; 0: clean).")
-        g.add_argument("--feature_noise_max", type=float, default=sigma_max, help="Upper truncation of σ.")
-        g.add_argument("--anchor_weight", type=float, default=1.0, help="λ of the anchor-margin loss (0 disables it).")
-        g.add_argument("--anchor_alpha", type=float, default=0.5, help="Margin α of the anchor-margin loss.")
-        g.add_argument("--anchor_temperature", type=float, default=1.0,
-                       help="τ: the bandwidth is the batch's median anchor distance × τ.")
-        g.add_argument("--anchor_bandwidth", type=float, default=None, help="A fixed anchor bandwidth instead of τ.")
-        return g
-
-    # Ranges of the numeric flags, in the form the scripts check them (tfd_training.check_ranges).
-    RANGES = {"feature_pool_size": ">= 1", "feature_noise_std": ">= 0", "feature_noise_min": ">= 0",
-              "feature_noise_max": ">= 0", "anchor_weight": ">= 0", "anchor_alpha": "> 0", "anchor_temperature": "> 0",
-              "anchor_bandwidth": "> 0"}
-
-    @staticmethod
-    def check_arguments(args):
-        """Parse the list flags; refuse what a range cannot say (radii, σ min above max), naming the flag."""
-        if isinstance(args.feature_layers, str):
-            args.feature_layers = args.feature_layers.replace(",", " ").split()
-        if isinstance(args.drift_radii, str):
-            args.drift_radii = parse_floats(args.drift_radii)
-        if not args.feature_layers:
-            raise ValueError("--feature_layers: give at least one teacher layer.")
-        if not args.drift_radii or min(args.drift_radii) <= 0:
-            raise ValueError(f"--drift_radii {args.drift_radii}: give positive radii (a negative one flips the "
-                             "kernel and drives samples the wrong way).")
-        if args.feature_noise_min > args.feature_noise_max:
-            raise ValueError(f"--feature_noise_min {args.feature_noise_min} is above --feature_noise_max "
-                             f"{args.feature_noise_max}.")
-
-    @classmethod
-    def from_args(cls, teacher, args, **kw):
-        return cls(teacher, args.feature_layers, args.feature_pool_size, args.drift_radii, args.drift_kernel,
-                   args.feature_noise_mean, args.feature_noise_std, args.feature_noise_min, args.feature_noise_max,
-                   args.anchor_weight, args.anchor_alpha, args.anchor_temperature, args.anchor_bandwidth, **kw)
-
-    @property
-    def layers(self):
-        return self.extractor.names
-
-    def sample_sigmas(self, num_groups, generator=None, device="cpu"):
-        return sample_feature_sigmas(num_groups, *self.sigma_law, generator=generator, device=device)
-
-    def features(self, forward, x, sigma, checkpoint=False):
-        """Teacher features {layer: [G, K, D]} of grouped samples x [G, K, ...] at x + σ_g ξ; checkpoint: the
-        teacher's blocks are recomputed in backward (those holding a hooked layer run plainly)."""
-        g, k = x.shape[:2]
-        flat = x.reshape(g * k, *x.shape[2:])
-        sig = sigma.to(flat.device).repeat_interleave(k)
-        model = self.extractor.model
-        with self.teacher_context(), (checkpointed_blocks(model, self.teacher_context) if checkpoint
-                                      else nullcontext()), self.extractor:
-            feats = self.extractor(lambda s: forward(s, sig), add_feature_noise(flat, sig))
-        return {name: f.reshape(g, k, -1) for name, f in feats.items()}
-
-    def __call__(self, teacher_forward, generated, positives, anchors=None, generator=None, sigma=None):
-        num_pos = positives.shape[1]
-        sigma = self.sample_sigmas(generated.shape[0], generator, generated.device) if sigma is None else sigma
-        gen_feats = self.features(teacher_forward, generated, sigma, checkpoint=self.checkpoint_teacher)
-        with torch.no_grad():
-            refs = positives if anchors is None else torch.cat([positives, anchors.to(positives.dtype)], dim=1)
-            ref_feats = self.features(teacher_forward, refs, sigma)
-        return self.loss(gen_feats, {k: v[:, :num_pos] for k, v in ref_feats.items()},
-                         {k: v[:, num_pos:] for k, v in ref_feats.items()} if anchors is not None else None, sigma)
-
-    def loss(self, gen_feats, pos_feats, anchor_feats, sigma):
-        """Σ_layers of the per-group losses, averaged over groups, and the logs. anchor_feats None: the
-        positives are the anchors."""
-        anchor_feats = pos_feats if anchor_feats is None else anchor_feats
-        drift_total, anchor_total, covered = 0.0, 0.0, []
-        logs = {}
-        for layer, gen in gen_feats.items():
-            drift, stats = drifting_loss(gen, pos_feats[layer], self.radii, self.kernel, return_stats=True)
-            drift_total = drift_total + drift.mean()
-            logs[f"drift/{layer}"] = drift.mean().detach()
-            logs[f"scale/{layer}"] = stats["scale"]
-            for r, norm in zip(self.radii, stats["force_norms"]):
-                logs[f"force/{layer}/r{r:g}"] = norm
-            if self.anchor_weight > 0:
-                anchor, astats = anchor_margin_loss(gen, anchor_feats[layer], self.anchor_alpha, self.anchor_bandwidth,
-                                                    self.anchor_temperature, return_stats=True)
-                anchor_total = anchor_total + anchor.mean()
-                logs[f"anchor/{layer}"] = anchor.mean().detach()
-                covered.append(astats["covered"])
-        total = drift_total + self.anchor_weight * anchor_total
-        logs = {"loss/total": total.detach(), "loss/drift": torch.as_tensor(drift_total).detach(),
-                "loss/anchor": torch.as_tensor(anchor_total).detach(), **logs,
-                "sigma/mean": sigma.float().mean(), "sigma/min": sigma.float().min(), "sigma/max": sigma.float().max()}
-        if covered:
-            logs["anchor/covered"] = torch.stack(covered).mean()
-        return total, logs

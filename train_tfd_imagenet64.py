@@ -9,7 +9,6 @@
 # `train_step` is the step; `main` reads top to bottom; what only this script uses (EDM pickles,
 # labelled image sources, the class-grouped sampler) follows it.
 
-import argparse
 import copy
 import io
 import json
@@ -32,19 +31,15 @@ import tfd_utils
 logger = get_logger(__name__, log_level="INFO")
 
 IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# Valid ranges of the numeric flags, checked at parse time (tfd_training.check_ranges).
-RANGES = {**tfd_training.COMMON_RANGES, **tfd_utils.TFDLoss.RANGES,
-          "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
+# Valid ranges of this script's numeric flags, checked at parse time (tfd_training.check_ranges).
+RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
           "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
           "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
           "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="TFD one-step distillation of a class-conditional EDM teacher.")
+    p = tfd_training.argument_parser("TFD one-step distillation of a class-conditional EDM teacher.")
     g = p.add_argument_group("teacher")
     g.add_argument("--pretrained_model_name_or_path", "--pretrained_teacher_model", required=True,
                    dest="pretrained_model_name_or_path",
@@ -62,17 +57,18 @@ def parse_args(argv=None):
     g.add_argument("--sigma_max", type=float, default=80.0, help="σ_max: the student maps σ_max·z to an image.")
     g.add_argument("--sigma_min", type=float, default=0.002,
                    help="σ_min of the consistency-model boundary scalings (diffusers students).")
-    g.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="dtype of the frozen diffusers teacher for the feature pass (the recipe: fp32). An EDM pickle's "
-                        "feature pass always runs in float32.")
+    g.add_argument("--teacher_dtype", default="fp32", choices=tuple(tfd_training.DTYPES),
+                   help="dtype of the frozen diffusers teacher for the feature pass (the recipe: fp32). An EDM "
+                        "pickle's feature pass always runs in float32.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
-                   help="Labelled images: a Hub id or local path datasets.load_dataset takes, a save_to_disk folder, or "
-                        "an EDM/StyleGAN dataset zip/folder (dataset.json labels).")
+                   help="Labelled images: a Hub id or local path datasets.load_dataset takes, a save_to_disk folder, "
+                        "or an EDM/StyleGAN dataset zip/folder (dataset.json labels).")
     g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
     g.add_argument("--train_data_dir", default=None,
-                   help="An imagefolder (one sub-folder per class) or an EDM dataset folder; instead of --dataset_name.")
+                   help="An imagefolder (one sub-folder per class) or an EDM dataset folder; instead of "
+                        "--dataset_name.")
     g.add_argument("--dataset_split", default="train",
                    help="Split, optionally sliced as datasets does it: 'train', 'train[:100000]'.")
     g.add_argument("--image_column", default="image", help="Image column of the data set.")
@@ -94,49 +90,14 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.0,
                    help="Dropout probability in the student while training (replaces the teacher's own, e.g. ADM's "
                         "0.1); the exported one-step generator never drops out.")
-    tfd_utils.TFDLoss.add_arguments(p, layers=IMAGENET64_LAYERS, radii="0.02,0.05,0.1,0.2", sigma_min=0.02,
-                                    sigma_max=0.1)
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=2e-6, help="AdamW learning rate.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    g.add_argument("--lr_scheduler", default="constant_with_warmup",
-                   help="diffusers.optimization.get_scheduler name (constant, constant_with_warmup, cosine, ...).")
-    g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning rate.")
-    g.add_argument("--max_train_steps", type=int, default=200_000, help="Optimiser updates (the paper: 200k).")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
-    g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
-    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="Autocast of the student (default: the accelerate config's setting; the recipe: bf16). The "
-                        "student's weights stay float32.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the student.")
-    g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
-                   help="In the generated samples' teacher pass, recompute a diffusers teacher's blocks in backward "
-                        "instead of keeping their activations. Default: on with --gradient_checkpointing.")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (diffusers EMAModel).")
     g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with EMAModel's warm-up).")
-    g.add_argument("--max_bad_steps", type=int, default=10,
-                   help="Stop after this many consecutive updates with a non-finite loss or gradient (skipped).")
-    g.add_argument("--seed", type=int, default=0, help="Seed of everything: class draws, noise (per step and process).")
-
-    g = p.add_argument_group("logging, validation, checkpoints, output")
-    g.add_argument("--output_dir", default="tfd-imagenet64", help="Where checkpoints, logs and the student go.")
-    g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to --output_dir.")
-    g.add_argument("--report_to", default="tensorboard", help="Trackers: tensorboard, wandb, all or none.")
-    g.add_argument("--tracker_project_name", default="tfd-imagenet64", help="Tracker project name.")
-    g.add_argument("--logging_steps", type=int, default=10, help="Log (trackers, metrics.jsonl) every N updates.")
-    g.add_argument("--validation_steps", type=int, default=2000, help="Sample grid every N updates (0: never).")
+    tfd_training.add_loss_arguments(p, layers=IMAGENET64_LAYERS, radii="0.02,0.05,0.1,0.2", sigma_min=0.02,
+                                    sigma_max=0.1)
+    g = tfd_training.add_training_arguments(p, output_dir="tfd-imagenet64", learning_rate=2e-6,
+                                            max_train_steps=200_000, max_grad_norm=10.0, validation_steps=2000,
+                                            checkpointing_steps=5000)
     g.add_argument("--num_validation_images", type=int, default=16, help="Images in the validation grid.")
-    g.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a checkpoint every N updates.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="'latest' (the newest complete checkpoint in --output_dir; a new run if there is none) or a "
-                        "checkpoint-N path.")
     g.add_argument("--eval_fid_every", type=int, default=0, help="FID of one-step samples every N updates (0: off).")
     g.add_argument("--fid_reference_stats", default=None,
                    help="Reference statistics (.npz with mu, sigma; e.g. EDM's imagenet-64x64.npz) for FID.")
@@ -144,13 +105,6 @@ def parse_args(argv=None):
     g.add_argument("--fid_batch_size", type=int, default=250, help="Batch size of FID sampling and Inception.")
     g.add_argument("--fid_mode", default="legacy_tensorflow", choices=("legacy_tensorflow", "clean"),
                    help="Inception resizing: legacy_tensorflow matches EDM's reference stats, clean is clean-fid's.")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="Create the Hub repo at the start, upload --output_dir at the end.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None,
-                   help="Hub token (default: the cached `hf auth login` or HF_TOKEN, which are safer: a token on the "
-                        "command line shows in the process list, and accelerate prints a failed command). Never "
-                        "written to any file or tracker.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -160,19 +114,15 @@ def check_args(args):
     """Bad settings fail here, before any model or data is loaded."""
     if not args.dataset_name and not args.train_data_dir:
         raise ValueError("Give the training images: --dataset_name or --train_data_dir.")
-    tfd_training.check_ranges(args, RANGES)
+    tfd_training.check_common_args(args, RANGES)
     if args.sigma_min >= args.sigma_max:
         raise ValueError(f"--sigma_min {args.sigma_min} must be below --sigma_max {args.sigma_max}.")
     if args.eval_fid_every > 0 and (not args.fid_reference_stats or not os.path.isfile(args.fid_reference_stats)):
         raise FileNotFoundError(f"--eval_fid_every needs --fid_reference_stats pointing to an existing .npz; got "
                                 f"{args.fid_reference_stats!r}.")
-    tfd_utils.TFDLoss.check_arguments(args)
-    tfd_training.check_hub_args(args)
     tfd_training.split_and_slice(args.dataset_split)
     if args.class_ids is not None:
         parse_class_ids(args.class_ids)  # a typo fails here, before anything is loaded
-    if args.teacher_checkpointing is None:
-        args.teacher_checkpointing = args.gradient_checkpointing
 
 
 def main(args):
@@ -194,8 +144,92 @@ def main(args):
     tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
-    # 3. The frozen teacher; bad layer names fail here with the valid ones listed.
-    teacher = load_teacher(args)
+    # 3. The teacher, the data in class groups, the student (EMA optional), the loss and the optimiser.
+    run = build(args, accelerator)
+
+    # 4. Resume, record the settings, start the trackers; fixed noise and classes for the grids.
+    first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
+    if run.ema is not None:
+        run.ema.to(device)
+    n_val, classes = args.num_validation_images, run.classes
+    val_labels = torch.tensor([classes[(i * len(classes)) // n_val] if n_val <= len(classes)
+                               else classes[i % len(classes)] for i in range(n_val)], device=device)
+    val_noise = torch.randn(n_val, *run.image_shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    fid_reference = None
+    if args.eval_fid_every > 0:
+        import tfd_fid
+
+        fid_reference = tfd_fid.load_reference_stats(args.fid_reference_stats)
+
+    def sample_grid():
+        with averaged(accelerator.unwrap_model(run.student), run.ema) as model:
+            with accelerator.autocast():
+                return tfd_training.image_grid(generate(args, model, val_noise, val_labels, run.num_classes))
+
+    # 5. Train! Each micro-step draws --classes_per_batch classes (disjoint across processes) with their real
+    #    images and runs train_step.
+    G, N, rank = args.classes_per_batch, args.num_generated, accelerator.process_index
+    logger.info(f"***** TFD: {args.max_train_steps} updates, {G} classes x (N={N}, P={args.num_positives}, "
+                f"M={args.num_anchors}) per process, {accelerator.num_processes} processes, layers "
+                f"{run.loss_fn.layers} *****")
+    params = [p for p in run.student.parameters() if p.requires_grad]  # FSDP clips the prepared model's own
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
+    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
+                                           logger)
+    for step in range(first_step + 1, args.max_train_steps + 1):
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+            batch = class_batch(run.sampler, run.data, args, run.image_shape, gen, device)
+            with accelerator.accumulate(run.student):
+                loss, logs = train_step(args, accelerator, run, batch, gen)
+                accelerator.backward(loss)
+                monitor.add(logs)
+                loss_sum = loss_sum + loss.detach()
+                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
+                                                               loss_sum, args.max_grad_norm)
+        if ok and run.ema is not None:
+            run.ema.step(accelerator.unwrap_model(run.student).parameters())
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0]})
+        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+        if tfd_training.is_validation_step(accelerator, args, step):
+            tfd_training.save_validation_grid(accelerator, args, sample_grid(), step)
+        if fid_reference is not None and step % args.eval_fid_every == 0:
+            fid = evaluate_fid(accelerator, run, fid_reference, args)
+            if accelerator.is_main_process:
+                logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
+                accelerator.log({"eval/fid": fid}, step=step)
+                tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+
+    # 6. Export: the student (its EMA with --use_ema), a sample grid and a model card.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.student)
+        if run.ema is not None:
+            run.ema.copy_to(model.parameters())
+        tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), sample_grid())
+        export_student(model, run.edm_net, args)
+        write_model_card(args, repo_id or tfd_training.hub_repo_name(args), run.data_desc, len(run.classes),
+                         run.edm_net)
+        if args.push_to_hub:
+            tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token)
+        logger.info(f"Saved the one-step student to {args.output_dir}")
+    accelerator.end_training()
+
+
+def build(args, accelerator, teacher=None):
+    """What the loop needs, as a namespace: the frozen teacher (loaded unless given: the benchmark passes one
+    built from a config), its classes and image shape, the labelled images and the class-grouped sampler, the
+    float32 student (and its EMA), the loss, AdamW and its schedule, prepared by the accelerator."""
+    from types import SimpleNamespace
+
+    device = accelerator.device
+    # a. The frozen teacher; bad layer names fail here with the valid ones listed.
+    teacher = load_teacher(args) if teacher is None else teacher
     edm_net = tfd_utils.is_edm_network(teacher)
     num_classes = num_class_labels(teacher)
     if num_classes == 0:
@@ -205,8 +239,8 @@ def main(args):
         raise ValueError("An EDM pickle's feature pass runs in float32 (its layers cast their weights to the input's "
                          "dtype): drop --teacher_dtype.")
     if args.precond == "edm" and not edm_net:
-        raise ValueError("--precond edm needs an NVlabs EDM network pickle: diffusers' ConsistencyModelPipeline always "
-                         "conditions a UNet2DModel on 250·ln σ (--precond cm).")
+        raise ValueError("--precond edm needs an NVlabs EDM network pickle: diffusers' ConsistencyModelPipeline "
+                         "always conditions a UNet2DModel on 250·ln σ (--precond cm).")
     if edm_net:
         channels, resolution = teacher.img_channels, teacher.img_resolution
         args.sigma_data = float(teacher.sigma_data)
@@ -215,7 +249,7 @@ def main(args):
         resolution = size if isinstance(size, int) else size[0]
     tfd_utils.resolve_layers(teacher, args.feature_layers)
 
-    # 4. Data: labelled images in the teacher's format, drawn in class groups.
+    # b. Data: labelled images in the teacher's format, drawn in class groups.
     labels, fetch, data_desc = open_labelled_images(args.dataset_name, args.train_data_dir, args.dataset_split,
                                                     args.image_column, args.label_column, args.dataset_config_name,
                                                     args.cache_dir)
@@ -225,14 +259,14 @@ def main(args):
     sampler = ClassGroupedSampler(labels, classes, args.classes_per_batch, args.num_positives + args.num_anchors,
                                   args.seed, accelerator.process_index, logger)
     if args.classes_per_batch * accelerator.num_processes > len(classes):
-        logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed the "
-                       f"{len(classes)} classes: some classes are drawn by two processes in the same step.")
+        logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed "
+                       f"the {len(classes)} classes: some classes are drawn by two processes in the same step.")
     logger.info(f"Data: {data_desc}: {len(labels)} images, {len(classes)} classes, {channels}x{resolution}x"
                 f"{resolution}, {'in memory' if data.data is not None else 'decoded on the fly'}.")
 
-    # 5. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
+    # c. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
     student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
-    teacher.to(device).eval().requires_grad_(False).to(DTYPES[args.teacher_dtype])
+    teacher.to(device).eval().requires_grad_(False).to(tfd_training.DTYPES[args.teacher_dtype])
     set_dropout(student, args.dropout)
     if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
@@ -244,104 +278,35 @@ def main(args):
                        model_config=None if edm_net else student.config)
         ema.to(device)
 
-    # 6. The loss, the optimiser and its schedule; checkpoints hold the student as a diffusers folder.
+    # d. The loss, the optimiser and its schedule; checkpoints hold the student as a diffusers folder.
     if edm_net and args.teacher_checkpointing:
         logger.warning("--teacher_checkpointing: an EDM network has no block checkpointing; its pass keeps its "
                        "activations.")
-    loss_fn = tfd_utils.TFDLoss.from_args(teacher, args, checkpoint_teacher=args.teacher_checkpointing and not edm_net)
+    loss_fn = tfd_utils.TFDLoss(teacher, **tfd_training.loss_kwargs(args),
+                                checkpoint_teacher=args.teacher_checkpointing and not edm_net)
     register_checkpoint_hooks(accelerator, edm_net)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = tfd_training.make_optimizer(params, args)
+    optimizer = tfd_training.make_optimizer([p for p in student.parameters() if p.requires_grad], args)
     lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    params = [p for p in student.parameters() if p.requires_grad]  # FSDP clips the prepared model's own
     accelerator.register_for_checkpointing(sampler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-
-    # 7. Resume, record the settings, start the trackers; fixed noise and classes for the grids.
-    first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
-    if ema is not None:
-        ema.to(device)
-    n_val = args.num_validation_images
-    val_labels = torch.tensor([classes[(i * len(classes)) // n_val] if n_val <= len(classes)
-                               else classes[i % len(classes)] for i in range(n_val)], device=device)
-    val_noise = torch.randn(n_val, channels, resolution, resolution,
-                            generator=torch.Generator().manual_seed(args.seed)).to(device)
-    fid_reference = None
-    if args.eval_fid_every > 0:
-        import tfd_fid
-
-        fid_reference = tfd_fid.load_reference_stats(args.fid_reference_stats)
-
-    def sample_grid():
-        with averaged(accelerator.unwrap_model(student), ema) as model:
-            with accelerator.autocast():
-                return tfd_training.image_grid(generate(model, val_noise, val_labels, args, num_classes))
-
-    # 8. Train.
-    G, N = args.classes_per_batch, args.num_generated
-    images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
-    logger.info(f"***** TFD: {args.max_train_steps} updates, {G} classes x (N={N}, P={args.num_positives}, "
-                f"M={args.num_anchors}) per process, {accelerator.num_processes} processes, layers {loss_fn.layers} "
-                "*****")
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
-                                           logger)
-    rank = accelerator.process_index
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            batch = class_batch(sampler, data, args, (channels, resolution, resolution), gen, device)
-            tfd_training.debug_record(accelerator, "draws", lambda: {"step": step, "classes": batch[0].tolist(),
-                                                                     "indices": sampler.last_indices.tolist()})
-            with accelerator.accumulate(student):
-                loss, logs = train_step(args, accelerator, student, teacher, loss_fn, batch, num_classes, gen)
-                accelerator.backward(tfd_training.fault_loss(loss, step, rank))
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum,
-                                                               args.max_grad_norm)
-        if ok and ema is not None:
-            ema.step(accelerator.unwrap_model(student).parameters())
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": lr_scheduler.get_last_lr()[0]})
-        tfd_training.debug_record(accelerator, "steps", lambda: {
-            "step": step, "ok": ok, "digest": tfd_training.state_digest(accelerator.unwrap_model(student))})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger,
-                                         before_commit=tfd_training.fault_pause("checkpoint"))
-        if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
-            grid = sample_grid()
-            os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-            tfd_training.save_png(os.path.join(args.output_dir, "validation", f"step-{step}.png"), grid)
-            tfd_training.log_image(accelerator, grid, step)
-        if fid_reference is not None and step % args.eval_fid_every == 0:
-            fid = evaluate_fid(accelerator, student, ema, classes, (channels, resolution), fid_reference, args,
-                               num_classes)
-            if accelerator.is_main_process:
-                logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
-                accelerator.log({"eval/fid": fid}, step=step)
-                tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
-
-    # 9. Export: the student (its EMA with --use_ema), a sample grid and a model card.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), sample_grid())
-        export_student(model, edm_net, args)
-        write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(classes), edm_net)
-        if args.push_to_hub:
-            tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token)
-        logger.info(f"Saved the one-step student to {args.output_dir}")
-    accelerator.end_training()
+    return SimpleNamespace(teacher=teacher, edm_net=edm_net, num_classes=num_classes, classes=classes,
+                           image_shape=(channels, resolution, resolution), data=data, sampler=sampler,
+                           data_desc=data_desc, student=student, ema=ema, loss_fn=loss_fn, optimizer=optimizer,
+                           lr_scheduler=lr_scheduler)
 
 
-def train_step(args, accelerator, student, teacher, loss_fn, batch, num_classes, generator):
+def generate(args, model, noise, class_labels, num_classes):
+    """The one-step student: x = D(σ_max·z; σ_max) with the consistency-model boundary scalings (a diffusers
+    UNet2DModel) or the EDM network's own preconditioning. The saved pipeline (or EDM pickle) runs exactly this."""
+    if tfd_utils.is_edm_network(getattr(model, "module", model)):
+        return tfd_utils.edm_net_one_step(model, noise, class_labels, args.sigma_max, num_classes)
+    return tfd_utils.edm_one_step(model, noise, class_labels, args.sigma_max, args.sigma_min, args.precond,
+                                  args.sigma_data)
+
+
+def train_step(args, accelerator, run, batch, generator):
     """One micro-step: N one-step samples per class, then the TFD loss in the teacher's features.
 
     batch: (classes [G], positives [G, P, C, H, W], anchors [G, M, C, H, W] or None, noise [G·N, C, H, W]).
@@ -350,18 +315,10 @@ def train_step(args, accelerator, student, teacher, loss_fn, batch, num_classes,
     classes, positives, anchors, noise = batch
     G, N = classes.shape[0], noise.shape[0] // classes.shape[0]
     with accelerator.autocast():
-        generated = generate(student, noise, classes.repeat_interleave(N), args, num_classes)
+        generated = generate(args, run.student, noise, classes.repeat_interleave(N), run.num_classes)
     generated = generated.float().reshape(G, N, *noise.shape[1:])
-    forward = tfd_utils.edm_teacher_forward(teacher, classes, args.precond, args.sigma_data)
-    return loss_fn(forward, generated, positives, anchors, generator=generator)
-
-
-def generate(model, noise, class_labels, args, num_classes):
-    """The student's one-step sample: the exact function the saved pipeline (or EDM pickle) runs."""
-    if tfd_utils.is_edm_network(getattr(model, "module", model)):
-        return tfd_utils.edm_net_one_step(model, noise, class_labels, args.sigma_max, num_classes)
-    return tfd_utils.edm_one_step(model, noise, class_labels, args.sigma_max, args.sigma_min, args.precond,
-                                  args.sigma_data)
+    forward = tfd_utils.edm_teacher_forward(run.teacher, classes, args.precond, args.sigma_data)
+    return run.loss_fn(forward, generated, positives, anchors, generator=generator)
 
 
 def class_batch(sampler, data, args, image_shape, generator, device):
@@ -393,23 +350,22 @@ class averaged:
 
 
 @torch.no_grad()
-def evaluate_fid(accelerator, student, ema, classes, shape, reference, args, num_classes):
+def evaluate_fid(accelerator, run, reference, args):
     """FID of fid_num_samples one-step samples (labels i mod classes, fixed noise) against the reference."""
     import tfd_fid
 
-    channels, resolution = shape
     n, world, rank = args.fid_num_samples, accelerator.num_processes, accelerator.process_index
     per_rank = math.ceil(n / world)
     gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
     chunks = []
-    with averaged(accelerator.unwrap_model(student), ema) as model:
+    with averaged(accelerator.unwrap_model(run.student), run.ema) as model:
         for start in range(rank * per_rank, (rank + 1) * per_rank, args.fid_batch_size):
             idx = torch.arange(start, min(start + args.fid_batch_size, (rank + 1) * per_rank))
-            labels = torch.as_tensor(classes)[idx % len(classes)].to(accelerator.device)
-            noise = torch.randn(len(idx), channels, resolution, resolution, generator=gen).to(accelerator.device)
+            labels = torch.as_tensor(run.classes)[idx % len(run.classes)].to(accelerator.device)
+            noise = torch.randn(len(idx), *run.image_shape, generator=gen).to(accelerator.device)
             with accelerator.autocast():
-                u8 = tfd_training.to_uint8(generate(model, noise, labels, args, num_classes).float())
-            chunks.append(u8.expand(*u8.shape[:3], 3) if channels == 1 else u8)
+                u8 = tfd_training.to_uint8(generate(args, model, noise, labels, run.num_classes).float())
+            chunks.append(u8.expand(*u8.shape[:3], 3) if run.image_shape[0] == 1 else u8)
     feats = tfd_fid.inception_features(torch.cat(chunks).cpu(), args.fid_batch_size, accelerator.device, args.fid_mode)
     feats = accelerator.gather(torch.as_tensor(feats, device=accelerator.device))[:n]
     if not accelerator.is_main_process:
@@ -676,7 +632,8 @@ def _edm_dataset_source(path):
     from PIL import Image
 
     if os.path.isdir(path):
-        names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
+        names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/")
+                 for r, _, fs in os.walk(path) for f in fs]
         read = lambda name: open(os.path.join(path, name), "rb").read()  # noqa: E731
     else:
         zf = zipfile.ZipFile(path)

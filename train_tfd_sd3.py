@@ -9,9 +9,9 @@
 #   accelerate launch train_tfd_sd3.py ... --positive_cache_dir cache --output_dir tfd-sd3
 #
 # To fork, copy this file with tfd_utils.py (the method), tfd_training.py (the loop's plumbing) and
-# tfd_text2image.py (prompts, positives, LoRA). `train_step` is the step; `main` reads top to bottom.
+# tfd_text2image.py (prompts, positives, LoRA, export). `main` reads top to bottom and holds the loop;
+# `build` sets up what a step needs; `train_step` is the step; `generate` is the one-step student.
 
-import argparse
 import logging
 import os
 
@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
 
 import tfd_text2image
 import tfd_training
@@ -34,17 +35,12 @@ VALIDATION_PROMPTS = [
     "a close-up portrait of a red fox, detailed fur, golden hour",
     "a bowl of ramen with a soft-boiled egg, studio lighting",
 ]
-
-
-# Valid ranges of the numeric flags, checked at parse time (tfd_training.check_ranges).
-RANGES = {**tfd_training.COMMON_RANGES, **tfd_utils.TFDLoss.RANGES,
-          "num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
-          "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0",
-          "resolution": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"}
+RANGES = {}  # this script's own flags' ranges, checked at parse time (the shared ones: tfd_text2image.RANGES)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="TFD one-step distillation of a Stable Diffusion 3 / 3.5 teacher (full fine-tune or LoRA).")
+    p = tfd_training.argument_parser(
+        "TFD one-step distillation of a Stable Diffusion 3 / 3.5 teacher (full fine-tune or LoRA).")
     g = p.add_argument_group("teacher")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="StableDiffusion3Pipeline folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium).")
@@ -56,115 +52,20 @@ def parse_args(argv=None):
                    help="Run without the T5-XXL text encoder (4.8B parameters): the pipeline feeds zeros in its "
                         "place, in training and in the saved pipeline (load it with text_encoder_3=None, "
                         "tokenizer_3=None).")
-    g.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    g.add_argument("--teacher_dtype", default="fp32", choices=tuple(tfd_training.DTYPES),
                    help="dtype of the frozen teacher transformer and text encoders: the feature pass and the "
                         "positive sampling run in it. With --train_mode lora it is the dtype of the shared base "
                         "weights. The full fine-tune's student always starts from the checkpoint's exact weights.")
     g.add_argument("--cache_dir", default=None, help="Hub and datasets cache directory.")
-
-    g = p.add_argument_group("prompts and real images")
-    g.add_argument("--dataset_name", default=None,
-                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk folder, "
-                        "or 'webdataset' with --data_files.")
-    g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
-    g.add_argument("--data_files", nargs="+", default=None,
-                   help="Data files of --dataset_name, e.g. webdataset shards 'shards/{00000..00099}.tar' (ranges in "
-                        "braces are expanded).")
-    g.add_argument("--dataset_split", default="train",
-                   help="Split, optionally sliced as datasets does it: 'train', 'train[:100000]'.")
-    g.add_argument("--streaming", action="store_true",
-                   help="Stream the data set instead of downloading it whole: only the first --max_train_samples "
-                        "rows are read (and their images, with --image_column).")
-    g.add_argument("--caption_column", default="text",
-                   help="Caption column (a string or a list of strings per row; LAION metadata: TEXT, Re-LAION: "
-                        "caption, img2dataset webdataset shards: txt). Every distinct caption is a prompt.")
-    g.add_argument("--image_column", default=None,
-                   help="Optional image column (webdataset: jpg): images whose caption matches a prompt become its "
-                        "first positives.")
-    g.add_argument("--max_train_samples", type=int, default=None,
-                   help="Use this many rows (a seeded random subset; with --streaming the first rows).")
-    g.add_argument("--prompts_file", default=None, help="A text file of prompts, one per line (instead of a data set).")
-
-    g = p.add_argument_group("positives and their cache")
-    g.add_argument("--positive_cache_dir", default=None,
-                   help="On-disk cache of positives and text embeddings (default: OUTPUT_DIR/positive_cache). Share it "
-                        "between runs: entries are keyed by every setting they depend on.")
-    g.add_argument("--prepare_positives_only", action="store_true",
-                   help="Fill the cache for the whole prompt set (sharded over all processes, resumable) and exit. "
-                        "Run this first: a prompt missing from the cache is sampled inside a training step.")
-    g.add_argument("--num_positive_steps", type=int, default=28, help="Teacher sampling steps of a positive.")
-    g.add_argument("--positive_guidance_scale", type=float, default=7.0, help="CFG scale of teacher positives.")
-    g.add_argument("--positive_seed", type=int, default=0,
-                   help="Base seed of teacher positives (each (prompt, slot) derives its own from it).")
-    g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
-                   help="Storage dtype of cached latents and text embeddings.")
-
-    g = p.add_argument_group("batch and student")
-    g.add_argument("--resolution", type=int, default=1024, help="Image resolution (pixels) of students and positives.")
-    g.add_argument("--prompts_per_batch", type=int, default=1, help="Prompts (groups) per step per process.")
-    g.add_argument("--num_generated", type=int, default=4, help="Student samples per prompt (N, at least 2).")
-    g.add_argument("--num_positives", type=int, default=4,
-                   help="Positives per prompt (P): matching real images first, then teacher samples. They are also "
-                        "the anchors of the anchor-margin loss.")
-    g.add_argument("--train_mode", default="full", choices=("full", "lora"),
-                   help="full: train a copy of the teacher transformer; lora: train LoRA adapters on it (the teacher "
-                        "is the same transformer with adapters disabled: no second copy).")
-    g.add_argument("--lora_rank", type=int, default=64, help="LoRA rank.")
-    g.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / rank).")
-    g.add_argument("--lora_target_modules", default=LORA_TARGETS,
-                   help="Comma-separated transformer module names that get LoRA adapters (default: the joint "
-                        "attention's projections of the image and text streams).")
-    tfd_utils.TFDLoss.add_arguments(p, layers=SD3_LAYERS, radii="0.02,0.05,0.2", sigma_min=0.1, sigma_max=0.1)
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=1e-6, help="AdamW learning rate.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (saves optimiser memory).")
-    g.add_argument("--lr_scheduler", default="constant_with_warmup",
-                   help="diffusers.optimization schedule name (constant, constant_with_warmup, cosine, ...).")
-    g.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning rate.")
-    g.add_argument("--max_train_steps", type=int, default=10_000, help="Optimiser updates.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
-    g.add_argument("--max_grad_norm", type=float, default=2.0, help="Gradient clipping norm.")
-    g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="Autocast of the student (default: the accelerate config's setting).")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Gradient checkpointing in the student transformer (the teacher's pass: "
-                        "--teacher_checkpointing).")
-    g.add_argument("--teacher_checkpointing", default=None, action=argparse.BooleanOptionalAction,
-                   help="In the generated samples' teacher pass, recompute the teacher's blocks in backward instead "
-                        "of keeping their activations (LoRA: with the adapters off). Default: on with "
-                        "--gradient_checkpointing.")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    g.add_argument("--max_bad_steps", type=int, default=10,
-                   help="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
-    g.add_argument("--seed", type=int, default=0,
-                   help="Seed of everything: LoRA initialisation, prompt draws, noise (per step and process).")
-
-    g = p.add_argument_group("logging, validation, checkpoints, output")
-    g.add_argument("--output_dir", default="tfd-sd3", help="Where checkpoints, logs and the student go.")
-    g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to --output_dir.")
-    g.add_argument("--report_to", default="tensorboard", help="Trackers: tensorboard, wandb, all or none.")
-    g.add_argument("--tracker_project_name", default="tfd-sd3", help="Tracker project name.")
-    g.add_argument("--logging_steps", type=int, default=10, help="Log (trackers, metrics.jsonl) every N updates.")
-    g.add_argument("--validation_steps", type=int, default=500, help="Validation grid every N updates (0: never).")
+    tfd_text2image.add_arguments(
+        p, "transformer", positive_steps=28, positive_guidance=7.0, lora_targets=LORA_TARGETS,
+        lora_targets_help="Comma-separated transformer module names that get LoRA adapters (default: the joint "
+                          "attention's projections of the image and text streams).")
+    tfd_training.add_loss_arguments(p, layers=SD3_LAYERS, radii="0.02,0.05,0.2", sigma_min=0.1, sigma_max=0.1)
+    g = tfd_training.add_training_arguments(p, output_dir="tfd-sd3", learning_rate=1e-6, max_train_steps=10_000,
+                                            max_grad_norm=2.0, validation_steps=500, checkpointing_steps=500)
     g.add_argument("--validation_prompts", nargs="+", default=VALIDATION_PROMPTS,
                    help="Fixed prompts of the validation grid (one image each, fixed seeds, one step).")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N updates.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint-N folder, or 'latest' (the newest complete one in --output_dir; a new run if "
-                        "there is none).")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="Create the Hub repo at the start, upload --output_dir at the end.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None,
-                   help="Hub token (default: the cached `hf auth login` or HF_TOKEN, which are safer: a token on the "
-                        "command line shows in the process list, and accelerate prints a failed command). Never "
-                        "written to any file or tracker.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -172,22 +73,14 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Bad settings fail here, before any model or data is loaded."""
-    tfd_text2image.check_data_args(args)
-    tfd_training.check_ranges(args, RANGES)
+    tfd_text2image.check_args(args, RANGES)
     if args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (the VAE's factor 8 x the "
                          "transformer's patch size 2).")
-    tfd_utils.TFDLoss.check_arguments(args)
-    tfd_training.check_hub_args(args)
-    args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-    if args.teacher_checkpointing is None:
-        args.teacher_checkpointing = args.gradient_checkpointing
-    if args.positive_cache_dir is None:
-        args.positive_cache_dir = os.path.join(args.output_dir, "positive_cache")
 
 
 def main(args):
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     # 1. Accelerator, logging and the seed.
     accelerator = Accelerator(
@@ -200,58 +93,91 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    device, teacher_dtype = accelerator.device, tfd_text2image.DTYPES[args.teacher_dtype]
 
     # 2. Checks that need no weights: another run's output folder, layer names, the Hub repo.
     resume = tfd_text2image.check_run(accelerator, args, SD3Transformer2DModel, "transformer", logger)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
-    # 3. Prompts, and the real images whose captions match them.
-    prompts, real_rows, dataset, data_desc = tfd_text2image.load_prompts(args, logger)
-
-    # 4. The teacher pipeline: CLIP-L, CLIP-G and T5 (or zeros in its place) in the teacher's dtype.
-    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {}
-    pipe = tfd_text2image.load_pipeline(StableDiffusion3Pipeline, args, device, teacher_dtype, **no_t5)
-    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {factor} (VAE factor x patch size).")
-    latent_shape = (pipe.transformer.config.in_channels, args.resolution // pipe.vae_scale_factor,
-                    args.resolution // pipe.vae_scale_factor)
-
-    # 5. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
-    student, teacher, teacher_context = tfd_text2image.make_student(pipe, "transformer", args, device)
-    positives = tfd_text2image.open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger,
-                                              drop_t5=args.drop_t5)
+    # 3. Prompts, the teacher pipeline, student and teacher, the positives, the loss and the optimiser.
+    run = build(args, accelerator)
     if args.prepare_positives_only:
-        return positives.prepare(accelerator, prompts)
-    val_embeds = tfd_text2image.encode_prompts(pipe, args.validation_prompts, device)
-    positives.offload_if_complete(prompts)
+        return run.positives.prepare(accelerator, run.prompts)
 
-    # 6. The loss, the optimiser and its schedule.
-    loss_fn, student, optimizer, lr_scheduler = tfd_text2image.prepare_training(
-        accelerator, args, student, teacher, teacher_context, StableDiffusion3Pipeline, "transformer")
-
-    # 7. Resume, record the settings, start the trackers.
+    # 4. Resume, record the settings, start the trackers.
     first_step, metrics_path = tfd_training.start_run(accelerator, args, resume, logger)
 
     def validation_grid(model):  # the teacher's own flow scheduler: one step is x0 = z − v(z, 1000)
-        return tfd_text2image.sample_grid(pipe, "transformer", model, pipe.scheduler, val_embeds, args, accelerator,
-                                          guidance_scale=1.0)
+        return tfd_text2image.sample_grid(run.pipe, "transformer", model, run.pipe.scheduler, run.val_embeds, args,
+                                          accelerator, guidance_scale=1.0)
 
-    # 8. Train: the loop is tfd_text2image.train_loop; the step is train_step below.
-    tfd_text2image.train_loop(
-        accelerator, args, student, optimizer, lr_scheduler, loss_fn, positives, prompts,
-        lambda batch, gen: train_step(args, accelerator, student, teacher, loss_fn, batch, gen),
-        latent_shape, validation_grid, first_step, metrics_path, logger)
+    # 5. Train! Each micro-step draws --prompts_per_batch prompts (positions [rank·G, (rank+1)·G) of one sequence
+    #    every process shares: they never repeat each other) and runs train_step on their cache entries.
+    G, N, rank = args.prompts_per_batch, args.num_generated, accelerator.process_index
+    logger.info(f"***** TFD ({args.train_mode}): {args.max_train_steps} updates, {G} prompts x (N={N}, "
+                f"P={args.num_positives}) per process, {accelerator.num_processes} processes, layers "
+                f"{run.loss_fn.layers}, σ in [{args.feature_noise_min}, {args.feature_noise_max}] *****")
+    params = [prm for prm in run.student.parameters() if prm.requires_grad]  # FSDP clips the prepared model's own
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
+    monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
+                                           logger)
+    for step in range(first_step + 1, args.max_train_steps + 1):
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+            drawn = tfd_training.shared_draw(len(run.prompts), rank * G, G, shared).tolist()
+            entries = [run.positives.get(run.prompts[i]) for i in drawn]
+            batch = tfd_text2image.prompt_batch(entries, N, run.latent_shape, gen, accelerator.device,
+                                                tfd_text2image.cond_dtype(args))
+            with accelerator.accumulate(run.student):
+                loss, logs = train_step(args, accelerator, run, batch, gen)
+                accelerator.backward(loss)
+                monitor.add(logs)
+                loss_sum = loss_sum + loss.detach()
+                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
+                                                               loss_sum, args.max_grad_norm)
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
+                                                       **run.positives.window(accelerator)})
+        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+        if tfd_training.is_validation_step(accelerator, args, step):
+            grid = validation_grid(accelerator.unwrap_model(run.student))
+            tfd_training.save_validation_grid(accelerator, args, grid, step)
 
-    # 9. Export: the one-step pipeline (the teacher's FlowMatchEulerDiscreteScheduler) or the LoRA weights.
+    # 6. Export: the one-step pipeline (the teacher's FlowMatchEulerDiscreteScheduler) or the LoRA weights.
     return tfd_text2image.export(
-        accelerator, args, student, pipe, "transformer", None, validation_grid,
-        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), data_desc, len(prompts)), repo_id,
-        **no_t5)
+        accelerator, args, run.student, run.pipe, "transformer", None, validation_grid,
+        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts)), repo_id,
+        **run.components)
 
 
-def train_step(args, accelerator, student, teacher, loss_fn, batch, generator):
+def build(args, accelerator, pipe=None):
+    """What the loop needs (tfd_text2image.setup: prompts, teacher pipeline, student and teacher, positives,
+    loss, prepared optimiser and schedule), with this teacher's latent shape. pipe: a teacher pipeline already
+    in memory (the benchmark's) instead of loading --pretrained_model_name_or_path."""
+    from diffusers import StableDiffusion3Pipeline
+
+    components = {"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {}
+    run = tfd_text2image.setup(args, accelerator, StableDiffusion3Pipeline, "transformer", logger, pipe=pipe,
+                               components=components, cache_settings={"drop_t5": args.drop_t5})
+    run.components = components
+    factor = run.pipe.vae_scale_factor * run.pipe.transformer.config.patch_size
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {factor} (VAE factor x patch size).")
+    latent = args.resolution // run.pipe.vae_scale_factor
+    run.latent_shape = (run.pipe.transformer.config.in_channels, latent, latent)
+    return run
+
+
+def generate(args, transformer, noise, prompt_embeds, pooled_prompt_embeds):
+    """The one-step student: x0 = z − v(z, t = 1000) from pure noise z (flow time 1). Conditioning per sample.
+    The saved pipeline's one Euler step (sigmas [1, 0]) runs exactly this."""
+    return tfd_utils.flow_one_step(transformer, noise, prompt_embeds, pooled_prompt_embeds)
+
+
+def train_step(args, accelerator, run, batch, generator):
     """One micro-step: N one-step samples per prompt, then the TFD loss in the teacher's features.
 
     batch: (positives [G, P, 16, h, w], prompt_embeds [G, L, D], pooled [G, D'], noise [G·N, 16, h, w]).
@@ -260,14 +186,14 @@ def train_step(args, accelerator, student, teacher, loss_fn, batch, generator):
     positives, prompt_embeds, pooled, noise = batch
     G, N = positives.shape[0], noise.shape[0] // positives.shape[0]
     with accelerator.autocast():
-        generated = tfd_utils.flow_one_step(student, noise, prompt_embeds.repeat_interleave(N, 0),
-                                            pooled.repeat_interleave(N, 0))
+        generated = generate(args, run.student, noise, prompt_embeds.repeat_interleave(N, 0),
+                             pooled.repeat_interleave(N, 0))
     generated = generated.float().reshape(G, N, *noise.shape[1:])
-    forward = tfd_utils.flow_teacher_forward(teacher, prompt_embeds, pooled)
-    return loss_fn(forward, generated, positives, generator=generator)
+    forward = tfd_utils.flow_teacher_forward(run.teacher, prompt_embeds, pooled)
+    return run.loss_fn(forward, generated, positives, generator=generator)
 
 
-def write_model_card(args, repo_id, data_desc, num_prompts):
+def write_model_card(args, repo_id, num_prompts):
     teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
     load = ("pipe = StableDiffusion3Pipeline.from_pretrained('{}', torch_dtype=torch.bfloat16{}).to('cuda')\n"
             .format(teacher if args.train_mode == "lora" else repo_id,
@@ -283,7 +209,7 @@ def write_model_card(args, repo_id, data_desc, num_prompts):
         "Distilled with Teacher-Feature Drifting (`train_tfd_sd3.py`): one transformer evaluation per image "
         "(FlowMatchEulerDiscreteScheduler, 1 step, no classifier-free guidance)" +
         (", without the T5 text encoder." if args.drop_t5 else "."),
-        usage, tfd_text2image.card_settings(args, num_prompts, data_desc))
+        usage, tfd_text2image.card_settings(args, num_prompts))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 # Shared pieces of the scaling / fault / bad-input tests (test_distributed.py, test_faults.py,
 # test_bad_inputs.py): tiny fixtures, argument lists, `accelerate launch` with 2 CPU processes,
-# forked runs that a test can SIGKILL at a test-only pause point (tfd_training.fault_pause).
+# forked runs that a test can SIGKILL at a pause point tests/instrument.py puts into the run.
 import json
 import multiprocessing
 import os
@@ -66,9 +66,15 @@ def reset_accelerate():
 
 
 def run_in_process(script, argv):
+    """script.main(parse_args(argv)) in this process, with the faults and records the environment asks for
+    (tests/instrument.py)."""
+    import instrument
+
+    undo = instrument.install(script)
     try:
         return script.main(script.parse_args(argv))
     finally:
+        undo()
         reset_accelerate()
 
 
@@ -86,10 +92,12 @@ def free_port():
 def launch_cmd(script, args, num_processes=2):
     """2 CPU processes: `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is
     installed (its multi-CPU launcher is MPI), so use the torchrun launcher (--multi_gpu) with
-    ACCELERATE_USE_CPU=true (see env_cpu): accelerate then runs MULTI_CPU over gloo."""
+    ACCELERATE_USE_CPU=true (see env_cpu): accelerate then runs MULTI_CPU over gloo. Each process runs the
+    script through tests/instrument.py (faults and records only where the environment asks for them)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), os.path.join(ROOT, script), *args]
+            "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "instrument.py"),
+            os.path.join(ROOT, script), *args]
 
 
 def env_cpu(**extra):
@@ -120,12 +128,15 @@ def _forked_main(script, argv, log_path, env_extra):
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     os.environ.update({k: str(v) for k, v in env_extra.items()})
+    import instrument
+
+    instrument.install(script)
     script.main(script.parse_args(argv))
 
 
 def run_until_pause_then_kill(script, argv, log_path, pause, timeout=300, **env_extra):
     """Fork a training run (already-imported modules: no start-up cost), wait until it reports the
-    test-only pause point `pause` (TFD_TEST_PAUSE), SIGKILL it there. Returns its log text."""
+    pause point `pause` (TFD_TEST_PAUSE, tests/instrument.py), SIGKILL it there. Returns its log text."""
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=_forked_main, args=(script, argv, str(log_path),
                                                    {"TFD_TEST_PAUSE": pause, "TFD_TEST_PAUSE_SECONDS": 600,

@@ -19,6 +19,7 @@ import tfd_utils
 import train_tfd_imagenet64
 import tfd_training
 import tfd_text2image
+from instrument import state_digest
 from scaling_helpers import (PROMPTS, ROOT, debug_records, env, env_cpu, launch, launch_cmd, prompts_file, read_jsonl,  # noqa: F401
                              imagenet_args, sdxl_args, tiny_imagenet)
 
@@ -64,9 +65,9 @@ def test_imagenet64_two_processes(tiny_imagenet, tmp_path):
 
     # Gradients synchronised; the NaN injected on rank 1 at step 2 made BOTH ranks skip that update.
     digest = assert_synchronised(dbg, [1, 2, 3], skipped={2})
-    assert digest[1] != tfd_training.state_digest(UNet2DModel.from_pretrained(tiny_imagenet / "teacher"))
+    assert digest[1] != state_digest(UNet2DModel.from_pretrained(tiny_imagenet / "teacher"))
     for saved in (out / "checkpoint-3" / "unet", out / "unet"):
-        assert tfd_training.state_digest(UNet2DModel.from_pretrained(saved)) == digest[3], saved
+        assert state_digest(UNet2DModel.from_pretrained(saved)) == digest[3], saved
 
     # Logged and saved once: one metrics line per step, one tracker, one checkpoint message.
     rows = read_jsonl(out / "metrics.jsonl")
@@ -116,7 +117,7 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
         assert tfd_training.shared_draw(len(PROMPTS), 0, 2, g).tolist() == a["prompts"] + b["prompts"]
     digest = assert_synchronised(dbg, [1, 2, 3], skipped={2})
     for saved in (out / "checkpoint-3" / "unet", out / "unet"):
-        assert tfd_training.state_digest(UNet2DConditionModel.from_pretrained(saved)) == digest[3], saved
+        assert state_digest(UNet2DConditionModel.from_pretrained(saved)) == digest[3], saved
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["train/bad_steps"] for r in rows] == [0, 1, 0]
     assert rows[-1]["cache/misses"] == 0 and rows[-1]["cache/hits"] >= 1  # the prepared cache served it

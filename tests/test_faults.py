@@ -15,6 +15,7 @@ import pytest
 import tfd_utils
 import tfd_training
 import tfd_text2image
+from instrument import state_digest
 from scaling_helpers import (PROMPTS, debug_records, imagenet_args, prompts_file, read_jsonl,  # noqa: F401
                              run_in_process, run_until_pause_then_kill, sdxl_args, tiny_imagenet)
 
@@ -140,5 +141,5 @@ def assert_stopped_with_nothing_overwritten(out, dbg, model_cls):
     # No checkpoint inside the bad run, the good one holds the step-2 weights, nothing exported.
     assert tfd_training.list_checkpoints(str(out)) == [(2, str(out / "checkpoint-2"))]
     assert not [p for p in os.listdir(out) if p.endswith(".incomplete")]
-    assert tfd_training.state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
+    assert state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
     assert not (out / "unet").exists() and not (out / "model_index.json").exists()

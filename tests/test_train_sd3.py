@@ -263,7 +263,7 @@ def test_teacher_block_checkpointing_gives_the_same_loss_and_gradient(lora):
     ctx, pooled = conditioning(2)
 
     def loss_and_grad(teacher, context, checkpoint):
-        loss_fn = tfd_utils.TFDLoss(teacher, ["block:1"], 2, radii=[0.05, 0.2], teacher_context=context,
+        loss_fn = tfd_utils.TFDLoss(teacher, ["block:1"], 2, drift_radii=[0.05, 0.2], teacher_context=context,
                                     checkpoint_teacher=checkpoint)
         calls, handle = call_counter(teacher.transformer_blocks[0])
         x = x0.clone().requires_grad_(True)

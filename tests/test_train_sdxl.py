@@ -310,7 +310,7 @@ def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
     pos = torch.randn(1, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def loss_and_grad(model, context, checkpoint):
-        loss_fn = tfd_utils.TFDLoss(model, ["down_blocks.2", "mid_block"], 4, radii=[0.05, 0.2],
+        loss_fn = tfd_utils.TFDLoss(model, ["down_blocks.2", "mid_block"], 4, drift_radii=[0.05, 0.2],
                                     teacher_context=context, checkpoint_teacher=checkpoint)
         x = gen0.clone().requires_grad_(True)
         torch.manual_seed(5)  # the feature noise
