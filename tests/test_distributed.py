@@ -149,7 +149,7 @@ def test_accelerate_configs_load():
 
     folder = os.path.join(ROOT, "examples", "accelerate_configs")
     want = {"1gpu.yaml": ("NO", 1), "8gpu_ddp.yaml": ("MULTI_GPU", 8), "fsdp_full_shard.yaml": ("FSDP", 8),
-            "deepspeed_zero2.yaml": ("DEEPSPEED", 8)}
+            "deepspeed_zero2.yaml": ("DEEPSPEED", 8), "multinode_2x8gpu.yaml": ("MULTI_GPU", 16)}
     assert sorted(os.listdir(folder)) == sorted(want)
     for name, (engine, processes) in want.items():
         config = load_config_from_file(os.path.join(folder, name))
@@ -158,3 +158,6 @@ def test_accelerate_configs_load():
     fsdp = load_config_from_file(os.path.join(folder, "fsdp_full_shard.yaml")).fsdp_config
     assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is True
     assert load_config_from_file(os.path.join(folder, "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
+    multinode = load_config_from_file(os.path.join(folder, "multinode_2x8gpu.yaml"))  # 2 machines x 8 GPUs
+    assert (multinode.num_machines, multinode.machine_rank, multinode.rdzv_backend) == (2, 0, "static")
+    assert multinode.main_process_ip and multinode.main_process_port  # placeholders: the launch command overrides them
