@@ -212,6 +212,7 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
            "--num_validation_images", "4", "--use_ema", "--ema_decay", "0.9", "--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    args = script.parse_args(cmd[cmd.index(os.path.join(ROOT, "train_tfd_imagenet64.py")) + 1:])
     for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "README.md",
                  "samples.png", "validation/step-2.png", "validation/step-4.png", "training_args.json",
                  "checkpoint-2/unet/diffusion_pytorch_model.safetensors", "checkpoint-4/tfd_checkpoint_complete"):
@@ -238,8 +239,8 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
 
     noise, labels = torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(1)), [0, 1, 2, 3]
     images = pipe(batch_size=4, class_labels=labels, num_inference_steps=1, latents=noise, output_type="pt").images
-    with torch.no_grad():
-        x = tfd_utils.edm_one_step(pipe.unet, noise, torch.tensor(labels))
+    with torch.no_grad():  # the script's own generator under the run's flags
+        x = script.generate(args, pipe.unet, noise, torch.tensor(labels), 5)
     torch.testing.assert_close(images, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
 
 

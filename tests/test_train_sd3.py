@@ -82,12 +82,13 @@ def metrics(out):
         return {r["step"]: r for r in map(json.loads, f)}
 
 
-def student_latents(transformer, pipe, prompt, noise):
-    """The training generator (tfd_utils.flow_one_step) for a prompt, as the script calls it."""
+def student_latents(transformer, pipe, prompt, noise, args=None):
+    """The script's own generator (train_tfd_sd3.generate, under its parsed flags) for a prompt."""
     pe, pooled = tfd_text2image.encode_prompts(pipe, [prompt], "cpu")
     b = noise.shape[0]
+    args = args or script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x"])
     with torch.no_grad():
-        return tfd_utils.flow_one_step(transformer, noise, pe.expand(b, -1, -1), pooled.expand(b, -1))
+        return script.generate(args, transformer, noise, pe.expand(b, -1, -1), pooled.expand(b, -1))
 
 
 def pipeline_latents(pipe, prompt, noise):
@@ -113,9 +114,10 @@ def test_flow_one_step_equals_the_pipeline_with_one_euler_step(pipe, guidance_sc
     noise = torch.randn(len(PROMPTS) * per_prompt, LATENT_CHANNELS, *LATENT_HW,
                         generator=torch.Generator().manual_seed(3))
     pe, pooled = tfd_text2image.encode_prompts(pipe, PROMPTS, "cpu")
+    args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x"])
     with torch.no_grad():
-        ours = tfd_utils.flow_one_step(pipe.transformer, noise, pe.repeat_interleave(per_prompt, 0),
-                                       pooled.repeat_interleave(per_prompt, 0))
+        ours = script.generate(args, pipe.transformer, noise, pe.repeat_interleave(per_prompt, 0),
+                               pooled.repeat_interleave(per_prompt, 0))
     assert ours.dtype == torch.float32 and ours.shape == out.shape
     assert ((ours - out).abs().max() / out.abs().max()).item() < 1e-6
     assert not torch.allclose(ours, noise)
