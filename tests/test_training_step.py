@@ -8,6 +8,16 @@ import contextlib
 import pytest
 import torch
 from accelerate import Accelerator
+from scaling_helpers import (  # noqa: F401
+    PROMPTS,
+    imagenet_args,
+    prompts_file,
+    read_jsonl,
+    reset_accelerate,
+    run_in_process,
+    sdxl_args,
+    tiny_imagenet,
+)
 
 import tfd_text2image
 import tfd_training
@@ -15,8 +25,6 @@ import tfd_utils
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
-from scaling_helpers import (PROMPTS, imagenet_args, prompts_file, read_jsonl, reset_accelerate,  # noqa: F401
-                             run_in_process, sdxl_args, tiny_imagenet)
 
 # Every loss flag away from its default (each value distinct, so a swap of two shows).
 LOSS_FLAGS = {"--feature_pool_size": "2", "--drift_radii": "0.03,0.3", "--drift_kernel": "meanshift",
