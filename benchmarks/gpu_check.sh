@@ -27,7 +27,8 @@
 #                           real_arch.SD35_LARGE, no T5, --drop_t5), one update at 1024 px, 1 prompt x (4, 4),
 #                           positives of 4 teacher steps, bf16 teacher; then load_lora_weights and one 1024 px image
 #   script_sd35_large_fsdp (600)  the same model, full fine-tune under FSDP (examples/accelerate_configs/
-#                           fsdp_full_shard.yaml, JointTransformerBlock wrapped, one process per GPU, AdamW, bf16
+#                           fsdp_full_shard.yaml with JointTransformerBlock wrapped: the yaml names SDXL's block
+#                           classes, so the SD3 one is given on the command line; one process per GPU, AdamW, bf16
 #                           autocast, gradient checkpointing), one update, then the consolidated export. Only with
 #                           >= 2 GPUs (nvidia-smi -L); otherwise recorded as skipped, with the reason. Memory per GPU:
 #                           the fp32 student, gradients and AdamW states (130 GB in all) split over the GPUs, plus the
@@ -62,7 +63,7 @@ while [[ $# -gt 0 ]]; do
     --wheels) WHEELS="$2"; shift 2 ;;
     --skip) SKIP="$2"; shift 2 ;;
     --time_scale) TIME_SCALE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,43p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
