@@ -20,7 +20,7 @@ venv:
 test: venv
 	$(VPY) -m pytest
 
-# Real-size architectures (SDXL base with random weights): ~15 GB of RAM, tens of minutes on a CPU.
+# Real-size architectures (SDXL base, SD3.5 medium; random weights): ~15 GB of RAM, 8-14 minutes on a 2-core CPU.
 test-slow: venv
 	$(VPY) -m pytest -m slow
 

@@ -52,6 +52,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from real_arch import SD35_MEDIUM  # noqa: E402  (the published config)
+
 import tfd_text2image  # noqa: E402
 import tfd_training  # noqa: E402
 import tfd_utils  # noqa: E402
@@ -88,15 +90,6 @@ SDXL_TINY = dict(SDXL_BASE, block_out_channels=(16, 32, 32), layers_per_block=1,
 SDXL_POOLED_DIM = {"full": 1280, "reduced": 1280, "tiny": 32}
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
-# SD3.5-medium's SD3Transformer2DModel, written FROM MEMORY of stabilityai/stable-diffusion-3.5-medium
-# transformer/config.json (not checked against the file here): 24 joint blocks of 24 heads x 64, the first 13
-# with a second image-only attention (MMDiT-X), RMS q/k norm. These values give 2.24 B parameters (Stability
-# quotes 2.5 B for the whole SD3.5 Medium model).
-SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
 # The same traits at toy width (3 blocks, the first two dual-attention; token grids up to 8x8).
 SD35_TINY = dict(SD35_MEDIUM, sample_size=8, num_layers=3, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80, pos_embed_max_size=8,
@@ -143,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--sdxl_resolution", type=int, default=None,
                    help="SDXL resolution in pixels (latents are 1/8; default 1024, reduced 256, tiny 128).")
     p.add_argument("--sd3_transformer", default=None, choices=("full", "tiny"),
-                   help="SD3 rows: the SD3.5-medium-sized transformer (default; its config is from memory) or a toy one "
+                   help="SD3 rows: the SD3.5-medium transformer (default; its published config) or a toy one "
                         "of the same traits (--tiny).")
     p.add_argument("--sd3_resolution", type=int, default=None,
                    help="SD3 resolution in pixels (latents are 1/8; default 1024, tiny 64).")
@@ -717,7 +710,7 @@ class SD3Row(SDXLRow):
         self.lora = lora = mode == "lora"
         self.config = {"full": SD35_MEDIUM, "tiny": SD35_TINY}[args.sd3_transformer]
         self.text_tokens = SD3_TEXT_TOKENS[args.sd3_transformer]
-        size = {"full": "SD3.5-medium-sized (config from memory)", "tiny": "SD3.5-shaped tiny"}[args.sd3_transformer]
+        size = {"full": "SD3.5-medium", "tiny": "SD3.5-shaped tiny"}[args.sd3_transformer]
         what = f"LoRA r{args.lora_rank}, ckpt" if lora else f"full FT (ckpt, {FULL_OPTIMIZER})"
         self.name = f"{size} {args.sd3_resolution}px, {what}, {precision}{teacher_ckpt_name(teacher_ckpt)}"
         self.accelerator = make_accelerator(self.device, ta.mixed_precision)

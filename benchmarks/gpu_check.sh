@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU check of TFD at full size, in at most 8 minutes on one large GPU (H100/H200 class, >= 80 GB):
-# the training step of each script timed on random-weight real architectures, its peak memory, the largest
-# group count that fits, and one real run of train_tfd_imagenet64.py and train_tfd_sdxl.py. One table and
-# one JSON at the end, also when stages fail or time out.
+# One GPU check of TFD at full size, in at most 13 minutes on one large GPU (H100/H200 class, >= 80 GB; 23 with
+# the FSDP row on several GPUs): the training step of each script timed on random-weight real architectures, its
+# peak memory, the largest group count that fits, and one real run of train_tfd_imagenet64.py, train_tfd_sdxl.py
+# and train_tfd_sd3.py (SD3.5 large: LoRA on one GPU, a full fine-tune under FSDP where there are >= 2 GPUs).
+# One table and one JSON at the end, also when stages fail or time out.
 #
 #   bash benchmarks/gpu_check.sh                          # CUDA, full size
 #   bash benchmarks/gpu_check.sh --device cpu --tiny      # the same stages at toy sizes: about a minute on a CPU
@@ -17,18 +18,29 @@
 #   bench_sdxl       (130)  SDXL base UNet (2.57 B) at 1024 px, 1 prompt x (4, 4), bf16: full fine-tune (bf16
 #                           teacher, gradient checkpointing, 8-bit AdamW) and LoRA r64; the most prompts that fit
 #                           (searched up to 8)
-#   bench_sd3         (80)  SD3.5-medium-sized transformer (its config written from memory, see
-#                           bench_train_step.SD35_MEDIUM) at 1024 px, 1 prompt x (4, 4), bf16, full and LoRA
+#   bench_sd3         (80)  SD3.5-medium transformer (the published config, real_arch.SD35_MEDIUM, 2.5 B) at
+#                           1024 px, 1 prompt x (4, 4), bf16, full and LoRA
 #   script_imagenet64 (50)  train_tfd_imagenet64.py, one update on the random ADM UNet, 10 classes x (4, 4, 4), bf16
 #   script_sdxl      (140)  train_tfd_sdxl.py LoRA, one update at 1024 px, 1 prompt x (4, 4), positives sampled
 #                           with 4 teacher steps; then load_lora_weights and one 1024 px one-step image
+#   script_sd35_large_lora (300)  train_tfd_sd3.py LoRA r64 on the published SD3.5-large transformer (8.1 B;
+#                           real_arch.SD35_LARGE, no T5, --drop_t5), one update at 1024 px, 1 prompt x (4, 4),
+#                           positives of 4 teacher steps, bf16 teacher; then load_lora_weights and one 1024 px image
+#   script_sd35_large_fsdp (600)  the same model, full fine-tune under FSDP (examples/accelerate_configs/
+#                           fsdp_full_shard.yaml with JointTransformerBlock wrapped: the yaml names SDXL's block
+#                           classes, so the SD3 one is given on the command line; one process per GPU, AdamW, bf16
+#                           autocast, gradient checkpointing), one update, then the consolidated export. Only with
+#                           >= 2 GPUs (nvidia-smi -L); otherwise recorded as skipped, with the reason. Memory per GPU:
+#                           the fp32 student, gradients and AdamW states (130 GB in all) split over the GPUs, plus the
+#                           whole bf16 teacher (16 GB): ~81 GB on 2 GPUs (needs 141 GB GPUs; 80 GB ones from 4 GPUs).
 #
 # Needs: bash, coreutils `timeout`, and a Python with the project's requirements.txt: torch with CUDA,
 # diffusers, transformers, accelerate, datasets, peft, safetensors, bitsandbytes (8-bit AdamW of the full
 # rows), and open_clip_torch (only its CLIP BPE vocabulary file, for the random pipelines' tokenizers:
 # `pip install --no-deps` is enough). Nothing is downloaded: every network is built from its config with
 # random weights, the data are random images. A machine without network access needs those packages
-# installed, or their wheels carried in (--wheels DIR). Disk: ~6 GB (the bf16 SDXL pipeline, the ADM UNet).
+# installed, or their wheels carried in (--wheels DIR). Disk: ~6 GB (the bf16 SDXL pipeline, the ADM UNet), then
+# ~17 GB (the bf16 SD3.5-large pipeline), with the FSDP row ~50 GB (its export: the fp32 student pipeline).
 # Results: OUT/summary.md, OUT/summary.json; each stage's log and JSON under OUT/stages/.
 
 set -euo pipefail
@@ -51,7 +63,7 @@ while [[ $# -gt 0 ]]; do
     --wheels) WHEELS="$2"; shift 2 ;;
     --skip) SKIP="$2"; shift 2 ;;
     --time_scale) TIME_SCALE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -94,6 +106,11 @@ run_stage() {
   echo "   $status (rc $rc, $((SECONDS - start)) s)"
   if [[ $status != ok ]]; then tail -n 5 "$STAGES/$name.log" | sed 's/^/   | /'; fi
   return 0
+}
+
+# skip_stage NAME REASON: a stage this machine cannot run, recorded as skipped with the reason
+skip_stage() {
+  echo "skipped 0 0" > "$STAGES/$1.status"; echo "$2" > "$STAGES/$1.reason"; echo "== $1: skipped ($2)"
 }
 
 # The script stages: build, data, train[, infer], each its own process at full size (a builder's weights never add
@@ -140,17 +157,63 @@ script_sdxl() {
   fi
   cp "$out/metrics.jsonl" "$STAGES/script_sdxl.metrics.jsonl"
 }
-export -f script_imagenet64 script_sdxl
-export PY ARCH WORK STAGES DEVICE TINY
+# SD3.5 large (8.1 B): the pipeline built once (bf16, no T5) for the LoRA row and the FSDP row.
+sd3_common() {
+  echo "a photo of a red fox in the snow" > "$WORK/prompts_sd3.txt"
+  SD3_COMMON=(--prompts_file "$WORK/prompts_sd3.txt" --drop_t5 --gradient_checkpointing --prompts_per_batch 1
+              --max_train_steps 1 --lr_warmup_steps 0 --checkpointing_steps 1000 --validation_steps 0
+              --validation_prompts "a cat" --logging_steps 1 --report_to none --output_dir "$1")
+}
+
+script_sd35_large_lora() {
+  local pipe="$WORK/sd35_large" out="$WORK/sd35_large_lora"
+  rm -rf "$out"
+  sd3_common "$out"
+  if [[ $TINY == 1 ]]; then
+    "$PY" "$ARCH" chain build-sd3 "$pipe" --model sd35-large --tiny \
+      -- train-sd3 --pretrained_model_name_or_path "$pipe" --train_mode lora --resolution 32 --lora_rank 4 \
+      --lora_alpha 4 --num_generated 2 --num_positives 2 --num_positive_steps 1 --mixed_precision no "${SD3_COMMON[@]}" \
+      -- infer-sd3 "$pipe" "$out" --resolution 32 --device "$DEVICE"
+  else
+    "$PY" "$ARCH" build-sd3 "$pipe" --model sd35-large --device "$DEVICE" --dtype bf16
+    "$PY" "$ARCH" train-sd3 --pretrained_model_name_or_path "$pipe" --train_mode lora --resolution 1024 \
+      --lora_rank 64 --lora_alpha 64 --num_generated 4 --num_positives 4 --num_positive_steps 4 --teacher_dtype bf16 \
+      --mixed_precision bf16 "${SD3_COMMON[@]}"
+    "$PY" "$ARCH" infer-sd3 "$pipe" "$out" --resolution 1024 --device "$DEVICE"
+  fi
+  cp "$out/metrics.jsonl" "$STAGES/script_sd35_large_lora.metrics.jsonl"
+}
+
+script_sd35_large_fsdp() {
+  local pipe="$WORK/sd35_large" out="$WORK/sd35_large_fsdp"
+  rm -rf "$out"
+  sd3_common "$out"
+  if [[ ! -f "$pipe/model_index.json" ]]; then
+    "$PY" "$ARCH" build-sd3 "$pipe" --model sd35-large --device "$DEVICE" --dtype bf16
+  fi
+  "$PY" -m accelerate.commands.launch --config_file "$ROOT/examples/accelerate_configs/fsdp_full_shard.yaml" \
+    --num_processes "$NGPU" --fsdp_transformer_layer_cls_to_wrap JointTransformerBlock \
+    "$ARCH" train-sd3 --pretrained_model_name_or_path "$pipe" --train_mode full --resolution 1024 \
+    --num_generated 4 --num_positives 4 --num_positive_steps 4 --teacher_dtype bf16 --mixed_precision bf16 \
+    "${SD3_COMMON[@]}"
+  cp "$out/metrics.jsonl" "$STAGES/script_sd35_large_fsdp.metrics.jsonl"
+  rm -rf "$out"  # the exported fp32 pipeline (~33 GB)
+}
+export -f script_imagenet64 script_sdxl sd3_common script_sd35_large_lora script_sd35_large_fsdp
+NGPU=0
+if [[ "$DEVICE" == cuda ]] && command -v nvidia-smi > /dev/null; then
+  NGPU="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+fi
+export PY ARCH WORK STAGES DEVICE TINY ROOT NGPU
 
 if [[ $TINY == 1 ]]; then
   COMMON=(--device "$DEVICE" --measure step --tiny --repeats 1 --warmup 0)
   FIND=()  # the largest batch is searched for on a GPU only
-  T=(60 60 60 90 120)  # a loaded CPU: each stage is mostly imports
+  T=(60 60 60 90 120 120 60)  # a loaded CPU: each stage is mostly imports
 else
   COMMON=(--device "$DEVICE" --measure step --warmup 1 --repeats 3)
   FIND=(--find_max_batch)
-  T=(80 130 80 50 140)
+  T=(80 130 80 50 140 300 600)
 fi
 
 run_stage bench_imagenet64 "${T[0]}" "$PY" "$BENCH" "${COMMON[@]}" ${FIND[@]+"${FIND[@]}"} --config imagenet64 \
@@ -166,6 +229,15 @@ run_stage bench_sd3 "${T[2]}" "$PY" "$BENCH" "${COMMON[@]}" --config sd3 --sdxl_
   --output_json "$STAGES/bench_sd3.json"
 run_stage script_imagenet64 "${T[3]}" bash -c 'set -euo pipefail; script_imagenet64'
 run_stage script_sdxl "${T[4]}" bash -c 'set -euo pipefail; script_sdxl'
+rm -rf "$WORK/sdxl" "$WORK/sdxl_run"  # the bf16 SDXL pipeline (5 GB): disk for SD3.5 large
+run_stage script_sd35_large_lora "${T[5]}" bash -c 'set -euo pipefail; script_sd35_large_lora'
+if [[ "$DEVICE" != cuda ]]; then
+  skip_stage script_sd35_large_fsdp "FSDP needs CUDA GPUs (accelerate has no FSDP on a CPU)"
+elif [[ "$NGPU" -lt 2 ]]; then
+  skip_stage script_sd35_large_fsdp "FSDP needs >= 2 GPUs; nvidia-smi -L counts $NGPU"
+else
+  run_stage script_sd35_large_fsdp "${T[6]}" bash -c 'set -euo pipefail; script_sd35_large_fsdp'
+fi
 rm -rf "$WORK"  # the random pipelines (GBs)
 
 # The table and the JSON, from whatever the stages left. A bare JSON of the statuses if Python itself fails.
@@ -174,7 +246,8 @@ import glob, json, os, sys
 
 out, device, tiny, total_s = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 stages_dir = os.path.join(out, "stages")
-names = ["bench_imagenet64", "bench_sdxl", "bench_sd3", "script_imagenet64", "script_sdxl"]
+names = ["bench_imagenet64", "bench_sdxl", "bench_sd3", "script_imagenet64", "script_sdxl", "script_sd35_large_lora",
+         "script_sd35_large_fsdp"]
 summary = {"device": device, "tiny": tiny, "total_s": total_s, "stages": {}}
 try:
     import torch
@@ -188,6 +261,9 @@ for name in names:
     status, rc, secs = (open(path).read().split() + ["missing", "", ""])[:3] if os.path.exists(path) else ("missing", "", "")
     st = {"status": status, "rc": int(rc) if rc.lstrip("-").isdigit() else None,
           "seconds": int(secs) if secs.isdigit() else None}
+    reason = os.path.join(stages_dir, name + ".reason")
+    if os.path.exists(reason):
+        st["reason"] = open(reason).read().strip()
     bench = os.path.join(stages_dir, name + ".json")
     if name.startswith("bench") and os.path.exists(bench):
         st["results"] = json.load(open(bench))["results"]
@@ -202,15 +278,16 @@ for name in names:
         metrics = os.path.join(stages_dir, name + ".metrics.jsonl")
         if os.path.exists(metrics):
             st["metrics"] = [json.loads(ln) for ln in open(metrics) if ln.strip()]
-        train = next((r for r in results if r["stage"].startswith("train")), {})
+        train = [r.get("cuda_peak_gb") or r.get("peak_rss_gb") or 0 for r in results if r["stage"].startswith("train")]
         loss = st.get("metrics", [{}])[-1].get("loss/total") if st.get("metrics") else None
         rows.append((name, status, "one real run of the script" + (f", loss {loss:.4g}" if loss is not None else ""),
-                     "", None, (train.get("cuda_peak_gb") or train.get("peak_rss_gb") or 0) * 2**30 or None, None,
-                     "; ".join(f"{r['stage']} {r['wall_s']} s" for r in results)))
+                     "", None, max(train, default=0) * 2**30 or None, None,  # several processes: the largest
+                     "; ".join(f"{r['stage']}{' rank %d' % r['rank'] if 'rank' in r else ''} {r['wall_s']} s"
+                               for r in results)))
     if status != "ok" and os.path.exists(log):
         st["log_tail"] = open(log, errors="replace").read()[-2000:]
     if not any(row[0] == name for row in rows):
-        rows.append((name, status, "", "", None, None, None, ""))
+        rows.append((name, status, "", "", None, None, None, st.get("reason", "")))
     summary["stages"][name] = st
 
 mem = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS above the row's start (CPU)"

@@ -10,6 +10,9 @@
 #   python benchmarks/real_arch.py train-sdxl SCRIPT_ARGS...          # train_tfd_sdxl.main(parse_args(...))
 #   python benchmarks/real_arch.py train-imagenet64 SCRIPT_ARGS...    # train_tfd_imagenet64.main(...)
 #   python benchmarks/real_arch.py infer-sdxl PIPE_DIR LORA_DIR [--resolution 256] [--device cuda]
+#   python benchmarks/real_arch.py build-sd3 DIR --model sd35-medium|sd35-large|sd3-medium [--device] [--dtype]
+#   python benchmarks/real_arch.py train-sd3 SCRIPT_ARGS...           # train_tfd_sd3.main(parse_args(...))
+#   python benchmarks/real_arch.py infer-sd3 PIPE_DIR LORA_DIR [--resolution 256] [--device cuda]
 #   python benchmarks/real_arch.py chain STAGE ARGS... -- STAGE ARGS...   # several stages in one process (toy
 #                                                                         # sizes: saves the imports)
 #
@@ -17,7 +20,12 @@
 # (83.7 M), CLIP text encoders of the real widths (768; 1280 with a 1280 projection) with 2 layers each
 # (the real ones have 12 and 32), and the tokenizers of tests/tiny_sdxl.py (the real CLIP BPE vocabulary,
 # which open_clip ships). --tiny: the toy models of the tests at the same layouts (seconds on a CPU).
-# Used by tests/test_real_sdxl_slow.py and benchmarks/gpu_check.sh.
+# SD3 / SD3.5: the published transformer configs below, the SD3 VAE config, the two CLIP text encoders of the
+# real widths (768 and 1280, both with projections: pooled 768 + 1280 = 2048) with 2 layers each, the same
+# tokenizers, FlowMatchEulerDiscreteScheduler with shift 3.0, and no T5 (text_encoder_3=None: the pipeline feeds
+# zeros in its place; load with from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)). --tiny: the tiny
+# SD3 pipeline of tests/tiny_sd3.py with a toy-width transformer of the chosen model's traits.
+# Used by tests/test_real_sdxl_slow.py, tests/test_real_sd35_slow.py and benchmarks/gpu_check.sh.
 
 import argparse
 import json
@@ -52,6 +60,59 @@ def clip_text_config(hidden, heads, act, layers=2, **kw):
                           eos_token_id=49407, pad_token_id=1, **kw)
 
 
+# SD3Transformer2DModel configs as published: the transformer/config.json of the checkpoints
+# stabilityai/stable-diffusion-3-medium-diffusers, stabilityai/stable-diffusion-3.5-medium and
+# stabilityai/stable-diffusion-3.5-large (every key that sets the architecture). Parameters (sd3_param_counts):
+# 2.03 B / 2.24 B / 8.06 B, plus the fixed sin-cos position table the checkpoints also store
+# (pos_embed_max_size² x width: 57 M / 226 M / 90 M): 2.09 B / 2.47 B / 8.15 B in all (the model cards
+# say 2 B / 2.5 B / 8.1 B).
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+SD35_MEDIUM = dict(  # MMDiT-X: the first 13 blocks have a second, image-only self-attention (attn2)
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD35_LARGE = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)
+SD3_MODELS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "sd3-medium": SD3_MEDIUM}
+# stabilityai/stable-diffusion-3-medium-diffusers vae/config.json: SDXL's VAE layout with 16 latent channels,
+# no quant convs, and SD3's scaling and shift factors (the same VAE ships with SD3.5).
+SD3_VAE = dict(SDXL_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+
+
+def sd3_param_counts(config):
+    """(parameters, checkpoint tensors) of an SD3Transformer2DModel config, built on the meta device (no memory).
+    The checkpoint also stores the fixed sin-cos position table (a buffer, pos_embed.pos_embed)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    return (sum(p.numel() for p in model.parameters()), sum(t.numel() for t in model.state_dict().values()))
+
+
+def tiny_sd3_config(config):
+    """A published SD3 config at tests/tiny_sd3.py's toy width (3 blocks, 2 heads x 16, token grids up to 8x8),
+    keeping its traits: q/k norm, and dual attention in the first blocks where the model has it."""
+    import tiny_sd3
+
+    tiny = dict(config, sample_size=tiny_sd3.RESOLUTION // 4, num_layers=tiny_sd3.NUM_LAYERS,
+                attention_head_dim=tiny_sd3.HEAD_DIM, num_attention_heads=tiny_sd3.NUM_HEADS,
+                joint_attention_dim=tiny_sd3.JOINT_ATTENTION_DIM,
+                caption_projection_dim=tiny_sd3.NUM_HEADS * tiny_sd3.HEAD_DIM,
+                pooled_projection_dim=sum(tiny_sd3.TEXT_HIDDEN), pos_embed_max_size=tiny_sd3.POS_EMBED_MAX_SIZE)
+    if config.get("dual_attention_layers"):
+        tiny["dual_attention_layers"] = tuple(range(tiny_sd3.NUM_LAYERS - 1))
+    return tiny
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,6 +144,49 @@ def build_sdxl(save_dir, device="cpu", seed=0, dtype="fp32", tiny=False):
     components["scheduler"] = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
     StableDiffusionXLPipeline(**components).save_pretrained(save_dir)
     return {"params": params}
+
+
+def build_sd3(save_dir, model="sd35-medium", device="cpu", seed=0, dtype="fp32", tiny=False):
+    """The random-weight StableDiffusion3Pipeline of `model` without T5, saved in `dtype`; returns the parameter
+    counts (and the transformer's checkpoint tensors, its position table included). tiny: tests/tiny_sd3.py's
+    pipeline with a toy-width transformer of the model's traits."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from tiny_sd3 import SD3_SCHEDULER_CONFIG
+    from transformers import CLIPTextModelWithProjection
+
+    config = SD3_MODELS[model]
+    if tiny:
+        from tiny_sd3 import make_tiny_sd3_pipeline
+
+        components = make_tiny_sd3_pipeline(None, seed).components
+        torch.manual_seed(seed)
+        components["transformer"] = SD3Transformer2DModel(**tiny_sd3_config(config))
+    else:
+        from tiny_sdxl import make_tokenizers
+
+        torch.manual_seed(seed)
+        with torch.device(device):  # random init on a GPU takes seconds, on a CPU about a minute (sd35-large: 4)
+            components = dict(
+                transformer=SD3Transformer2DModel(**config),
+                vae=AutoencoderKL(**SD3_VAE),
+                text_encoder=CLIPTextModelWithProjection(clip_text_config(768, 12, "quick_gelu", projection_dim=768)),
+                text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 20, "gelu", projection_dim=1280)),
+            )
+        components["tokenizer"], components["tokenizer_2"] = make_tokenizers()
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+    modules = {k: m for k, m in components.items() if isinstance(m, torch.nn.Module)}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+    checkpoint = sum(t.numel() for t in components["transformer"].state_dict().values())
+    for m in modules.values():
+        m.to(DTYPES[dtype])
+    components.update(text_encoder_3=None, tokenizer_3=None)
+    StableDiffusion3Pipeline(**components).save_pretrained(save_dir)
+    return {"model": model, "params": params, "transformer_checkpoint_numel": checkpoint}
 
 
 def build_adm(save_dir, device="cpu", seed=0, tiny=False):
@@ -119,6 +223,13 @@ def train_sdxl(argv):
     return {}
 
 
+def train_sd3(argv):
+    import train_tfd_sd3
+
+    train_tfd_sd3.main(train_tfd_sd3.parse_args(argv))
+    return {}
+
+
 def train_imagenet64(argv):
     import train_tfd_imagenet64
 
@@ -150,6 +261,32 @@ def infer_sdxl(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo
             "lora_vs_base_max_diff": float((lora_latents - base_latents).abs().max())}
 
 
+def infer_sd3(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo of a red fox"):
+    """The user's lines: the teacher pipeline without T5, load_lora_weights, one step of the teacher's own flow
+    scheduler with guidance 1.0; one image. The same noise through the base pipeline (adapters unloaded) shows
+    that the adapters act."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    latent = resolution // pipe.vae_scale_factor
+    noise = torch.randn(1, pipe.transformer.config.in_channels, latent, latent,
+                        generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    kw = dict(num_inference_steps=1, guidance_scale=1.0, height=resolution, width=resolution)
+    with torch.no_grad():
+        image = pipe(prompt, latents=noise.clone(), **kw).images[0]
+        lora_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
+        pipe.unload_lora_weights()
+        base_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
+    return {"image_size": list(image.size), "pixel_std": float(np.asarray(image).std()),
+            "latents_finite": bool(torch.isfinite(lora_latents).all()),
+            "lora_vs_base_max_diff": float((lora_latents - base_latents).abs().max())}
+
+
 def main(argv):
     if argv[:1] == ["chain"]:
         stages, current = [], []
@@ -170,8 +307,9 @@ def run(argv):
     """One stage; prints `RESULT {json}`."""
     stage, rest = (argv[0], argv[1:]) if argv else ("", [])
     start = time.time()
-    if stage in ("train-sdxl", "train-imagenet64"):
-        out = (train_sdxl if stage == "train-sdxl" else train_imagenet64)(rest)
+    trainers = {"train-sdxl": train_sdxl, "train-sd3": train_sd3, "train-imagenet64": train_imagenet64}
+    if stage in trainers:
+        out = trainers[stage](rest)
     else:
         p = argparse.ArgumentParser(prog=f"real_arch.py {stage}")
         p.add_argument("paths", nargs="+")
@@ -181,18 +319,25 @@ def run(argv):
         p.add_argument("--per_class", type=int, default=4)
         p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
         p.add_argument("--tiny", action="store_true", help="The tests' toy models of the same layouts.")
+        p.add_argument("--model", default="sd35-medium", choices=tuple(SD3_MODELS), help="build-sd3: which model.")
         a = p.parse_args(rest)
         if stage == "build-sdxl":
             out = build_sdxl(a.paths[0], a.device, dtype=a.dtype, tiny=a.tiny)
+        elif stage == "build-sd3":
+            out = build_sd3(a.paths[0], a.model, a.device, dtype=a.dtype, tiny=a.tiny)
         elif stage == "build-adm":
             out = build_adm(a.paths[0], a.device, tiny=a.tiny)
         elif stage == "images":
             out = write_class_images(a.paths[0], a.classes, a.per_class, a.resolution or 64)
         elif stage == "infer-sdxl":
             out = infer_sdxl(a.paths[0], a.paths[1], a.resolution or 256, a.device)
+        elif stage == "infer-sd3":
+            out = infer_sd3(a.paths[0], a.paths[1], a.resolution or 256, a.device)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: build-sdxl, build-adm, images, train-sdxl, train-imagenet64, "
-                             "infer-sdxl")
+            raise SystemExit(f"unknown stage {stage!r}: build-sdxl, build-sd3, build-adm, images, train-sdxl, "
+                             "train-sd3, train-imagenet64, infer-sdxl, infer-sd3")
+    if "RANK" in os.environ:  # under accelerate launch every process reports
+        out["rank"] = int(os.environ["RANK"])
     out.update(stage=stage, wall_s=round(time.time() - start, 1),
                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
     if torch.cuda.is_available() and torch.cuda.is_initialized():

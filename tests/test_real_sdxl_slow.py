@@ -6,14 +6,8 @@ the real widths (768; 1280 with a 1280 projection) with 2 layers each, the tiny 
 weights (benchmarks/real_arch.py). The run: LoRA r4 at 256 px, the default layers, --gradient_checkpointing,
 1 prompt, N = 2, P = 2 teacher positives of 1 sampling step, one update. Then the teacher pipeline with
 load_lora_weights and the saved one-step scheduler makes a 256 px image. Building, training and inference
-are three processes, so the builder's copy of the weights never adds to the training run's memory.
-
-Measured on the development machine (2 cores shared with other jobs, OMP_NUM_THREADS=1, 2026-12-02), two runs:
-| load average | in all     | CPU time | build + save    | training run      | load_lora_weights + images |
-| ~1.5         | 4 min 0 s  | 133 s    | 55 s, 11.6 GB   | 125 s, 13.4 GB    | 39 s, 11.6 GB              |
-| 4-5          | 7 min 26 s | 157 s    | 64 s, 11.6 GB   | 255 s, 13.3 GB    | 98 s, 11.5 GB              |
-(seconds wall, peak RSS of each process; the rest of the wall time is waiting for the cores and writing and
-reading the 10.6 GB pipeline). It skips itself with less than 15 GB of memory available.
+are three processes, so the builder's copy of the weights never adds to the training run's memory. Time and
+memory measured: docs/testing.md. It skips itself with less than 15 GB of memory available.
 """
 
 import json
