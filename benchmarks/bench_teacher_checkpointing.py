@@ -12,20 +12,7 @@
 # step peak = the step's peak above the memory before the networks were built (bench_train_step's
 # "peak mem"); step = median step time (on a CPU the process's CPU time, 1 thread).
 #
-# Measured 2026-12-02 on a 2-core CPU shared with other jobs (Xeon, 1 thread, fp32, load ~2;
-# MALLOC_MMAP_THRESHOLD_=65536; warmup 1, repeats 1), the teacher's blocks recomputed in backward:
-#
-# | UNet, 256 px, 1 prompt           | mode     | step peak off | step peak on | saved            | step off | step on | cost |
-# |----------------------------------|----------|---------------|--------------|------------------|----------|---------|------|
-# | SDXL-shaped reduced (46.8M), 4,4 | LoRA r64 | 0.86 GiB      | 0.76 GiB     | 0.11 GiB (12%)   | 2.8 s    | 3.8 s   | +35% |
-# | SDXL-shaped reduced (46.8M), 4,4 | full FT  | 1.06 GiB      | 1.06 GiB     | 0.00 GiB         | 4.1 s    | 4.5 s   | +12% |
-# | SDXL base (2.57B), 2,2           | LoRA r64 | 12.37 GiB     | 11.50 GiB    | 0.88 GiB (7%)    | 46.1 s   | 58.6 s  | +27% |
-#
-# The step peak includes the weights (10.3 GB of fp32 SDXL base); of the activations, the LoRA row saves about 40%.
-# They grow with the resolution (x16 at 1024 px) while the weights do not: the saving is the point at 1024 px.
-# The full fine-tune's peak at this size is the student's own backward, not the teacher pass.
-# An earlier version recomputed the whole teacher pass as one segment: it saved 0.01-0.07 GiB (the backward held
-# the same activations at once).
+# Measured tables: benchmarks/RESULTS.md ("Teacher checkpointing").
 
 import argparse
 import json

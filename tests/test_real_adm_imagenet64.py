@@ -4,12 +4,7 @@ The teacher is a diffusers UNet2DModel with the openai consistency-models conver
 (benchmarks/bench_train_step.ADM_IMAGENET64: 296 M parameters, random weights), the recipe's five
 layers (enc:6 enc:11 bottleneck dec:7 dec:12), 64 px labelled images, and the smallest batch with
 groups: 2 classes x (N=2, P=2, M=2). It checks that the real layer names, shapes and memory work
-together, which the tiny UNets of the other tests cannot.
-
-Cost, measured on the development machine (2 cores shared with other jobs, load average ~5.6,
-OMP_NUM_THREADS=1, 2026-12-02): 2 min wall (17 s to build and save the teacher, 94 s for the run: load,
-one step, the 2-image sample grid, the 1.2 GB export), 64 s of CPU time, peak RSS 8.5 GB (float32
-teacher + student + gradients + AdamW state = 5.9 GB, then activations and the export).
+together, which the tiny UNets of the other tests cannot. Its time and memory: docs/testing.md.
 """
 
 import ctypes

@@ -1,7 +1,7 @@
 """`make demo`: TFD end to end on scikit-learn's bundled digits, offline, on a CPU.
 
-    python examples/digits/run_demo.py                 # the demo (~14 min on 2 CPU cores)
-    python examples/digits/run_demo.py --ablations     # + the paper's three class-conditional ablations (~+10 min)
+    python examples/digits/run_demo.py                 # the demo (minutes on 2 CPU cores: docs/digits_demo.md)
+    python examples/digits/run_demo.py --ablations     # + the paper's three class-conditional ablations
     python examples/digits/run_demo.py --scale tiny    # the same pipeline in seconds (tests/test_demo.py)
 
 Stages (each finished stage is reused by a rerun; a killed TFD run resumes from its checkpoint):
@@ -30,16 +30,12 @@ Then the text-to-image task, in text2image/:
 The student's TFD settings (TFD_FLAGS; README "The demo" has the measured results): teacher layers
 `down_blocks.1 mid_block up_blocks.0 up_blocks.2` at pool 1 (the last one is the teacher's
 full-resolution 16×16 decoder block), clean teacher features (σ = 0), 10 classes × (N=8, P=8, M=4)
-per update, AdamW 2e-4 constant, student EMA 0.99, 1,200 updates. Why: the one-step samples of the
-former defaults (pool 2, no layer finer than 8×8, σ ∈ [0.02, 0.1]) kept a faint pixel speckle. It was the teacher's
-own one-step output (at σ = 80, far outside its training noise levels, it passes the input noise
-through), inherited by the student, and neither coarse nor noised teacher features see it: the
-drifting field of a sample does not depend on that sample's own zero-mean noise, and a denoiser
-treats such noise as noise. A full-resolution layer with clean features removes it; Inception FID,
-which weighs faint noise heavily, fell from ~184 to ~50 at the same budget.
+per update, AdamW 2e-4 constant, student EMA 0.99, 1,200 updates. The full-resolution layer with
+clean features is there because coarse or noised teacher features cannot see the pixel speckle the
+teacher's own one-step output starts with (docs/digits_demo.md, "The speckle").
 
-Every process runs one thread (THREADS): on a loaded 2-core machine two OpenMP threads in one
-process made a TFD update 20–30× slower; the second core goes to a second process instead.
+Every process runs one thread (THREADS): two OpenMP threads in one process on a loaded 2-core machine
+are much slower than one; the second core goes to a second process instead.
 """
 
 import argparse
