@@ -516,6 +516,8 @@ def clip_and_step(accelerator, optimizer, lr_scheduler, params, loss_sum, max_gr
     processes) are finite, zero the gradients. Returns (ok, grad_norm); computing `ok` is the step's
     one host sync. A GradScaler (fp16) steps either way: it skips the update itself."""
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, which the logs' all-reduce refuses; the plain norm
+        grad_norm = grad_norm.full_tensor()
     ok = bool(torch.isfinite(torch.as_tensor(grad_norm)) &
               torch.isfinite(accelerator.reduce(loss_sum.float(), reduction="sum")))
     if ok or accelerator.scaler is not None:

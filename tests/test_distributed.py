@@ -156,7 +156,7 @@ def test_accelerate_configs_load():
         assert (config.distributed_type.value, config.num_processes, config.mixed_precision) == (engine, processes,
                                                                                                    "bf16"), name
     fsdp = load_config_from_file(os.path.join(folder, "fsdp_full_shard.yaml")).fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is True
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FSDP2, fully sharded
     assert load_config_from_file(os.path.join(folder, "deepspeed_zero2.yaml")).deepspeed_config["zero_stage"] == 2
     multinode = load_config_from_file(os.path.join(folder, "multinode_2x8gpu.yaml"))  # 2 machines x 8 GPUs
     assert (multinode.num_machines, multinode.machine_rank, multinode.rdzv_backend) == (2, 0, "static")
