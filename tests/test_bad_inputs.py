@@ -304,6 +304,121 @@ def test_labelled_images_of_a_plain_fetch_name_zero_size_and_garbled_images():
         data.get([0, 1])
 
 
+def t2i_data_args(tiny_sdxl_dir, tmp_path, data, *extra):
+    """sdxl_args with a captioned data set (its 'image' column the real images) instead of a prompt file."""
+    argv = sdxl_args(tiny_sdxl_dir, "unused", tmp_path / "out", tmp_path / "cache", *extra)
+    i = argv.index("--prompts_file")
+    argv[i:i + 2] = ["--dataset_name", str(data), "--image_column", "image"]
+    return argv
+
+
+def captioned_files(root):
+    """A captioned data set made from files (save_to_disk keeps their names): 'a blue sphere' has a truncated
+    image and then a good one, 'a green cone' only a garbled one; 16-bit and CMYK images are good."""
+    files = [("cube.png", png_bytes(np.asarray(good_images(1, seed=5)[0])), "a red cube"),
+             ("sphere_truncated.png", BAD["truncated.png"][0], "a blue sphere"),
+             ("sphere.png", png_bytes(np.asarray(good_images(1, seed=6)[0])), "A blue sphere."),
+             ("cone_garbage.png", BAD["garbage.png"][0], "a green cone"),
+             ("star_16bit.png", FINE["sixteen_bit.png"], "a yellow star"),
+             ("cat_cmyk.jpg", FINE["cmyk.jpg"], "a white cat")]
+    (root / "files").mkdir()
+    for name, data, _ in files:
+        (root / "files" / name).write_bytes(data)
+    datasets.Dataset.from_dict(
+        {"text": [c for *_, c in files], "image": [str(root / "files" / n) for n, *_ in files]},
+        features=datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()}),
+    ).save_to_disk(str(root / "captions"))
+    return root / "captions"
+
+
+def test_bad_real_images_leave_the_slot_plans_before_any_teacher_sampling(tiny_sdxl_dir, tmp_path, caplog):
+    """SDXL real positives (a data set made from files): the images of every prompt missing from the cache are
+    decoded first. Too many bad ones stop the run before any entry is made; within --max_bad_images each is
+    named and skipped: 'a blue sphere' takes its next matching image, 'a green cone' (its only image bad) a
+    teacher sample. A later training run on the cache finds the same plans: every entry is a hit."""
+    import json
+    import logging
+
+    from diffusers import StableDiffusionXLPipeline
+
+    data = captioned_files(tmp_path)
+    argv = t2i_data_args(tiny_sdxl_dir, tmp_path, data, "--num_positives", 1)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(ValueError) as err:
+        run_in_process(sdxl, argv + ["--prepare_positives_only", "--max_bad_images", "1"])
+    assert str(err.value) == (
+        f"2 of 6 images of {data} (prompts missing from the positive cache) cannot be decoded, more than "
+        f"--max_bad_images 1: sphere_truncated.png (row 1 of {data}) (OSError: image file is truncated); "
+        f"cone_garbage.png (row 3 of {data}) (UnidentifiedImageError: cannot identify image file). Remove or "
+        "re-encode them, or pass --max_bad_images 2 to train without them.")
+    assert not list(cache.rglob("*.safetensors"))  # before any teacher sampling or encoding
+
+    with caplog.at_level(logging.INFO):
+        stats = run_in_process(sdxl, argv + ["--prepare_positives_only", "--max_bad_images", "2"])
+    assert stats["generated"] == 5
+    log = caplog.text
+    assert (f"Skipping a bad image: sphere_truncated.png (row 1 of {data}) cannot be decoded (OSError: image "
+            "file is truncated") in log
+    assert (f"Skipping a bad image: cone_garbage.png (row 3 of {data}) cannot be decoded (UnidentifiedImageError: "
+            "cannot identify image file).") in log
+    assert "Images decoded before training: 6 of" in log and "2 bad, skipped (--max_bad_images 2)." in log
+    assert "2 bad real images skipped." in log
+    (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
+    for prompt, slots in (("a red cube", ["real:0"]), ("a blue sphere", ["real:2"]), ("a green cone", ["teacher"]),
+                          ("a yellow star", ["real:4"]), ("a white cat", ["real:5"])):
+        assert store.exists(prompt, slots), (prompt, slots)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    sphere = tfd_text2image.encode_image(pipe.vae, str(tmp_path / "files" / "sphere.png"), 32, "cpu")
+    torch.testing.assert_close(store.load("a blue sphere", ["real:2"])["positives"][0], sphere)
+
+    out = tmp_path / "out"
+    run_in_process(sdxl, argv + ["--max_bad_images", "2", "--max_train_steps", "3"])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["cache/misses"] for r in records] == [0, 0, 0] and [r["cache/bad_images"] for r in records] == [2] * 3
+
+    # A file that breaks after the check (a prompt drawn with an unchecked plan) still fails naming it.
+    args = sdxl.parse_args(argv)
+    _, real, ds, _ = tfd_text2image.load_prompts(args)
+    positives = tfd_text2image.Positives(args, store, real, ds, pipe, "cpu", logger=logging.getLogger("t"))
+    with pytest.raises(ValueError, match=rf"^sphere_truncated\.png \(row 1 of {data}\) cannot be decoded \(OSError: "
+                                         r"image file is truncated.*\): remove or re-encode it\.$"):
+        positives.make("a blue sphere", ["real:1"])
+
+
+def test_bad_images_under_two_processes_give_both_the_same_plans_and_pools(tiny_sdxl_dir, tiny_imagenet, tmp_path):
+    """accelerate launch, 2 CPU processes: the check is sharded and gathered, so both processes skip the same
+    images. SDXL: --prepare_positives_only fills every prompt's bad-free plan once; ImageNet-64 decoded on the
+    fly: neither process ever draws a bad image."""
+    import json
+
+    from scaling_helpers import launch
+
+    data = captioned_files(tmp_path)
+    proc = launch("train_tfd_sdxl.py", t2i_data_args(tiny_sdxl_dir, tmp_path, data, "--num_positives", 1,
+                                                     "--prepare_positives_only", "--max_bad_images", 2))
+    assert proc.stderr.count("2 bad real images skipped.") == 2  # each process's summary
+    cache = tmp_path / "cache"
+    (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
+    for prompt, slots in (("a red cube", ["real:0"]), ("a blue sphere", ["real:2"]), ("a green cone", ["teacher"]),
+                          ("a yellow star", ["real:4"]), ("a white cat", ["real:5"])):
+        assert store.exists(prompt, slots), (prompt, slots)
+    assert len(list(cache.rglob("*.safetensors"))) == 5
+
+    files = labelled_files()
+    flags, _ = write_labelled_source("edm_zip", tmp_path, files)
+    bad = {i for i, (n, *_) in enumerate(files) if n.split("_", 1)[1] in BAD}
+    debug = tmp_path / "debug"
+    launch("train_tfd_imagenet64.py", imagenet_args(tiny_imagenet, tmp_path / "inet", *flags, "--preload_max_gb", 0,
+                                                    "--max_bad_images", 5, "--max_train_steps", 4,
+                                                    "--classes_per_batch", 1), TFD_DEBUG_DIR=debug)
+    for rank in (0, 1):
+        drawn = {i for r in read_jsonl(debug / f"draws-rank{rank}.jsonl") for row in r["indices"] for i in row}
+        assert drawn and not drawn & bad, rank
+
+
 def test_unknown_flag_values(tiny_imagenet, tmp_path, capsys):
     base = imagenet_args(tiny_imagenet, tmp_path / "out")
     for extra, message in ((["--drift_kernel", "gaussian"], "invalid choice: 'gaussian'"),
