@@ -47,6 +47,7 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
                    help="Use this many rows (a seeded random subset; with --streaming the first rows).")
     g.add_argument("--prompts_file", default=None,
                    help="A text file of prompts, one per line (instead of a data set).")
+    tfd_training.add_bad_images_argument(g)
 
     g = parser.add_argument_group("positives and their cache")
     g.add_argument("--positive_cache_dir", default=None,
@@ -83,7 +84,8 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
 # Valid ranges of the shared flags, checked at parse time (tfd_training.check_ranges).
 RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "prompts_per_batch": ">= 1",
           "num_positive_steps": ">= 1", "positive_guidance_scale": ">= 0", "positive_seed": ">= 0",
-          "resolution": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1"}
+          "resolution": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0", "max_train_samples": ">= 1",
+          "max_bad_images": ">= 0"}
 
 
 def check_args(args, ranges):
@@ -157,11 +159,14 @@ def open_dataset(args):
     if not args.streaming:
         return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split, **kw)
     stream = datasets.load_dataset(path, args.dataset_config_name, split=name, streaming=True, **kw)
+    image_feature = isinstance(stream.features and stream.features.get(args.image_column), datasets.Image)
+    if image_feature:  # copied undecoded: a bad image is found (and named) with the others, not here
+        stream = stream.cast_column(args.image_column, datasets.Image(decode=False))
     start = (part.start or 0) if part is not None else 0
     stop = min(x for x in (part.stop if part is not None else None, start + args.max_train_samples) if x is not None)
     rows = stream.skip(start).take(stop - start)
-    return datasets.Dataset.from_generator(lambda: (yield from rows), features=stream.features,
-                                           cache_dir=args.cache_dir)
+    ds = datasets.Dataset.from_generator(lambda: (yield from rows), features=stream.features, cache_dir=args.cache_dir)
+    return ds.cast_column(args.image_column, datasets.Image()) if image_feature else ds
 
 
 def _check_image_column(ds, column, where):
@@ -327,7 +332,8 @@ class Positives:
 
     teacher_pipe: the teacher pipeline (its encode_prompt and __call__ are used); teacher_context():
     entered around teacher sampling (LoRA: adapters off); offload_modules: text encoders and VAE,
-    parked on the CPU while the cache holds everything (moved back for a miss).
+    parked on the CPU while the cache holds everything (moved back for a miss). Real images that
+    cannot be decoded (found by check_real_images) are left out of the slot plans.
     """
 
     def __init__(self, args, cache, real_rows, dataset, teacher_pipe, device, teacher_context=None,
@@ -338,10 +344,49 @@ class Positives:
         self.offload_modules, self.offloaded = list(offload_modules), False
         self.stats = {"hits": 0, "generated": 0, "regenerated": 0}
         self._window = dict(self.stats)
+        self.bad = {}  # row → (name, reason) of real images that cannot be decoded
+        self.images = (tfd_training.column_images(dataset, args.image_column, args.dataset_name)
+                       if dataset is not None and args.image_column else None)
 
     def slots(self, prompt):
-        rows = self.real_rows.get(normalize_caption(prompt), [])[: self.args.num_positives]
+        """The slot plan: the first --num_positives matching real images that decode, then teacher samples."""
+        import itertools
+
+        rows = self.real_rows.get(normalize_caption(prompt), [])
+        rows = list(itertools.islice((r for r in rows if r not in self.bad), self.args.num_positives))
         return [f"real:{r}" for r in rows] + ["teacher"] * (self.args.num_positives - len(rows))
+
+    def check_real_images(self, accelerator, prompts, progress=True):
+        """Before any teacher sampling and the first update: decode the real images in the slot plans of the
+        prompts missing from the cache. A bad one is named in a warning and leaves the plan (the next matching
+        image, else a teacher sample, takes its slot); more than --max_bad_images stop the run. The decoding
+        is sharded over the processes and the bad rows gathered, so every process ends with the same plans
+        (and cache keys); a resumed run finds the same bad images again (their prompts' first plans are missing)."""
+        from accelerate.utils import broadcast_object_list
+
+        if self.images is None:
+            return
+        checked = set()
+        while True:  # a bad image's replacement needs checking too: rounds until no new bad image is found
+            todo = [None]
+            if accelerator.is_main_process:  # one list for all: every process runs the same rounds
+                with_real = [p for p in prompts if self.real_rows.get(normalize_caption(p))]
+                rows = {int(t[5:]) for p in self.missing(with_real) for t in self.slots(p) if t.startswith("real:")}
+                todo = [sorted(rows - checked)]
+            todo = broadcast_object_list(todo)[0]
+            if not todo:
+                break
+            bad = tfd_training.find_bad_images(
+                todo, self.images.read, lambda v: tfd_training.decode_image(tfd_training.open_image(v), "RGB"),
+                self.images.name, accelerator, progress and accelerator.is_local_main_process, "real images")
+            self.bad.update(bad)
+            checked.update(todo)
+            if not bad:
+                break
+        if checked:
+            tfd_training.check_bad_images(self.bad, self.args.max_bad_images, len(checked),
+                                          f"{self.args.dataset_name} (prompts missing from the positive cache)",
+                                          self.logger)
 
     def missing(self, prompts):
         return [p for p in prompts if not self.cache.exists(p, self.slots(p))]
@@ -370,7 +415,8 @@ class Positives:
         if accelerator is not None and accelerator.num_processes > 1:
             counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
         self._window = dict(self.stats)
-        return {f"cache/{'misses' if k == 'generated' else k}": v for k, v in zip(keys, counts.tolist())}
+        return {**{f"cache/{'misses' if k == 'generated' else k}": v for k, v in zip(keys, counts.tolist())},
+                "cache/bad_images": float(len(self.bad))}  # the same on every process: found before training
 
     def offload_if_complete(self, prompts):
         """Warn about the cache's coverage of the prompt set; when it holds every prompt, park the text
@@ -392,12 +438,13 @@ class Positives:
         latents = [None] * len(slots)
         for i, tag in enumerate(slots):
             if tag.startswith("real:"):
-                try:
-                    image = self.dataset[int(tag[5:])][args.image_column]
-                    latents[i] = encode_image(self.pipe.vae, image, args.resolution, self.device)
-                except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for truncated/garbled files
-                    raise ValueError(f"Row {tag[5:]} of {args.dataset_name}: its {args.image_column!r} image cannot "
-                                     f"be decoded ({type(e).__name__}: {e}); remove or re-encode it.") from e
+                row = int(tag[5:])
+                try:  # checked before training (check_real_images): this fails only for a file changed since
+                    image = tfd_training.decode_image(tfd_training.open_image(self.images.read([row])[0]), "RGB")
+                except Exception as e:
+                    raise ValueError(f"{self.images.name(row)} cannot be decoded ({tfd_training.image_error(e)}): "
+                                     "remove or re-encode it.") from e
+                latents[i] = encode_image(self.pipe.vae, image, args.resolution, self.device)
         teacher_slots = [i for i, tag in enumerate(slots) if tag == "teacher"]
         if teacher_slots:
             gens = [torch.Generator().manual_seed(positive_seed(prompt, i, args.positive_seed)) for i in teacher_slots]
@@ -425,8 +472,8 @@ class Positives:
         accelerator.wait_for_everyone()
         s = self.stats
         self.logger.info(f"Positive cache ready: {self.cache.dir}; this process: {s['hits']} reused, "
-                         f"{s['generated']} generated ({s['regenerated']} of them replaced unreadable entries).",
-                         main_process_only=False)
+                         f"{s['generated']} generated ({s['regenerated']} of them replaced unreadable entries); "
+                         f"{len(self.bad)} bad real images skipped.", main_process_only=False)
         accelerator.end_training()
         return dict(s)
 
@@ -499,9 +546,7 @@ def encode_image(vae, image, resolution, device):
     import numpy as np
     from PIL import Image
 
-    if isinstance(image, str):
-        image = Image.open(image)
-    image = tfd_training.eight_bit(image).convert("RGB")  # any mode (L, RGBA, P, CMYK, 16-bit) → RGB
+    image = tfd_training.decode_image(tfd_training.open_image(image), "RGB")  # any mode (L, RGBA, P, CMYK, 16-bit)
     scale = resolution / min(image.size)
     w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((w, h), Image.LANCZOS)
@@ -725,6 +770,7 @@ def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, compone
     # c. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
     student, teacher, teacher_context = make_student(pipe, component, args, device)
     positives = open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger, **cache_settings)
+    positives.check_real_images(accelerator, prompts)  # bad images: named, skipped or refused before any sampling
     run = SimpleNamespace(prompts=prompts, dataset=dataset, data_desc=data_desc, pipe=pipe, student=student,
                           teacher=teacher, teacher_context=teacher_context, positives=positives)
     if args.prepare_positives_only:

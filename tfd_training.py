@@ -708,6 +708,160 @@ def eight_bit(image):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training images: read undecoded from their source, decoded before the first update; the bad ones
+# named (file, zip member or webdataset shard and key), counted, skipped up to --max_bad_images.
+# ----------------------------------------------------------------------------------------------
+
+
+def add_bad_images_argument(group):
+    group.add_argument(
+        "--max_bad_images", type=int, default=0,
+        help="Every training image is decoded before the first update; one that cannot be (truncated, corrupted, "
+             "empty) is named in a warning and left out, and more than this many stop the run there. Default 0: "
+             "any bad image stops the run, naming it, before compute is spent (a bad image usually means a broken "
+             "download or conversion worth fixing); give a count to train without them.")
+
+
+def open_image(value):
+    """A PIL image, opened lazily, from what a data set holds: a PIL image, datasets' undecoded
+    {"bytes", "path"}, encoded bytes, a file path or an array."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("path") if value.get("bytes") is None else value["bytes"]
+    if value is None:
+        raise ValueError("no image in this row")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str) and "://" in value:  # a remote file of a Hub data set: datasets fetches it
+        import datasets
+
+        return datasets.Image().decode_example({"path": value, "bytes": None})
+    if isinstance(value, (str, os.PathLike)):
+        return Image.open(value)
+    import numpy as np
+
+    return Image.fromarray(np.asarray(value))
+
+
+def decode_image(image, mode):
+    """A PIL image fully decoded (Image.open reads only the header: a truncated file fails here), 16-bit
+    rescaled to 8 bits, in `mode`; ValueError for an image without pixels."""
+    image.load()
+    if 0 in image.size:
+        raise ValueError(f"the image has no pixels ({image.width}x{image.height})")
+    return eight_bit(image).convert(mode)
+
+
+def image_error(e):
+    """What a message says about why an image failed (without PIL's in-memory object address)."""
+    return f"{type(e).__name__}: " + re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+
+
+class ImageSource:
+    """Images by index: read(indices) → the raw images as the source holds them (open_image opens each);
+    name(i) → how a message names image i; calling it, fetch(indices) → PIL images (opened lazily)."""
+
+    def __init__(self, read, name):
+        self.read, self.name = read, name
+
+    def __call__(self, indices):
+        return [open_image(v) for v in self.read(indices)]
+
+
+def column_images(ds, column, where):
+    """The images of one column of a datasets.Dataset as an ImageSource, read from arrow without decoding
+    (datasets decodes a batch at once, and one bad image fails it). Names: the image's member and shard of
+    webdataset shards (the __key__/__url__ columns), else its file (imagefolder, a column made from files),
+    else its row of `where`."""
+    keys = [c for c in ("__url__", "__key__") if c in ds.column_names and c != column]
+    raw = ds.select_columns([column, *keys]).with_format("arrow")
+
+    def read(rows):
+        return raw[[int(r) for r in rows]].column(column).to_pylist()
+
+    def name(row):
+        record = raw[[int(row)]].to_pylist()[0]
+        value = record[column]
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        if "__url__" in record:
+            return f"{path or record.get('__key__')} in {record['__url__']}"
+        if path and os.path.isabs(path):
+            return path
+        return f"{path} (row {row} of {where})" if path else f"row {row} of {where}"
+
+    return ImageSource(read, name)
+
+
+def read_each(read, ids):
+    """read(ids), or where that fails (a source that opens its images, a damaged zip member), each id read
+    alone, its exception in place of its image."""
+    try:
+        return list(read(ids))
+    except Exception:
+        values = []
+        for i in ids:
+            try:
+                values.append(read([i])[0])
+            except Exception as e:
+                values.append(e)
+        return values
+
+
+def find_bad_images(ids, read, decode, name, accelerator=None, progress=True, desc="checking images", chunk=512):
+    """{id: (name, reason)} of the images among `ids` that cannot be decoded, the same on every process:
+    each process decodes its share (ids[rank::world]) on a few threads (PIL decodes without the GIL) and
+    the bad ones are gathered. read(ids) → raw images, in this thread; decode(raw) raises for a bad image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = list(ids)[rank::world]
+    threads = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+    def attempt(value):
+        try:
+            if isinstance(value, Exception):
+                raise value
+            decode(value)
+        except Exception as e:  # whatever PIL, the source or the checks raise for a broken image
+            return image_error(e)
+
+    bad = []
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(mine), desc=desc, unit="image",
+                                                   disable=not progress) as bar:
+        for start in range(0, len(mine), chunk):
+            part = mine[start:start + chunk]
+            bad += [(i, name(i), reason) for i, reason in zip(part, pool.map(attempt, read_each(read, part)))
+                    if reason is not None]
+            bar.update(len(part))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        bad = gather_object(bad)
+    return {i: (n, reason) for i, n, reason in sorted(bad)}
+
+
+def check_bad_images(bad, max_bad, checked, where, logger):
+    """Stop when more than --max_bad_images of the `checked` images of `where` are bad ({id: (name,
+    reason)}, listing the first); otherwise name each in a warning and sum them up in one line."""
+    if len(bad) > max_bad:
+        listed = "; ".join(f"{n} ({reason})" for n, reason in list(bad.values())[:5])
+        raise ValueError(f"{len(bad)} of {checked} images of {where} cannot be decoded, more than --max_bad_images "
+                         f"{max_bad}: {listed}{' ...' if len(bad) > 5 else ''}. Remove or re-encode them, or pass "
+                         f"--max_bad_images {len(bad)} to train without them.")
+    for n, reason in bad.values():
+        logger.warning(f"Skipping a bad image: {n} cannot be decoded ({reason}).")
+    logger.info(f"Images decoded before training: {checked} of {where}; {len(bad)} bad, skipped "
+                f"(--max_bad_images {max_bad}).")
+
+
+# ----------------------------------------------------------------------------------------------
 # Model card and Hub upload.
 # ----------------------------------------------------------------------------------------------
 

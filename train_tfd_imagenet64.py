@@ -10,7 +10,6 @@
 # labelled image sources, the class-grouped sampler) follows it.
 
 import copy
-import io
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
 RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
           "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
           "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
-          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"}
+          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1", "max_bad_images": ">= 0"}
 
 
 def parse_args(argv=None):
@@ -79,6 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--preload_max_gb", type=float, default=8.0,
                    help="Preprocess the whole data set into memory (uint8) when it takes at most this many GB per "
                         "process; larger ones (ImageNet-64: 15.7 GB) are decoded on the fly.")
+    tfd_training.add_bad_images_argument(g)
     g.add_argument("--cache_dir", default=None, help="datasets/diffusers cache directory.")
 
     g = p.add_argument_group("batch and student")
@@ -193,7 +193,8 @@ def main(args):
                                                                loss_sum, args.max_grad_norm)
         if ok and run.ema is not None:
             run.ema.step(accelerator.unwrap_model(run.student).parameters())
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0]})
+        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
+                                                       "data/bad_images": len(run.data.bad)})
         if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
             tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
         if tfd_training.is_validation_step(accelerator, args, step):
@@ -255,14 +256,20 @@ def build(args, accelerator, teacher=None):
                                                     args.cache_dir)
     classes = select_classes(labels, num_classes, args.class_ids)
     data = LabelledImages(labels, fetch, channels, resolution, args.preload_max_gb,
-                          progress=accelerator.is_local_main_process)
-    sampler = ClassGroupedSampler(labels, classes, args.classes_per_batch, args.num_positives + args.num_anchors,
+                          progress=accelerator.is_local_main_process, accelerator=accelerator)
+    tfd_training.check_bad_images(data.bad, args.max_bad_images, len(labels), data_desc, logger)
+    usable = labels.clone()
+    usable[list(data.bad)] = -1  # bad images are in no class: never drawn
+    if data.bad:
+        classes = select_classes(usable[usable >= 0], num_classes, args.class_ids)
+    sampler = ClassGroupedSampler(usable, classes, args.classes_per_batch, args.num_positives + args.num_anchors,
                                   args.seed, accelerator.process_index, logger)
     if args.classes_per_batch * accelerator.num_processes > len(classes):
         logger.warning(f"{accelerator.num_processes} processes x {args.classes_per_batch} classes per batch exceed "
                        f"the {len(classes)} classes: some classes are drawn by two processes in the same step.")
-    logger.info(f"Data: {data_desc}: {len(labels)} images, {len(classes)} classes, {channels}x{resolution}x"
-                f"{resolution}, {'in memory' if data.data is not None else 'decoded on the fly'}.")
+    logger.info(f"Data: {data_desc}: {len(labels)} images ({len(data.bad)} bad, skipped), {len(classes)} classes, "
+                f"{channels}x{resolution}x{resolution}, "
+                f"{'in memory' if data.data is not None else 'decoded on the fly'}.")
 
     # c. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
     student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
@@ -550,7 +557,7 @@ def to_teacher_image(image, channels, resolution):
     import numpy as np
     from PIL import Image
 
-    image = tfd_training.eight_bit(image).convert({1: "L", 3: "RGB"}[channels])
+    image = tfd_training.decode_image(image, {1: "L", 3: "RGB"}[channels])
     w, h = image.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
@@ -628,9 +635,8 @@ def _is_edm_dataset(path):
 
 
 def _edm_dataset_source(path):
-    """(labels [N], fetch(indices) → PIL images) of an EDM dataset zip or folder (dataset_tool.py)."""
-    from PIL import Image
-
+    """(labels [N], fetch: a tfd_training.ImageSource) of an EDM dataset zip or folder (dataset_tool.py); messages
+    name an image by its file or zip member."""
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/")
                  for r, _, fs in os.walk(path) for f in fs]
@@ -650,13 +656,13 @@ def _edm_dataset_source(path):
     if unlabelled:
         raise ValueError(f"{len(unlabelled)} images of {path} have no label in dataset.json, e.g. {unlabelled[:3]}.")
     labels = torch.tensor([table[n] for n in images], dtype=torch.long)
-    return labels, lambda idx: [Image.open(io.BytesIO(read(images[i]))) for i in idx]
+    name = ((lambda i: os.path.join(path, images[i])) if os.path.isdir(path) else
+            (lambda i: f"{images[i]} in {path}"))
+    return labels, tfd_training.ImageSource(lambda idx: [read(images[i]) for i in idx], name)
 
 
 def _hf_dataset_source(ds, image_column, label_column, where):
-    """(labels [N], fetch(indices) → PIL images) of a datasets.Dataset."""
-    from PIL import Image
-
+    """(labels [N], fetch: a tfd_training.ImageSource) of a datasets.Dataset."""
     for kind, col in (("image", image_column), ("label", label_column)):
         if col not in ds.column_names:
             raise ValueError(
@@ -666,24 +672,13 @@ def _hf_dataset_source(ds, image_column, label_column, where):
     labels = torch.as_tensor(list(ds[label_column]))
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
         raise ValueError(f"Column {label_column!r} of {where} must hold one integer class id per image.")
-
-    def as_pil(v):
-        if isinstance(v, Image.Image):
-            return v
-        if isinstance(v, dict):
-            return Image.open(v["path"] if v.get("bytes") is None else io.BytesIO(v["bytes"]))
-        if isinstance(v, str):
-            return Image.open(v)
-        import numpy as np
-
-        return Image.fromarray(np.asarray(v))
-
-    return labels.long(), lambda idx: [as_pil(v) for v in ds[list(idx)][image_column]]
+    return labels.long(), tfd_training.column_images(ds, image_column, where)
 
 
 def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", image_column="image",
                          label_column="label", dataset_config_name=None, cache_dir=None):
-    """(labels [N], fetch(indices) → PIL images, description) of a labelled image data set.
+    """(labels [N], fetch(indices) → PIL images, description) of a labelled image data set; fetch is a
+    tfd_training.ImageSource (it also reads images undecoded and names them).
 
     dataset_name: a Hub id or any local path `datasets.load_dataset` takes; a folder written by
     Dataset/DatasetDict.save_to_disk; or an EDM dataset zip/folder. train_data_dir: an imagefolder
@@ -698,7 +693,8 @@ def open_labelled_images(dataset_name=None, train_data_dir=None, split="train", 
         if part is not None:
             keep = torch.arange(len(labels))[part]
             labels, whole = labels[keep], fetch
-            fetch = lambda idx: whole([int(keep[i]) for i in idx])  # noqa: E731
+            fetch = tfd_training.ImageSource(lambda idx: whole.read([int(keep[i]) for i in idx]),
+                                             lambda i: whole.name(int(keep[i])))
         return labels, fetch, f"EDM dataset {path} ({split})"
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
         name, part = tfd_training.split_and_slice(split)
@@ -726,32 +722,46 @@ class LabelledImages:
     """Labelled images in the teacher's format: `labels` int64 [N], `get(indices)` → uint8 [..., C, H, W].
 
     Preloaded once into one uint8 tensor when it takes at most preload_max_gb, otherwise decoded
-    on the fly (ImageNet-64 is 15.7 GB per process in memory).
+    on the fly (ImageNet-64 is 15.7 GB per process in memory) after one up-front pass that decodes every
+    image once (sharded over the accelerator's processes). Either way `bad` ({index: (name, reason)}, the
+    same on every process) holds the images that cannot be decoded, for the caller to leave out.
+    fetch: indices → PIL images; a tfd_training.ImageSource also reads them undecoded and names them.
     """
 
-    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True):
+    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True, accelerator=None):
         self.labels, self._fetch = labels, fetch
+        self._read, self._name = getattr(fetch, "read", fetch), getattr(fetch, "name", lambda i: f"image {i}")
         self.channels, self.resolution = channels, resolution
-        self.data = None
+        self.data, self.bad = None, {}
         nbytes = len(labels) * channels * resolution * resolution
         if nbytes <= preload_max_gb * 2**30:
             self.data = torch.empty(len(labels), channels, resolution, resolution, dtype=torch.uint8)
             chunk = 1024
             for start in tqdm(range(0, len(labels), chunk), desc="preprocessing images", disable=not progress):
                 idx = list(range(start, min(start + chunk, len(labels))))
-                self.data[start:start + len(idx)] = self._decode(idx)
+                self.data[start:start + len(idx)] = self._decode(idx, self.bad)
+        else:
+            self.bad = tfd_training.find_bad_images(range(len(labels)), self._read, self._decode_one, self._name,
+                                                    accelerator, progress, "checking images")
 
-    def _decode(self, idx):
-        try:
-            return torch.stack([to_teacher_image(im, self.channels, self.resolution) for im in self._fetch(idx)])
-        except Exception:  # name the culprit: PIL's error does not for in-memory bytes (datasets, zips)
-            for i in idx:
-                try:
-                    to_teacher_image(self._fetch([i])[0], self.channels, self.resolution)
-                except Exception as e:
-                    raise ValueError(f"Image {i} of the training data cannot be decoded ({type(e).__name__}: {e}): "
-                                     "remove or re-encode it.") from e
-            raise
+    def _decode_one(self, value):
+        if isinstance(value, Exception):
+            raise value
+        return to_teacher_image(tfd_training.open_image(value), self.channels, self.resolution)
+
+    def _decode(self, idx, bad=None):
+        """uint8 [len(idx), C, H, W]. An image that cannot be decoded raises naming it, or with `bad` (a dict)
+        is recorded there and left black."""
+        out = torch.zeros(len(idx), self.channels, self.resolution, self.resolution, dtype=torch.uint8)
+        for k, (i, value) in enumerate(zip(idx, tfd_training.read_each(self._read, idx))):
+            try:
+                out[k] = self._decode_one(value)
+            except Exception as e:
+                if bad is None:
+                    raise ValueError(f"{self._name(i)} cannot be decoded ({tfd_training.image_error(e)}): remove or "
+                                     "re-encode it.") from e
+                bad[i] = (self._name(i), tfd_training.image_error(e))
+        return out
 
     def get(self, indices):
         indices = torch.as_tensor(indices)

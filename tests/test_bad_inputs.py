@@ -2,7 +2,10 @@
 test_train_imagenet64.py / test_train_sdxl.py is tested here. Every case either fails early with an
 error saying what to do, or is converted (image modes and sizes) and trains."""
 
+import io
 import os
+import struct
+import zlib
 
 import datasets
 import numpy as np
@@ -116,33 +119,304 @@ def test_labels_out_of_range_and_not_integers(tiny_imagenet, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupted_images_are_named(tiny_imagenet, tmp_path, prompts_file, tiny_sdxl_dir):
-    good = png_bytes(np.zeros((16, 16, 3), np.uint8))
-    rows = [{"bytes": good, "path": None}] * 3 + [{"bytes": b"not an image at all", "path": None}] + \
-           [{"bytes": good, "path": None}] * 2
-    data = labelled(tmp_path / "garbled", rows, [0, 0, 0, 1, 1, 1])
-    with pytest.raises(ValueError, match=r"Image 3 of the training data cannot be decoded \(UnidentifiedImageError.*"
-                                         r"remove or re-encode it"):
-        inet_run(tiny_imagenet, tmp_path / "out", "--dataset_name", data, "--num_positives", 1, "--num_anchors", 0)
-    folder = tmp_path / "folder"
-    for c in (0, 1):
-        (folder / str(c)).mkdir(parents=True)
-        for i in range(2):
-            (folder / str(c) / f"{i}.png").write_bytes(good)
-    (folder / "1" / "1.png").write_bytes(good[:40])  # truncated
-    with pytest.raises(ValueError, match=r"cannot be decoded .*remove or re-encode it"):
-        inet_run(tiny_imagenet, tmp_path / "out", "--dataset_name", "", "--train_data_dir", folder,
-                 "--num_positives", 1, "--num_anchors", 0)
+# ----------------------------------------------------------------------------------------------
+# Images that cannot be decoded: found before the first update, named by file, zip member or shard
+# key, skipped up to --max_bad_images (counted in the log and metrics.jsonl), refused beyond it.
+# ----------------------------------------------------------------------------------------------
 
-    captions = datasets.Dataset.from_dict(
-        {"text": ["a red cube", "a blue sphere"], "image": [{"bytes": good, "path": None}, {"bytes": b"garbage", "path": None}]},
-        features=datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()}))
-    captions.save_to_disk(str(tmp_path / "captions"))
-    argv = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "sdxl", tmp_path / "cache", "--prepare_positives_only")
+
+def encoded(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def zero_size_png():
+    """A PNG whose header says 0x5 pixels (PIL refuses to write one)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def bad_image_files(seed=0):
+    """Every kind of bad image file: name → (bytes, what the check reports)."""
+    noise = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    png, jpg = encoded(noise, "png"), encoded(noise, "jpeg", quality=95)
+    return {"truncated.png": (png[: len(png) // 2], "OSError: image file is truncated"),
+            "truncated.jpg": (jpg[: len(jpg) // 2], "OSError: image file is truncated"),
+            "garbage.png": (b"\x00garbage, not an image" * 10, "UnidentifiedImageError: cannot identify image file"),
+            "empty.jpg": (b"", "UnidentifiedImageError: cannot identify image file"),
+            "zero_size.png": (zero_size_png(), "UnidentifiedImageError: cannot identify image file")}
+
+
+def fine_image_files(seed=1):
+    """Images that are not bad: 16-bit and CMYK files convert."""
+    rgb = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 18, 3), dtype=np.uint8))
+    sixteen = Image.fromarray(np.arange(20 * 18, dtype=np.uint16).reshape(20, 18) * 150)
+    return {"sixteen_bit.png": encoded(sixteen, "png"), "cmyk.jpg": encoded(rgb.convert("CMYK"), "jpeg")}
+
+
+BAD, FINE = bad_image_files(), fine_image_files()
+
+
+def labelled_files():
+    """[(file name, bytes, label)] in the index order of every source: classes 0 and 1 with 6 good images each;
+    the 5 bad kinds (3 in class 0, 2 in class 1) and the 16-bit and CMYK files (class 1) among them."""
+    good = [png_bytes(im) for im in (np.asarray(g) for g in good_images(12, seed=3))]
+    extra = {0: list(BAD)[:3], 1: list(BAD)[3:] + list(FINE)}
+    files = []
+    for c in (0, 1):
+        items = [(f"good{k}.png", good[6 * c + k]) for k in range(6)]
+        items += [(n, BAD[n][0] if n in BAD else FINE[n]) for n in extra[c]]
+        items.sort(key=lambda item: item[0])  # datasets' imagefolder lists files sorted: one order for all sources
+        files += [(f"{c}{k:02d}_{n}", data, c) for k, (n, data) in enumerate(items)]
+    return files
+
+
+def write_labelled_source(kind, root, files):
+    """The files as one labelled source; returns (script flags, {index: how messages name that image})."""
+    import json
+    import zipfile
+
+    path = root / kind
+    if kind in ("disk_bytes", "disk_files"):
+        if kind == "disk_files":
+            (root / "files").mkdir()
+            for n, data, _ in files:
+                (root / "files" / n).write_bytes(data)
+        images = [str(root / "files" / n) if kind == "disk_files" else {"bytes": data, "path": None}
+                  for n, data, _ in files]
+        labelled(path, images, [c for *_, c in files])
+        names = {i: f"{n} (row {i} of {path})" if kind == "disk_files" else f"row {i} of {path}"
+                 for i, (n, *_) in enumerate(files)}
+        return ["--dataset_name", path], names
+    if kind == "imagefolder":
+        for n, data, c in files:
+            (path / str(c)).mkdir(parents=True, exist_ok=True)
+            (path / str(c) / n).write_bytes(data)
+        return ["--dataset_name", "", "--train_data_dir", path], {
+            i: str(path / str(c) / n) for i, (n, _, c) in enumerate(files)}
+    members = [f"00000/{n}" for n, *_ in files]
+    meta = json.dumps({"labels": [[m, c] for m, (*_, c) in zip(members, files)]})
+    if kind == "edm_zip":
+        path = root / "edm.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            for m, (_, data, _) in zip(members, files):
+                zf.writestr(m, data)
+            zf.writestr("dataset.json", meta)
+        return ["--dataset_name", path], {i: f"{m} in {path}" for i, m in enumerate(members)}
+    (path / "00000").mkdir(parents=True)
+    for m, (_, data, _) in zip(members, files):
+        (path / m).write_bytes(data)
+    (path / "dataset.json").write_text(meta)
+    return ["--dataset_name", path], {i: str(path / m) for i, m in enumerate(members)}
+
+
+SOURCES = ["disk_bytes", "disk_files", "imagefolder", "edm_zip", "edm_folder"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_bad_imagenet64_images_are_named_by_file_and_refused_before_training(tiny_imagenet, tmp_path, source):
+    files = labelled_files()
+    flags, names = write_labelled_source(source, tmp_path, files)
+    bad = {i: BAD[n.split("_", 1)[1]][1] for i, (n, *_) in enumerate(files) if n.split("_", 1)[1] in BAD}
+    assert len(bad) == 5
+    out = tmp_path / "out"
+    for preload in ("8", "0"):  # preloaded; decoded on the fly after the up-front check
+        with pytest.raises(ValueError) as err:
+            inet_run(tiny_imagenet, out, *flags, "--preload_max_gb", preload, "--num_positives", 1, "--num_anchors", 0)
+        message = str(err.value)
+        assert message.startswith(f"5 of {len(files)} images of ") and "more than --max_bad_images 0: " in message
+        for i, reason in bad.items():
+            assert f"{names[i]} ({reason}" in message, (names[i], message)
+        assert message.endswith("Remove or re-encode them, or pass --max_bad_images 5 to train without them.")
+        assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("source, preload", [("disk_bytes", "8"), ("disk_files", "0"), ("imagefolder", "8"),
+                                             ("edm_zip", "0"), ("edm_folder", "8")])
+def test_bad_imagenet64_images_are_skipped_counted_and_never_drawn(tiny_imagenet, tmp_path, source, preload,
+                                                                 caplog, monkeypatch):
+    """With --max_bad_images 5 the 5 bad images are skipped: a warning names each, one line sums them up,
+    metrics.jsonl counts them, no draw of the run picks one; the 16-bit and CMYK images are used."""
+    import logging
+
+    files = labelled_files()
+    flags, names = write_labelled_source(source, tmp_path, files)
+    bad = {i for i, (n, *_) in enumerate(files) if n.split("_", 1)[1] in BAD}
+    fine = {i for i, (n, *_) in enumerate(files) if n.split("_", 1)[1] in FINE}
+    out, debug = tmp_path / "out", tmp_path / "debug"
+    monkeypatch.setenv("TFD_DEBUG_DIR", str(debug))
+    with caplog.at_level(logging.INFO):
+        inet_run(tiny_imagenet, out, *flags, "--preload_max_gb", preload, "--max_bad_images", 5,
+                 "--max_train_steps", 6, "--logging_steps", 3)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "bad image" in r.getMessage()]
+    assert len(warnings) == 5
+    for i in bad:
+        assert any(f"Skipping a bad image: {names[i]} cannot be decoded (" in w for w in warnings), names[i]
+    assert any(f"Images decoded before training: {len(files)} of " in r.getMessage() and
+               r.getMessage().endswith("; 5 bad, skipped (--max_bad_images 5).") for r in caplog.records)
+    assert [r["data/bad_images"] for r in read_jsonl(out / "metrics.jsonl")] == [5, 5]
+    drawn = {i for r in read_jsonl(debug / "draws-rank0.jsonl") for row in r["indices"] for i in row}
+    assert len(drawn) > 6 and not drawn & bad  # 6 steps x 2 classes x 5 images: most good ones, never a bad one
+    labels, fetch, _ = inet.open_labelled_images(**({"train_data_dir": str(flags[3])} if source == "imagefolder"
+                                                    else {"dataset_name": str(flags[1])}))
+    data = inet.LabelledImages(labels, fetch, 3, 16, preload_max_gb=float(preload), progress=False)
+    assert sorted(data.bad) == sorted(bad) and not set(data.bad) & fine
+    assert (data.data is None) == (preload == "0")
+    assert data.get(sorted(fine)).float().std() > 10  # the 16-bit and CMYK images convert
+
+
+def test_a_class_whose_images_are_all_bad_is_not_trained(tiny_imagenet, tmp_path, caplog):
+    import logging
+
+    good = [png_bytes(np.asarray(g)) for g in good_images(10, seed=4)]
+    files = [(f"{c}{k}.png", good[5 * c + k], c) for c in (0, 1) for k in range(5)]
+    files += [("20_truncated.png", BAD["truncated.png"][0], 2), ("21_empty.jpg", BAD["empty.jpg"][0], 2)]
+    flags, _ = write_labelled_source("edm_zip", tmp_path, files)
+    with caplog.at_level(logging.INFO):
+        inet_run(tiny_imagenet, tmp_path / "out", *flags, "--max_bad_images", 2)
+    assert "3 of the teacher's 5 classes have no images and are not trained: [2, 3, 4]" in caplog.text
+    assert "12 images (2 bad, skipped), 2 classes" in caplog.text
+    with pytest.raises(ValueError, match=r"^Classes \[2\] named by --class_ids have no images in the data set\.$"):
+        inet_run(tiny_imagenet, tmp_path / "out2", *flags, "--max_bad_images", 2, "--class_ids", "0-2")
+
+
+def test_labelled_images_of_a_plain_fetch_name_zero_size_and_garbled_images():
+    """A fetch that opens its own images (the benchmark's kind): a zero-size image and bytes PIL cannot read are
+    found by index, with and without preloading; decoding one on the fly raises naming it."""
+    good = good_images(4)
+    empty = Image.fromarray(np.zeros((0, 4, 3), np.uint8))
+
+    def fetch(idx):
+        return [empty if i == 1 else tfd_training.open_image(b"garbage") if i == 3 else good[i] for i in idx]
+
+    labels = torch.tensor([0, 0, 1, 1])
+    for preload in (8.0, 0.0):
+        data = inet.LabelledImages(labels, fetch, 3, 16, preload_max_gb=preload, progress=False)
+        assert data.bad == {1: ("image 1", "ValueError: the image has no pixels (4x0)"),
+                            3: ("image 3", "UnidentifiedImageError: cannot identify image file")}
+    with pytest.raises(ValueError, match=r"^image 1 cannot be decoded \(ValueError: the image has no pixels "
+                                         r"\(4x0\)\): remove or re-encode it\.$"):
+        data.get([0, 1])
+
+
+def t2i_data_args(tiny_sdxl_dir, tmp_path, data, *extra):
+    """sdxl_args with a captioned data set (its 'image' column the real images) instead of a prompt file."""
+    argv = sdxl_args(tiny_sdxl_dir, "unused", tmp_path / "out", tmp_path / "cache", *extra)
     i = argv.index("--prompts_file")
-    argv[i:i + 2] = ["--dataset_name", str(tmp_path / "captions"), "--image_column", "image"]
-    with pytest.raises(ValueError, match=r"Row 1 of .*captions: its 'image' image cannot be decoded.*re-encode"):
-        run_in_process(sdxl, argv)
+    argv[i:i + 2] = ["--dataset_name", str(data), "--image_column", "image"]
+    return argv
+
+
+def captioned_files(root):
+    """A captioned data set made from files (save_to_disk keeps their names): 'a blue sphere' has a truncated
+    image and then a good one, 'a green cone' only a garbled one; 16-bit and CMYK images are good."""
+    files = [("cube.png", png_bytes(np.asarray(good_images(1, seed=5)[0])), "a red cube"),
+             ("sphere_truncated.png", BAD["truncated.png"][0], "a blue sphere"),
+             ("sphere.png", png_bytes(np.asarray(good_images(1, seed=6)[0])), "A blue sphere."),
+             ("cone_garbage.png", BAD["garbage.png"][0], "a green cone"),
+             ("star_16bit.png", FINE["sixteen_bit.png"], "a yellow star"),
+             ("cat_cmyk.jpg", FINE["cmyk.jpg"], "a white cat")]
+    (root / "files").mkdir()
+    for name, data, _ in files:
+        (root / "files" / name).write_bytes(data)
+    datasets.Dataset.from_dict(
+        {"text": [c for *_, c in files], "image": [str(root / "files" / n) for n, *_ in files]},
+        features=datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()}),
+    ).save_to_disk(str(root / "captions"))
+    return root / "captions"
+
+
+def test_bad_real_images_leave_the_slot_plans_before_any_teacher_sampling(tiny_sdxl_dir, tmp_path, caplog):
+    """SDXL real positives (a data set made from files): the images of every prompt missing from the cache are
+    decoded first. Too many bad ones stop the run before any entry is made; within --max_bad_images each is
+    named and skipped: 'a blue sphere' takes its next matching image, 'a green cone' (its only image bad) a
+    teacher sample. A later training run on the cache finds the same plans: every entry is a hit."""
+    import json
+    import logging
+
+    from diffusers import StableDiffusionXLPipeline
+
+    data = captioned_files(tmp_path)
+    argv = t2i_data_args(tiny_sdxl_dir, tmp_path, data, "--num_positives", 1)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(ValueError) as err:
+        run_in_process(sdxl, argv + ["--prepare_positives_only", "--max_bad_images", "1"])
+    assert str(err.value) == (
+        f"2 of 6 images of {data} (prompts missing from the positive cache) cannot be decoded, more than "
+        f"--max_bad_images 1: sphere_truncated.png (row 1 of {data}) (OSError: image file is truncated); "
+        f"cone_garbage.png (row 3 of {data}) (UnidentifiedImageError: cannot identify image file). Remove or "
+        "re-encode them, or pass --max_bad_images 2 to train without them.")
+    assert not list(cache.rglob("*.safetensors"))  # before any teacher sampling or encoding
+
+    with caplog.at_level(logging.INFO):
+        stats = run_in_process(sdxl, argv + ["--prepare_positives_only", "--max_bad_images", "2"])
+    assert stats["generated"] == 5
+    log = caplog.text
+    assert (f"Skipping a bad image: sphere_truncated.png (row 1 of {data}) cannot be decoded (OSError: image "
+            "file is truncated") in log
+    assert (f"Skipping a bad image: cone_garbage.png (row 3 of {data}) cannot be decoded (UnidentifiedImageError: "
+            "cannot identify image file).") in log
+    assert "Images decoded before training: 6 of" in log and "2 bad, skipped (--max_bad_images 2)." in log
+    assert "2 bad real images skipped." in log
+    (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
+    for prompt, slots in (("a red cube", ["real:0"]), ("a blue sphere", ["real:2"]), ("a green cone", ["teacher"]),
+                          ("a yellow star", ["real:4"]), ("a white cat", ["real:5"])):
+        assert store.exists(prompt, slots), (prompt, slots)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    sphere = tfd_text2image.encode_image(pipe.vae, str(tmp_path / "files" / "sphere.png"), 32, "cpu")
+    torch.testing.assert_close(store.load("a blue sphere", ["real:2"])["positives"][0], sphere)
+
+    out = tmp_path / "out"
+    run_in_process(sdxl, argv + ["--max_bad_images", "2", "--max_train_steps", "3"])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["cache/misses"] for r in records] == [0, 0, 0] and [r["cache/bad_images"] for r in records] == [2] * 3
+
+    # A file that breaks after the check (a prompt drawn with an unchecked plan) still fails naming it.
+    args = sdxl.parse_args(argv)
+    _, real, ds, _ = tfd_text2image.load_prompts(args)
+    positives = tfd_text2image.Positives(args, store, real, ds, pipe, "cpu", logger=logging.getLogger("t"))
+    with pytest.raises(ValueError, match=rf"^sphere_truncated\.png \(row 1 of {data}\) cannot be decoded \(OSError: "
+                                         r"image file is truncated.*\): remove or re-encode it\.$"):
+        positives.make("a blue sphere", ["real:1"])
+
+
+def test_bad_images_under_two_processes_give_both_the_same_plans_and_pools(tiny_sdxl_dir, tiny_imagenet, tmp_path):
+    """accelerate launch, 2 CPU processes: the check is sharded and gathered, so both processes skip the same
+    images. SDXL: --prepare_positives_only fills every prompt's bad-free plan once; ImageNet-64 decoded on the
+    fly: neither process ever draws a bad image."""
+    import json
+
+    from scaling_helpers import launch
+
+    data = captioned_files(tmp_path)
+    proc = launch("train_tfd_sdxl.py", t2i_data_args(tiny_sdxl_dir, tmp_path, data, "--num_positives", 1,
+                                                     "--prepare_positives_only", "--max_bad_images", 2))
+    assert proc.stderr.count("2 bad real images skipped.") == 2  # each process's summary
+    cache = tmp_path / "cache"
+    (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
+    for prompt, slots in (("a red cube", ["real:0"]), ("a blue sphere", ["real:2"]), ("a green cone", ["teacher"]),
+                          ("a yellow star", ["real:4"]), ("a white cat", ["real:5"])):
+        assert store.exists(prompt, slots), (prompt, slots)
+    assert len(list(cache.rglob("*.safetensors"))) == 5
+
+    files = labelled_files()
+    flags, _ = write_labelled_source("edm_zip", tmp_path, files)
+    bad = {i for i, (n, *_) in enumerate(files) if n.split("_", 1)[1] in BAD}
+    debug = tmp_path / "debug"
+    launch("train_tfd_imagenet64.py", imagenet_args(tiny_imagenet, tmp_path / "inet", *flags, "--preload_max_gb", 0,
+                                                    "--max_bad_images", 5, "--max_train_steps", 4,
+                                                    "--classes_per_batch", 1), TFD_DEBUG_DIR=debug)
+    for rank in (0, 1):
+        drawn = {i for r in read_jsonl(debug / f"draws-rank{rank}.jsonl") for row in r["indices"] for i in row}
+        assert drawn and not drawn & bad, rank
 
 
 def test_unknown_flag_values(tiny_imagenet, tmp_path, capsys):

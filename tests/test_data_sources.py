@@ -35,15 +35,17 @@ def assert_row_image(image, i):
     assert np.abs(mean - colour(i)).max() < 4, (mean, colour(i))
 
 
-def write_shard(path, rows):
-    """A webdataset shard as img2dataset writes it: <key>.jpg, <key>.txt, <key>.json per sample."""
+def write_shard(path, rows, broken=None):
+    """A webdataset shard as img2dataset writes it: <key>.jpg, <key>.txt, <key>.json per sample
+    (broken: {row: the bytes of its .jpg instead})."""
     with tarfile.open(path, "w") as tar:
         for i in rows:
             key = f"{i:09d}"
             buf = io.BytesIO()
             row_image(i).save(buf, format="JPEG", quality=95)
+            jpg = (broken or {}).get(i, buf.getvalue())
             meta = json.dumps({"key": key, "caption": CAPTIONS[i], "status": "success"}).encode()
-            for ext, data in (("jpg", buf.getvalue()), ("txt", CAPTIONS[i].encode()), ("json", meta)):
+            for ext, data in (("jpg", jpg), ("txt", CAPTIONS[i].encode()), ("json", meta)):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -298,3 +300,69 @@ def test_imagenet64_split_slice_of_an_edm_zip(labelled):
 def test_imagenet64_bad_split_fails_at_parse_time():
     with pytest.raises(ValueError, match="--dataset_split"):
         imagenet64.parse_args(["--pretrained_teacher_model", "x", "--dataset_name", "d", "--dataset_split", "train[a:]"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Real images that cannot be decoded: every text-to-image source names them by file or shard key.
+# ----------------------------------------------------------------------------------------------
+
+
+def truncated_jpeg(i):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()[:300]
+
+
+def refusal(tmp_path, tiny_sdxl_dir, *argv):
+    """The message of --prepare_positives_only's refusal of the data's bad real images (--max_bad_images 0)."""
+    args = sdxl.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_dir, "--resolution", "32",
+                            "--num_positive_steps", "1", "--num_positives", "1", "--positive_cache_dir",
+                            str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                            "--cache_dir", str(tmp_path / "hf_cache"), "--prepare_positives_only", *map(str, argv)])
+    try:
+        with pytest.raises(ValueError, match="cannot be decoded, more than --max_bad_images 0") as err:
+            sdxl.main(args)
+    finally:
+        reset_accelerate()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_webdataset_images_are_named_by_shard_and_member(tmp_path, tiny_sdxl_dir, streaming):
+    """A truncated JPEG in a shard (the only image of 'a white cat'): named by its tar member and shard.
+    Streamed, the rows are copied undecoded (datasets would decode the image while copying, failing unnamed)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "00000.tar", range(3))
+    write_shard(shards / "00001.tar", range(3, N), broken={5: truncated_jpeg(5)})
+    argv = ["--dataset_name", "webdataset", "--data_files", shards / "{00000..00001}.tar", "--image_column", "jpg",
+            "--caption_column", "txt"] + (["--streaming", "--max_train_samples", 6] if streaming else [])
+    message = refusal(tmp_path, tiny_sdxl_dir, *argv)
+    assert message.startswith("1 of 5 images of webdataset (prompts missing from the positive cache) cannot be "
+                              "decoded")
+    assert f": 000000005.jpg in {shards / '00001.tar'} (OSError: Truncated File Read)" in message
+
+
+def test_bad_images_of_an_imagefolder_and_a_parquet_stream_are_named(tmp_path, tiny_sdxl_dir):
+    """imagefolder (captions in metadata.jsonl): the file's path; a parquet stream of image bytes: the row."""
+    import datasets
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            row_image(i).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i]}) + "\n")
+    (folder / "2.png").write_bytes(b"garbage, not an image")
+    message = refusal(tmp_path / "a", tiny_sdxl_dir, "--dataset_name", folder, "--image_column", "image")
+    assert f": {folder / '2.png'} (UnidentifiedImageError: cannot identify image file " in message
+
+    images = [{"bytes": b"", "path": None} if i == 1 else row_image(i) for i in range(4)]
+    feats = datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()})
+    (tmp_path / "parquet").mkdir()
+    datasets.Dataset.from_dict({"text": CAPTIONS[:4], "image": images}, features=feats).to_parquet(
+        str(tmp_path / "parquet" / "train.parquet"))
+    message = refusal(tmp_path / "b", tiny_sdxl_dir, "--dataset_name", tmp_path / "parquet", "--image_column", "image",
+                      "--streaming", "--max_train_samples", 4)
+    assert f": row 1 of {tmp_path / 'parquet'} (UnidentifiedImageError: cannot identify image file)." in message
