@@ -343,6 +343,11 @@ class Positives:
         rows = self.real_rows.get(normalize_caption(prompt), [])[: self.args.num_positives]
         return [f"real:{r}" for r in rows] + ["teacher"] * (self.args.num_positives - len(rows))
 
+    def counts(self, prompts):
+        """{"real": R, "teacher": T}: the positives of the prompt set by source (their slot plans)."""
+        slots = [tag for p in prompts for tag in self.slots(p)]
+        return {"real": sum(tag.startswith("real:") for tag in slots), "teacher": slots.count("teacher")}
+
     def missing(self, prompts):
         return [p for p in prompts if not self.cache.exists(p, self.slots(p))]
 
@@ -689,17 +694,24 @@ def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
 # ----------------------------------------------------------------------------------------------
 
 
-def card_settings(args, num_prompts):
-    """The settings a text-to-image model card shows (no local paths, no secrets)."""
+def card_settings(args, num_prompts, positive_counts=None):
+    """The settings a text-to-image model card shows (no local paths, no secrets). positive_counts: {"real": R,
+    "teacher": T} positives over the prompt set (Positives.counts); without it, what the flags tell."""
     source = "a prompt file" if args.prompts_file else tfd_training.public_name(args.dataset_name)
+    teacher = f"teacher samples ({args.num_positive_steps} steps, CFG {args.positive_guidance_scale})"
+    if positive_counts is None and not args.image_column:  # no images: every positive is a teacher sample
+        positive_counts = {"real": 0, "teacher": num_prompts * args.num_positives}
+    if positive_counts is None:
+        positives = f"real images where captions match, else {teacher}"
+    else:
+        positives = ", ".join([f"{positive_counts['real']} real images (matching captions)"] * bool(
+            positive_counts["real"]) + [f"{positive_counts['teacher']} {teacher}"] * bool(positive_counts["teacher"]))
     return {"prompts": f"{num_prompts} from {source}", "training mode": args.train_mode +
             (f" (rank {args.lora_rank})" if args.train_mode == "lora" else ""), "resolution": args.resolution,
             "updates": args.max_train_steps, "prompts × (generated, positives) per process":
             f"{args.prompts_per_batch} × ({args.num_generated}, {args.num_positives})",
-            "teacher layers": " ".join(args.feature_layers), "feature noise σ":
-            f"[{args.feature_noise_min}, {args.feature_noise_max}]", "radii": args.drift_radii,
-            "learning rate": args.learning_rate, "positives": f"real images where captions match, else teacher "
-            f"samples ({args.num_positive_steps} steps, CFG {args.positive_guidance_scale})"}
+            "teacher layers": " ".join(args.feature_layers), "feature noise σ": tfd_training.sigma_text(args),
+            "radii": args.drift_radii, "learning rate": args.learning_rate, "positives": positives}
 
 
 # ----------------------------------------------------------------------------------------------

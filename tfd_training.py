@@ -742,32 +742,52 @@ def public_name(path_or_id):
     return "<local folder>" if os.path.exists(path_or_id) else path_or_id
 
 
+def sigma_text(args):
+    """The feature noise σ as a model card states it: fixed (min == max; 0: clean features) or log-normal."""
+    lo, hi = args.feature_noise_min, args.feature_noise_max
+    if lo == hi:
+        return "fixed σ = 0 (clean features)" if hi == 0 else f"fixed σ = {hi}"
+    return f"log σ ~ N({args.feature_noise_mean}, {args.feature_noise_std}²), σ in [{lo}, {hi}]"
+
+
+LOCAL_TEACHER = "PATH/TO/TEACHER"  # what a snippet loads for a teacher that is not on the Hub
+
+
+def snippet_teacher(path_or_id):
+    """The teacher a snippet loads: its Hub id, or LOCAL_TEACHER (a card never shows a local path)."""
+    return hub_id(path_or_id) or LOCAL_TEACHER
+
+
 def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings, library_name="diffusers"):
-    """README.md of the output folder through diffusers' model-card helpers: base model (a Hub id; a local
-    path or URL is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
-    table of the settings that matter (given by the script: no local paths, no secrets)."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    """README.md of the output folder: base model (a Hub id; a local path or URL is left out, and the card says so)
+    and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a table of the settings that
+    matter (given by the script: no local paths, no secrets). With --push_to_hub a card already on the Hub is
+    updated (diffusers' load_or_create_model_card)."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     license = base_model_license(base_model, args.hub_token)
-    base_model = hub_id(base_model)
-
+    base_id = hub_id(base_model)
+    if base_id is None and base_model:
+        description += ("\n\nThe teacher is a local folder or file, not a Hub model, so this card names no "
+                        "`base_model`" + (f" (`{LOCAL_TEACHER}` in the snippet: the teacher you trained with)."
+                                          if LOCAL_TEACHER in usage else "."))
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
             f"## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n")
-    path = os.path.join(args.output_dir, "README.md")
-    if not args.push_to_hub:  # a card read from this stub, not the Hub (offline: no minute of retries)
-        write_text(path, "---\n---\n")
-    card = load_or_create_model_card(repo_id if args.push_to_hub else path, token=args.hub_token,
-                                     from_training=True, base_model=base_model, license=license,
-                                     model_description=body)
-    card = populate_model_card(card, tags=tags)
+    if args.push_to_hub:
+        from diffusers.utils.hub_utils import load_or_create_model_card
+
+        card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_id,
+                                         license=license, model_description=body)
+    else:  # written here, from nothing: no Hub look-up, no stub card read back
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
     # A card already on the Hub (a repeated push) is updated: tags once each, this teacher's base model.
-    card.data.tags = list(dict.fromkeys(card.data.tags))
-    card.data.base_model, card.data.library_name = base_model, library_name
+    card.data.tags = list(dict.fromkeys((card.data.tags or []) + list(tags)))
+    card.data.base_model, card.data.library_name = base_id, library_name
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(path)
+    card.save(os.path.join(args.output_dir, "README.md"))
 
 
 def hub_repo_name(args):

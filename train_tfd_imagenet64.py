@@ -432,9 +432,8 @@ def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
     settings = {"data": f"{data}, {num_classes} classes", "updates": args.max_train_steps,
                 "classes × (generated, positives, anchors) per process":
                 f"{args.classes_per_batch} × ({args.num_generated}, {args.num_positives}, {args.num_anchors})",
-                "teacher layers": " ".join(args.feature_layers), "feature noise σ":
-                f"log-normal({args.feature_noise_mean}, {args.feature_noise_std}) in [{args.feature_noise_min}, "
-                f"{args.feature_noise_max}]", "radii": args.drift_radii, "learning rate": args.learning_rate,
+                "teacher layers": " ".join(args.feature_layers), "feature noise σ": tfd_training.sigma_text(args),
+                "radii": args.drift_radii, "learning rate": args.learning_rate,
                 "EMA": args.ema_decay if args.use_ema else "none"}
     tfd_training.save_model_card(
         args, repo_id, teacher,

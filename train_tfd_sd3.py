@@ -193,10 +193,11 @@ def train_step(args, accelerator, run, batch, generator):
     return run.loss_fn(forward, generated, positives, generator=generator)
 
 
-def write_model_card(args, repo_id, num_prompts):
+def write_model_card(args, repo_id, num_prompts, positive_counts=None):
     teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
-    load = ("pipe = StableDiffusion3Pipeline.from_pretrained('{}', torch_dtype=torch.bfloat16{}).to('cuda')\n"
-            .format(teacher if args.train_mode == "lora" else repo_id,
+    load = ("pipe = StableDiffusion3Pipeline.from_pretrained('{}', dtype=torch.bfloat16{}).to('cuda')\n"
+            .format(tfd_training.snippet_teacher(args.pretrained_model_name_or_path) if args.train_mode == "lora"
+                    else repo_id,
                     ", text_encoder_3=None, tokenizer_3=None" if args.drop_t5 else ""))
     usage = ("import torch\nfrom diffusers import StableDiffusion3Pipeline\n\n" + load +
              (f"pipe.load_lora_weights('{repo_id}')\n" if args.train_mode == "lora" else "") +
@@ -209,7 +210,7 @@ def write_model_card(args, repo_id, num_prompts):
         "Distilled with Teacher-Feature Drifting (`train_tfd_sd3.py`): one transformer evaluation per image "
         "(FlowMatchEulerDiscreteScheduler, 1 step, no classifier-free guidance)" +
         (", without the T5 text encoder." if args.drop_t5 else "."),
-        usage, tfd_text2image.card_settings(args, num_prompts))
+        usage, tfd_text2image.card_settings(args, num_prompts, positive_counts))
 
 
 if __name__ == "__main__":

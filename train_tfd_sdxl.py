@@ -211,20 +211,21 @@ def one_step_scheduler_config(teacher_config):
     return LCMScheduler.from_config({k: v for k, v in teacher_config.items() if k in keys}).config
 
 
-def write_model_card(args, repo_id, num_prompts):
+def write_model_card(args, repo_id, num_prompts, positive_counts=None):
     teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
     t = args.conditioning_timestep
     steps = "num_inference_steps=1" if t == 999 else f"timesteps=[{t}]"
     if args.train_mode == "lora":
         usage = ("import torch\nfrom diffusers import LCMScheduler, StableDiffusionXLPipeline\n\n"
-                 f"pipe = StableDiffusionXLPipeline.from_pretrained('{teacher}', torch_dtype=torch.float16)"
+                 f"pipe = StableDiffusionXLPipeline.from_pretrained("
+                 f"'{tfd_training.snippet_teacher(args.pretrained_model_name_or_path)}', dtype=torch.float16)"
                  ".to('cuda')\n"
                  f"pipe.load_lora_weights('{repo_id}')\n"
                  f"pipe.scheduler = LCMScheduler.from_pretrained('{repo_id}', subfolder='scheduler')\n"
                  f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
     else:
         usage = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                 f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', torch_dtype=torch.float16).to('cuda')\n"
+                 f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', dtype=torch.float16).to('cuda')\n"
                  f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
     tfd_training.save_model_card(
         args, repo_id, args.pretrained_model_name_or_path,
@@ -233,7 +234,7 @@ def write_model_card(args, repo_id, num_prompts):
         f"One-step TFD student of {teacher}",
         "Distilled with Teacher-Feature Drifting (`train_tfd_sdxl.py`): one UNet evaluation per image "
         "(LCMScheduler, 1 step, no classifier-free guidance).",
-        usage, tfd_text2image.card_settings(args, num_prompts))
+        usage, tfd_text2image.card_settings(args, num_prompts, positive_counts))
 
 
 if __name__ == "__main__":

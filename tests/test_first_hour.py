@@ -382,3 +382,81 @@ def test_model_card_over_an_existing_card_keeps_tags_unique(tmp_path, monkeypatc
     meta, body, _ = read_card(out / "README.md")
     assert sorted(meta["tags"]) == sorted({"diffusers", "text-to-image", "one-step", "tfd"})
     assert meta["license"] == "openrail++" and "base_model" not in meta and "old text" not in body
+
+
+def test_model_card_snippets_load_with_dtype_and_the_pipeline_takes_it_without_a_warning(runs, tmp_path):
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    for script, lora in (("sdxl", False), ("sdxl", True), ("sd3", False), ("sd3", True)):
+        (tmp_path / f"{script}{lora}").mkdir()
+        _, body, _ = write_card(script, tmp_path / f"{script}{lora}", "org/teacher", lora=lora)
+        assert "dtype=torch." in body and "torch_dtype" not in body
+    out, _ = runs["sdxl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch_dtype= would warn (deprecated)
+        pipe = DiffusionPipeline.from_pretrained(str(out), dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_model_card_of_a_local_teacher_says_why_it_names_no_base_model(world, tmp_path, script):
+    teacher = str(world / f"{script}_teacher")
+    meta, body, text = write_card(script, tmp_path, teacher)
+    assert "base_model" not in meta
+    assert "The teacher is a local folder or file, not a Hub model, so this card names no `base_model`" in body
+    assert str(world) not in text and "/tmp/" not in text
+    meta, body, _ = write_card(script, tmp_path, "org/teacher")
+    assert meta["base_model"] == "org/teacher" and "not a Hub model" not in body
+
+
+@pytest.mark.parametrize("script", ["sdxl", "sd3"])
+def test_model_card_lora_snippet_of_a_local_teacher_names_a_placeholder_never_the_path(world, tmp_path, script):
+    teacher = str(world / f"{script}_teacher")
+    _, body, text = write_card(script, tmp_path, teacher, hub_model_id=HUB_ID, lora=True)
+    assert f"from_pretrained('{tfd_training.LOCAL_TEACHER}'" in body and f"load_lora_weights('{HUB_ID}')" in body
+    assert f"(`{tfd_training.LOCAL_TEACHER}` in the snippet: the teacher you trained with)" in body
+    assert teacher not in text and "<local folder>'" not in body
+
+
+def test_model_card_counts_the_real_and_teacher_positives(tmp_path):
+    def positives(*extra, counts=None, prompts_file=False):
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        source = ["--prompts_file", str(tmp_path / "p.txt")] if prompts_file else ["--dataset_name", "org/captions"]
+        args = sdxl.parse_args(["--pretrained_model_name_or_path", "org/teacher", *source, "--output_dir", str(out),
+                                "--num_positives", "4", "--num_positive_steps", "50", *extra])
+        sdxl.write_model_card(args, "repo", 10, counts)
+        return read_card(out / "README.md")[1].split("| positives | ")[1].split(" |")[0]
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert positives(prompts_file=True) == "40 teacher samples (50 steps, CFG 6.0)"  # 10 prompts x 4, no images
+    assert positives() == "40 teacher samples (50 steps, CFG 6.0)"  # captions without --image_column
+    assert positives("--image_column", "image", counts={"real": 7, "teacher": 33}) == (
+        "7 real images (matching captions), 33 teacher samples (50 steps, CFG 6.0)")
+    assert positives("--image_column", "image", counts={"real": 40, "teacher": 0}) == "40 real images (matching " \
+                                                                                       "captions)"
+    assert positives("--image_column", "image") == ("real images where captions match, else teacher samples (50 "
+                                                    "steps, CFG 6.0)")
+
+
+def test_the_positive_counts_are_the_slot_plans_of_the_prompts():
+    import argparse
+
+    import tfd_text2image
+
+    args = argparse.Namespace(num_positives=3)
+    positives = tfd_text2image.Positives(args, None, {"a red cube": [4, 9], "a blue sphere": [1, 2, 3, 5]}, None, None,
+                                         "cpu")
+    assert positives.counts(["a red cube", "A blue sphere.", "a green cone"]) == {"real": 5, "teacher": 4}
+
+
+@pytest.mark.parametrize("noise, line", [(("0", "0"), "fixed σ = 0 (clean features)"),
+                                         (("0.1", "0.1"), "fixed σ = 0.1"),
+                                         (("0.02", "0.1"), "log σ ~ N(-1.2, 1.2²), σ in [0.02, 0.1]")])
+def test_model_card_states_the_feature_noise_as_it_was_drawn(tmp_path, noise, line):
+    for script in SCRIPTS:
+        meta, body, _ = write_card(script, tmp_path, "org/teacher", "--feature_noise_min", noise[0],
+                                   "--feature_noise_max", noise[1])
+        assert f"| feature noise σ | {line} |" in body, script
