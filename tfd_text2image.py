@@ -535,6 +535,8 @@ def check_run(accelerator, args, model_cls, component, logger):
     """What fails before any weight loads: another run's output folder (continued only with
     --resume_from_checkpoint), layer names (on the denoiser built from its config on the meta device).
     Returns the checkpoint to resume from, or None."""
+    tfd_training.check_sources(args, models=("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"),
+                               data=("dataset_name",))
     resume = None
     if not args.prepare_positives_only:
         resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)

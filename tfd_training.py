@@ -174,6 +174,73 @@ def check_output_dir(output_dir, resume_from_checkpoint):
                               "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
 
 
+EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
+
+
+def load_call(output_dir):
+    """The call that loads the student exported in output_dir (None when there is none)."""
+    if os.path.exists(os.path.join(output_dir, "model_index.json")):
+        return f"DiffusionPipeline.from_pretrained('{output_dir}')"
+    if os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors")):
+        return f"pipe.load_lora_weights('{output_dir}') on the teacher pipeline"
+    if os.path.exists(os.path.join(output_dir, "network-snapshot.pkl")):
+        return f"pickle.load(open('{os.path.join(output_dir, 'network-snapshot.pkl')}', 'rb'))['ema']"
+    return None
+
+
+def saved_message(output_dir):
+    """The last line of a successful run: where the student is and the call that loads it."""
+    return f"Saved the one-step student to {output_dir}: {load_call(output_dir)}"
+
+
+def finished_steps(output_dir):
+    """The step count of the finished run in output_dir, or None when it holds none: a finished run exported
+    its student and reached its last step (--max_train_steps in training_args.json: the last line of
+    metrics.jsonl, or the newest checkpoint), with no checkpoint past it (a continued run killed before its end
+    has one, or has not reached its new last step)."""
+    if not any(os.path.exists(os.path.join(output_dir, f)) for f in EXPORT_FILES):
+        return None
+    try:
+        with open(os.path.join(output_dir, "training_args.json")) as f:
+            final = int(json.load(f)["max_train_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    reached = None
+    if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            for ln in f:
+                try:
+                    reached = json.loads(ln).get("step", reached)
+                except ValueError:  # a line cut short by a kill mid-write
+                    pass
+    ckpts = list_checkpoints(output_dir)
+    newest = ckpts[-1][0] if ckpts else None
+    if (newest is not None and newest > final) or final not in (reached, newest):
+        return None
+    return final
+
+
+def check_finished_run(args, logger):
+    """--resume_from_checkpoint latest on a finished run: True (log where its student is; touch nothing) when
+    --max_train_steps asks for no more steps; a FileExistsError when it asks for more but the run kept no
+    checkpoint to continue from. False otherwise (a new run, or one to continue from its newest checkpoint)."""
+    if args.resume_from_checkpoint != "latest" or getattr(args, "prepare_positives_only", False):
+        return False
+    final = finished_steps(args.output_dir)
+    if final is None:
+        return False
+    if args.max_train_steps <= final:
+        logger.info(f"{args.output_dir} holds a finished run of {final} steps; nothing was changed. Its student: "
+                    f"{load_call(args.output_dir)}. To train on, raise --max_train_steps above {final}; for a new "
+                    "run, choose a new --output_dir.")
+        return True
+    if not list_checkpoints(args.output_dir):
+        raise FileExistsError(f"{args.output_dir} holds a finished run of {final} steps without a checkpoint: it "
+                              f"cannot be continued to --max_train_steps {args.max_train_steps}. Choose a new "
+                              "--output_dir (the finished student stays where it is).")
+    return False
+
+
 def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None):
     """accelerator.save_state into checkpoint-N atomically, then drop the oldest complete checkpoints
     beyond total_limit. Call on every process."""
@@ -407,6 +474,55 @@ SECRET_ARGS = ("hub_token",)
 def public_args(args):
     """The run's settings without secrets: what may be written to files, trackers and model cards."""
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
+
+
+FILE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".zip", ".tar", ".json", ".jsonl", ".csv",
+                 ".parquet", ".arrow", ".txt")  # a value ending so names a file, never a Hub repo
+
+
+def looks_like_path(value):
+    """A value that can only be a local path: it starts with /, ./, ../ or ~, has more than the one slash of a Hub
+    id ORG/NAME (or a backslash), ends with a file suffix, or its first part is a local folder. Not a URL."""
+    if "://" in value:
+        return False
+    parts = value.split("/")
+    return (value.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in value or len(parts) > 2
+            or value.lower().endswith(FILE_SUFFIXES) or (len(parts) == 2 and os.path.isdir(parts[0])))
+
+
+def check_sources(args, models=(), data=(), paths=()):
+    """Before anything loads: each flag in models, data and paths (names of args) that holds a local path must
+    exist (a typo is told apart from a Hub id); paths are local paths always. A model's Hub id with HF_HUB_OFFLINE
+    set must be in the local Hub cache (--cache_dir), else the run would fail only once loading gives up."""
+    for dest in (*models, *data, *paths):
+        value = getattr(args, dest, None)
+        if not value:
+            continue
+        if value.startswith("~"):
+            value = os.path.expanduser(value)
+            setattr(args, dest, value)
+        if os.path.exists(value):
+            continue
+        if dest in paths or looks_like_path(value):
+            raise FileNotFoundError(f"--{dest} {value}: no such file or folder (a local path, relative to "
+                                    f"{os.getcwd()}; a Hub id is NAME or ORG/NAME).")
+        if dest in models:
+            check_hub_model_cached(f"--{dest}", value, getattr(args, "revision", None),
+                                   getattr(args, "cache_dir", None))
+
+
+def check_hub_model_cached(flag, repo_id, revision=None, cache_dir=None):
+    """With HF_HUB_OFFLINE set, a Hub model that is not in the local cache is an error now."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception as e:  # not cached (or not a valid repo id)
+        raise OSError(f"{flag} {repo_id}: not in the local Hub cache ({cache_dir or constants.HF_HUB_CACHE}), and "
+                      f"HF_HUB_OFFLINE is set: download it first (`hf download {repo_id}`), unset HF_HUB_OFFLINE, or "
+                      f"pass a local folder. ({type(e).__name__})") from None
 
 
 def create_hub_repo(args):

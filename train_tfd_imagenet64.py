@@ -139,7 +139,12 @@ def main(args):
     set_seed(args.seed)
     device = accelerator.device
 
-    # 2. Another run's output folder is continued only on request; the Hub repo exists before training.
+    # 2. Nothing to do for a finished run; another run's output folder is continued only on request; a local path
+    #    that does not exist is no Hub id; the Hub repo exists before training.
+    if tfd_training.check_finished_run(args, logger):
+        return None
+    tfd_training.check_sources(args, models=("pretrained_model_name_or_path",), data=("dataset_name",),
+                               paths=("train_data_dir", "edm_repo"))
     resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
     tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None

@@ -94,7 +94,10 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
 
-    # 2. Checks that need no weights: another run's output folder, layer names, the Hub repo.
+    # 2. Checks that need no weights: a finished run (nothing to do), local paths and Hub ids, another run's output
+    #    folder, what a checkpoint holds, layer names, the Hub repo.
+    if tfd_training.check_finished_run(args, logger):
+        return None
     resume = tfd_text2image.check_run(accelerator, args, UNet2DConditionModel, "unet", logger)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
