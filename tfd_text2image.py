@@ -585,7 +585,7 @@ def make_student(pipe, component, args, device):
     teacher_context: the factory TFDLoss and the positives enter around teacher passes (LoRA: adapters off)."""
     teacher_dtype = tfd_training.DTYPES[args.teacher_dtype]
     if args.prepare_positives_only:
-        return None, getattr(pipe, component).to(device, teacher_dtype), None
+        return None, tfd_training.cast(getattr(pipe, component), device, teacher_dtype), None
     student, teacher = student_and_teacher(getattr(pipe, component), args.train_mode, device, teacher_dtype,
                                            args.lora_rank, args.lora_alpha, args.lora_target_modules)
     setattr(pipe, component, teacher)
@@ -607,11 +607,11 @@ def student_and_teacher(model, train_mode, device, teacher_dtype, lora_rank=64, 
     """
     model.requires_grad_(False).to(device)
     if train_mode == "full":
-        student = copy.deepcopy(model).to(torch.float32).requires_grad_(True)
-        return student, model.to(teacher_dtype)
+        student = tfd_training.cast(copy.deepcopy(model), torch.float32).requires_grad_(True)
+        return student, tfd_training.cast(model, teacher_dtype)
     from peft import LoraConfig
 
-    model.to(teacher_dtype)
+    tfd_training.cast(model, teacher_dtype)
     model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                  target_modules=list(lora_target_modules)))
     for prm in model.parameters():
@@ -788,7 +788,7 @@ def sample_grid(pipe, component, model, scheduler, embeds, args, accelerator, **
 
 def export(accelerator, args, student, pipe, component, scheduler, grid_fn, write_card, repo_id, **components):
     """samples.png, then the one-step pipeline (full: the student in float32 with the teacher's other
-    components as published, reloaded in float32; users pick the dtype with from_pretrained(torch_dtype=...))
+    components as published, reloaded in float32; users pick the dtype with from_pretrained(dtype=...))
     or the LoRA weights (and `scheduler` when the teacher's own does not make the one step), the model card
     and the Hub upload. components: overrides the teacher was loaded with (e.g. no T5). Returns the student."""
     accelerator.wait_for_everyone()
@@ -801,11 +801,12 @@ def export(accelerator, args, student, pipe, component, scheduler, grid_fn, writ
                 scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
         else:
             if args.pretrained_vae_model_name_or_path:
-                components["vae"] = pipe.vae.to("cpu", torch.float32)
+                components["vae"] = tfd_training.cast(pipe.vae, "cpu", torch.float32)
             final = type(pipe).from_pretrained(
                 args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                 cache_dir=args.cache_dir, dtype=torch.float32, **{**absent_components(type(pipe), args), **components},
-                **{component: model.to("cpu", torch.float32), "scheduler": scheduler or pipe.scheduler})
+                **{component: tfd_training.cast(model, "cpu", torch.float32),
+                   "scheduler": scheduler or pipe.scheduler})
             tfd_training.save_pipeline(final, args.output_dir)
         write_card()
         if args.push_to_hub:

@@ -2,6 +2,7 @@
 # (resume, settings, trackers, Hub repo), per-step seeds and process-disjoint draws, the update,
 # logging, checkpoints, images, model cards and the Hub upload. The method itself is in tfd_utils.py.
 
+import contextlib
 import json
 import math
 import os
@@ -567,6 +568,38 @@ def start_run(accelerator, args, resume, logger):
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
     return first_step, metrics_path
+
+
+def setup_logging():
+    """INFO lines with time, level and logger name. huggingface_hub prints its own warnings: they are kept from
+    the root logger too, which would print each twice."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger("huggingface_hub").propagate = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(accelerator, args, logger):
+    """Around the training loop: Ctrl-C ends the run with one line naming the last complete checkpoint and how to
+    continue from it (no traceback), after accelerator.end_training (trackers flushed); exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        ckpts = list_checkpoints(args.output_dir)
+        where = (f"the last checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was saved yet")
+        logger.warning(f"Training interrupted: {where}. Run the same command with --resume_from_checkpoint latest "
+                       "to continue.")
+        accelerator.end_training()
+        raise SystemExit(130) from None
+
+
+def cast(model, *args):
+    """model.to(*args) (a device and/or a dtype). A diffusers model without modules it keeps in float32 is cast by
+    torch.nn.Module.to: diffusers' own .to warns about such modules at every dtype cast, even when there are none."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(*args)
+    return torch.nn.Module.to(model, *args)
 
 
 def step_generators(seed, step, micro=0, rank=0):

@@ -12,7 +12,6 @@
 import copy
 import io
 import json
-import logging
 import math
 import os
 import pickle
@@ -132,7 +131,7 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -183,32 +182,34 @@ def main(args):
     images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
     monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
                                            logger)
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            batch = class_batch(run.sampler, run.data, args, run.image_shape, gen, device)
-            with accelerator.accumulate(run.student):
-                loss, logs = train_step(args, accelerator, run, batch, gen)
-                accelerator.backward(loss)
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
-                                                               loss_sum, args.max_grad_norm)
-        if ok and run.ema is not None:
-            run.ema.step(accelerator.unwrap_model(run.student).parameters())
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0]})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
-        if tfd_training.is_validation_step(accelerator, args, step):
-            tfd_training.save_validation_grid(accelerator, args, sample_grid(), step)
-        if fid_reference is not None and step % args.eval_fid_every == 0:
-            fid = evaluate_fid(accelerator, run, fid_reference, args)
-            if accelerator.is_main_process:
-                logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
-                accelerator.log({"eval/fid": fid}, step=step)
-                tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+    with tfd_training.stop_on_interrupt(accelerator, args, logger):  # Ctrl-C: one line, how to resume
+        for step in range(first_step + 1, args.max_train_steps + 1):
+            loss_sum = 0.0
+            for micro in range(args.gradient_accumulation_steps):
+                _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+                batch = class_batch(run.sampler, run.data, args, run.image_shape, gen, device)
+                with accelerator.accumulate(run.student):
+                    loss, logs = train_step(args, accelerator, run, batch, gen)
+                    accelerator.backward(loss)
+                    monitor.add(logs)
+                    loss_sum = loss_sum + loss.detach()
+                    if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                        ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler,
+                                                                   params, loss_sum, args.max_grad_norm)
+            if ok and run.ema is not None:
+                run.ema.step(accelerator.unwrap_model(run.student).parameters())
+            monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0]})
+            if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+                tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+            if tfd_training.is_validation_step(accelerator, args, step):
+                tfd_training.save_validation_grid(accelerator, args, sample_grid(), step)
+            if fid_reference is not None and step % args.eval_fid_every == 0:
+                fid = evaluate_fid(accelerator, run, fid_reference, args)
+                if accelerator.is_main_process:
+                    logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
+                    accelerator.log({"eval/fid": fid}, step=step)
+                    tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+    progress.close()
 
     # 6. Export: the student (its EMA with --use_ema), a sample grid and a model card.
     accelerator.wait_for_everyone()
@@ -222,8 +223,8 @@ def main(args):
                          run.edm_net)
         if args.push_to_hub:
             tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token)
-        logger.info(f"Saved the one-step student to {args.output_dir}")
     accelerator.end_training()
+    logger.info(tfd_training.saved_message(args.output_dir))
 
 
 def build(args, accelerator, teacher=None):
@@ -271,7 +272,7 @@ def build(args, accelerator, teacher=None):
 
     # c. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
     student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
-    teacher.to(device).eval().requires_grad_(False).to(tfd_training.DTYPES[args.teacher_dtype])
+    tfd_training.cast(teacher, device, tfd_training.DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
     set_dropout(student, args.dropout)
     if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
@@ -543,7 +544,7 @@ def set_dropout(model, p):
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = p
-        elif isinstance(getattr(module, "dropout", None), float):
+        elif isinstance(vars(module).get("dropout"), float):  # an attribute of its own, not a config's
             module.dropout = p
     return model
 

@@ -88,7 +88,7 @@ def main(args):
         log_with=None if args.report_to == "none" or args.prepare_positives_only else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -125,34 +125,39 @@ def main(args):
     images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
     monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
                                            logger)
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            drawn = tfd_training.shared_draw(len(run.prompts), rank * G, G, shared).tolist()
-            entries = [run.positives.get(run.prompts[i]) for i in drawn]
-            batch = tfd_text2image.prompt_batch(entries, N, run.latent_shape, gen, accelerator.device,
-                                                tfd_text2image.cond_dtype(args))
-            with accelerator.accumulate(run.student):
-                loss, logs = train_step(args, accelerator, run, batch, gen)
-                accelerator.backward(loss)
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
-                                                               loss_sum, args.max_grad_norm)
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
-                                                       **run.positives.window(accelerator)})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
-        if tfd_training.is_validation_step(accelerator, args, step):
-            grid = validation_grid(accelerator.unwrap_model(run.student))
-            tfd_training.save_validation_grid(accelerator, args, grid, step)
+    with tfd_training.stop_on_interrupt(accelerator, args, logger):  # Ctrl-C: one line, how to resume
+        for step in range(first_step + 1, args.max_train_steps + 1):
+            loss_sum = 0.0
+            for micro in range(args.gradient_accumulation_steps):
+                shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+                drawn = tfd_training.shared_draw(len(run.prompts), rank * G, G, shared).tolist()
+                entries = [run.positives.get(run.prompts[i]) for i in drawn]
+                batch = tfd_text2image.prompt_batch(entries, N, run.latent_shape, gen, accelerator.device,
+                                                    tfd_text2image.cond_dtype(args))
+                with accelerator.accumulate(run.student):
+                    loss, logs = train_step(args, accelerator, run, batch, gen)
+                    accelerator.backward(loss)
+                    monitor.add(logs)
+                    loss_sum = loss_sum + loss.detach()
+                    if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                        ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler,
+                                                                   params, loss_sum, args.max_grad_norm)
+            monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
+                                                           **run.positives.window(accelerator)})
+            if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+                tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+            if tfd_training.is_validation_step(accelerator, args, step):
+                grid = validation_grid(accelerator.unwrap_model(run.student))
+                tfd_training.save_validation_grid(accelerator, args, grid, step)
+    progress.close()
 
     # 6. Export: the one-step pipeline (LCMScheduler) or the LoRA weights, samples and a model card.
-    return tfd_text2image.export(
+    student = tfd_text2image.export(
         accelerator, args, run.student, run.pipe, "unet", run.scheduler, validation_grid,
-        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts)), repo_id)
+        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts),
+                                 run.positives.counts(run.prompts)), repo_id)
+    logger.info(tfd_training.saved_message(args.output_dir))
+    return student
 
 
 def build(args, accelerator, pipe=None):

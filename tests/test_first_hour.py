@@ -2,7 +2,6 @@
 # or the log; --push_to_hub fails before training; --seed seeds the LoRA initialisation; flag aliases
 # and the accelerate config's mixed precision; the model cards. Tiny teachers, offline, CPU.
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -13,12 +12,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from scaling_helpers import IMAGENET_LAYERS, ROOT, env, run_in_process
 
 import tfd_training
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
-from scaling_helpers import IMAGENET_LAYERS, ROOT, env, reset_accelerate, run_in_process
 
 SCRIPTS = {"sdxl": sdxl, "sd3": sd3, "imagenet64": imagenet64}
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
@@ -158,6 +157,25 @@ def test_a_token_with_wandb_is_refused(world, tmp_path, script, tracker):
         SCRIPTS[script].parse_args(argv)
 
 
+NOISE = ("should be kept in float32", "Repo card metadata block was not found", "FutureWarning", "torch_dtype",
+         "Traceback")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_run_log_repeats_no_warning_and_ends_with_where_the_student_is_and_how_to_load_it(runs, name):
+    out, output = runs[name]
+    for noise in NOISE:
+        assert noise not in output, noise
+    warnings = [ln.split(" - ", 3)[-1] for ln in output.splitlines() if " - WARNING - " in ln]
+    assert len(warnings) == len(set(warnings)), warnings
+    lines = [ln.rsplit("\r", 1)[-1] for ln in output.splitlines() if ln.strip()]
+    saved = [ln for ln in lines if "Saved the one-step student" in ln]
+    call = (f"pipe.load_lora_weights('{out}') on the teacher pipeline" if name.endswith("lora") else
+            f"DiffusionPipeline.from_pretrained('{out}')")
+    assert len(saved) == 1 and saved[0].endswith(f"Saved the one-step student to {out}: {call}"), saved
+    assert lines[-1] == saved[0]  # the last line
+
+
 # ----------------------------------------------------------------------------------------------
 # --push_to_hub: the repo is created first, so a Hub problem stops the run before any work.
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +203,8 @@ def test_push_to_hub_fails_before_training_with_a_clear_message(world, tmp_path,
 def test_a_failed_accelerate_launch_does_not_print_the_token(world, tmp_path):
     argv = argv_of(world, "sdxl", tmp_path / "out", "--report_to", "wandb", "--hub_token", TOKEN)  # refused at once
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", os.path.join(ROOT, "train_tfd_sdxl.py"), *argv]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", os.path.join(ROOT, "train_tfd_sdxl.py"),
+           *argv]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Do not pass --hub_token together with --report_to wandb" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
