@@ -24,10 +24,14 @@ import tfd_utils
 
 def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help):
     """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings."""
-    g = parser.add_argument_group("prompts and real images")
+    g = parser.add_argument_group(
+        "prompts and real images", "Real images are decoded one cache entry at a time, next to the VAE encoding and "
+        "the teacher's sampling of the entry's other positives, which take far longer: there is no "
+        "--dataloader_num_workers here (the ImageNet script's decodes every training image).")
     g.add_argument("--dataset_name", default=None,
-                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk "
-                        "folder, or 'webdataset' with --data_files.")
+                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes (an imagefolder with "
+                        "a metadata.jsonl of captions: what --train_data_dir is elsewhere), a save_to_disk folder, or "
+                        "'webdataset' with --data_files.")
     g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
     g.add_argument("--data_files", nargs="+", default=None,
                    help="Data files of --dataset_name, e.g. webdataset shards 'shards/{00000..00099}.tar' (ranges in "
@@ -64,7 +68,10 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
     g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
                    help="Storage dtype of cached latents and text embeddings.")
 
-    g = parser.add_argument_group("batch and student")
+    g = parser.add_argument_group(
+        "batch and student", "No --use_ema here (the ImageNet script has it): an EMA of a full student is a second "
+        "float32 copy of the denoiser next to the student, its teacher and AdamW's two moments (SDXL's UNet: 10 GB "
+        "more), and a one-step student is exported from its last weights.")
     g.add_argument("--resolution", type=int, default=1024, help="Image resolution (pixels) of students and positives.")
     g.add_argument("--prompts_per_batch", type=int, default=1, help="Prompts (groups) per step per process.")
     g.add_argument("--num_generated", type=int, default=4, help="Student samples per prompt (N, at least 2).")
@@ -264,9 +271,29 @@ class PositiveCache:
         os.makedirs(os.path.join(self.dir, "entries"), exist_ok=True)
         self.other_settings = sorted(
             d for d in os.listdir(root) if d != self.key and os.path.isfile(os.path.join(root, d, "settings.json")))
+        self.new = not os.listdir(os.path.join(self.dir, "entries"))  # no entry yet (one per <ab> sub-folder)
         settings_path = os.path.join(self.dir, "settings.json")
         if not os.path.exists(settings_path):
             tfd_training.write_json(settings_path, self.settings)
+
+    def differences(self):
+        """[(other cache folder, {setting: (its value, this cache's)})] of the other settings' caches under the root,
+        fewest differences first (nested settings as dotted names, e.g. scheduler.beta_end)."""
+        def flat(d, prefix=""):
+            return {k2: v2 for k, v in d.items()
+                    for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+        ours, out = flat(json.loads(json.dumps(self.settings, default=str))), []
+        for key in self.other_settings:
+            folder = os.path.join(os.path.dirname(self.dir), key)
+            try:
+                with open(os.path.join(folder, "settings.json")) as f:
+                    theirs = flat(json.load(f))
+            except (OSError, ValueError):
+                continue
+            out.append((folder, {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs))
+                                 if theirs.get(k) != ours.get(k)}))
+        return sorted(out, key=lambda item: len(item[1]))
 
     def path(self, prompt, slots):
         """slots: one source tag per positive slot, e.g. ["real:17", "teacher", ...]."""
@@ -462,6 +489,11 @@ def open_positive_cache(args, teacher_scheduler, logger, **settings):
     others = (f" ({len(cache.other_settings)} caches made with other settings in {args.positive_cache_dir} are not "
               "used)" if cache.other_settings else "")
     logger.info(f"Positive cache: {cache.dir}{others}")
+    if cache.new:  # a new cache: its teacher sampling starts from scratch; say why the others do not fit
+        for folder, diff in cache.differences()[:3]:
+            logger.warning(f"Positive cache: new for these settings; {folder} was made with other " +
+                           "; ".join(f"{k}: {theirs!r} there, {ours!r} here" for k, (theirs, ours) in diff.items()) +
+                           ". Its entries are not reused.")
     removed = tfd_training.remove_stale_tmp_files(cache.dir)
     if removed:
         logger.info(f"Positive cache: removed {removed} temporary files of killed writers.")
@@ -541,6 +573,7 @@ def check_run(accelerator, args, model_cls, component, logger):
     if not args.prepare_positives_only:
         resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
         tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+        check_trainable(resume, args)
     config = model_cls.load_config(args.pretrained_model_name_or_path, subfolder=component, revision=args.revision,
                                    cache_dir=args.cache_dir)
     with torch.device("meta"):
@@ -549,6 +582,45 @@ def check_run(accelerator, args, model_cls, component, logger):
         raise ValueError("--train_mode lora under FSDP is not supported: LoRA weights are small, use DDP "
                          "(examples/accelerate_configs/8gpu_ddp.yaml).")
     return resume
+
+
+TRAINABLE_FILE = "tfd_trainable.json"  # in each checkpoint: what its trainable weights are (trainable_settings)
+
+
+def trainable_settings(args):
+    """What a checkpoint's trainable weights are: the training mode and, for LoRA, the adapters' shape and scale."""
+    settings = {"train_mode": args.train_mode}
+    if args.train_mode == "lora":
+        modules = args.lora_target_modules
+        settings.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_target_modules=modules if isinstance(modules, str) else ",".join(modules))
+    return settings
+
+
+def check_trainable(resume, args):
+    """A checkpoint resumed with another --train_mode, --lora_rank, --lora_alpha or --lora_target_modules is an
+    error before any weight loads. What it holds: its TRAINABLE_FILE, else the run's training_args.json."""
+    if resume is None:
+        return
+    from types import SimpleNamespace
+
+    for path in (os.path.join(resume, TRAINABLE_FILE), os.path.join(os.path.dirname(resume), "training_args.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            break
+    else:
+        return
+    held = trainable_settings(SimpleNamespace(**{**vars(args), **saved}))
+    asked = trainable_settings(args)
+    if held["train_mode"] != asked["train_mode"]:
+        held, asked = {"train_mode": held["train_mode"]}, {"train_mode": asked["train_mode"]}
+    diff = [k for k in held if held[k] != asked.get(k)]
+    if diff:
+        raise ValueError(f"--resume_from_checkpoint {resume} holds " +
+                         " ".join(f"--{k} {held[k]}" for k in diff) + "; this run asks for " +
+                         " ".join(f"--{k} {asked[k]}" for k in diff) + ". Resume with the checkpoint's settings, or "
+                         "start a new run in a new --output_dir.")
 
 
 def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
@@ -670,10 +742,12 @@ def import_trainable(model, input_dir, lora, pipeline_cls, component):
         raise RuntimeError(f"LoRA checkpoint {input_dir} does not fit this {component}: {result.unexpected_keys[:5]}")
 
 
-def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
+def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component, trainable=None):
     """Checkpoints hold the trainable weights as export_trainable writes them (FSDP/DeepSpeed save
-    their own sharded state next to it)."""
+    their own sharded state next to it), and TRAINABLE_FILE: `trainable` (trainable_settings)."""
     def save_model_hook(models, weights, output_dir):
+        if trainable is not None and accelerator.is_main_process:
+            tfd_training.write_json(os.path.join(output_dir, TRAINABLE_FILE), trainable)
         for model in models:
             full = tfd_training.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
             if accelerator.is_main_process:
@@ -753,7 +827,8 @@ def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, compone
                                     checkpoint_teacher=args.teacher_checkpointing)
     optimizer = tfd_training.make_optimizer([prm for prm in student.parameters() if prm.requires_grad], args)
     lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component)
+    register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component,
+                              trainable_settings(args))
     run.student, run.optimizer, run.lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     return run
 

@@ -34,7 +34,8 @@ IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
 RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
           "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
           "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
-          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1"}
+          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1",
+          "dataloader_num_workers": ">= 0"}
 
 
 def parse_args(argv=None):
@@ -79,6 +80,9 @@ def parse_args(argv=None):
                    help="Preprocess the whole data set into memory (uint8) when it takes at most this many GB per "
                         "process; larger ones (ImageNet-64: 15.7 GB) are decoded on the fly.")
     g.add_argument("--cache_dir", default=None, help="datasets/diffusers cache directory.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Threads decoding images (the in-memory preprocessing, or each step's images when decoded on "
+                        "the fly); 0: the main thread. The images and their order are the same for any number.")
 
     g = p.add_argument_group("batch and student")
     g.add_argument("--classes_per_batch", type=int, default=10, help="Classes (groups) per step per process.")
@@ -261,7 +265,7 @@ def build(args, accelerator, teacher=None):
                                                     args.cache_dir)
     classes = select_classes(labels, num_classes, args.class_ids)
     data = LabelledImages(labels, fetch, channels, resolution, args.preload_max_gb,
-                          progress=accelerator.is_local_main_process)
+                          progress=accelerator.is_local_main_process, workers=args.dataloader_num_workers)
     sampler = ClassGroupedSampler(labels, classes, args.classes_per_batch, args.num_positives + args.num_anchors,
                                   args.seed, accelerator.process_index, logger)
     if args.classes_per_batch * accelerator.num_processes > len(classes):
@@ -734,17 +738,27 @@ class LabelledImages:
     on the fly (ImageNet-64 is 15.7 GB per process in memory).
     """
 
-    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True):
+    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True, workers=0):
         self.labels, self._fetch = labels, fetch
         self.channels, self.resolution = channels, resolution
         self.data = None
+        # workers > 0: threads decode chunks of images (PIL releases the GIL while decoding); map keeps the order.
+        self.pool = None
+        if workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self.workers = workers
         nbytes = len(labels) * channels * resolution * resolution
         if nbytes <= preload_max_gb * 2**30:
             self.data = torch.empty(len(labels), channels, resolution, resolution, dtype=torch.uint8)
-            chunk = 1024
-            for start in tqdm(range(0, len(labels), chunk), desc="preprocessing images", disable=not progress):
-                idx = list(range(start, min(start + chunk, len(labels))))
-                self.data[start:start + len(idx)] = self._decode(idx)
+            chunk = 1024 if self.pool is None else 64
+            starts = range(0, len(labels), chunk)
+            chunks = [list(range(start, min(start + chunk, len(labels)))) for start in starts]
+            decoded = map(self._decode, chunks) if self.pool is None else self.pool.map(self._decode, chunks)
+            for idx, images in tqdm(zip(chunks, decoded), total=len(chunks), desc="preprocessing images",
+                                    disable=not progress):
+                self.data[idx[0]:idx[0] + len(idx)] = images
 
     def _decode(self, idx):
         try:
@@ -758,10 +772,17 @@ class LabelledImages:
                                      "remove or re-encode it.") from e
             raise
 
+    def _decode_all(self, idx):
+        """_decode, split over the worker threads (the same images in the same order)."""
+        if self.pool is None or len(idx) < 2:
+            return self._decode(idx)
+        k = math.ceil(len(idx) / min(self.workers, len(idx)))
+        return torch.cat(list(self.pool.map(self._decode, [idx[i:i + k] for i in range(0, len(idx), k)])))
+
     def get(self, indices):
         indices = torch.as_tensor(indices)
         flat = indices.reshape(-1)
-        out = self.data[flat] if self.data is not None else self._decode(flat.tolist())
+        out = self.data[flat] if self.data is not None else self._decode_all(flat.tolist())
         return out.reshape(*indices.shape, *out.shape[1:])
 
 

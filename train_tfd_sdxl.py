@@ -62,7 +62,9 @@ def parse_args(argv=None):
     g = tfd_training.add_training_arguments(p, output_dir="tfd-sdxl", learning_rate=1e-6, max_train_steps=10_000,
                                             max_grad_norm=2.0, validation_steps=500, checkpointing_steps=500)
     g.add_argument("--validation_prompts", nargs="+", default=VALIDATION_PROMPTS,
-                   help="Fixed prompts of the validation grid (one image each, fixed seeds, one step).")
+                   help="Fixed prompts of the validation grid (one image each, fixed seeds, one step). For more "
+                        "images of a prompt, repeat it: each position has its own seed (what the ImageNet script's "
+                        "--num_validation_images sets).")
     args = p.parse_args(argv)
     check_args(args)
     return args
