@@ -497,7 +497,7 @@ def check_sources(args, models=(), data=(), paths=()):
     set must be in the local Hub cache (--cache_dir), else the run would fail only once loading gives up."""
     for dest in (*models, *data, *paths):
         value = getattr(args, dest, None)
-        if not value:
+        if not value or "://" in value:  # a URL (an EDM pickle's) is neither
             continue
         if value.startswith("~"):
             value = os.path.expanduser(value)

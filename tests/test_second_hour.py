@@ -271,6 +271,8 @@ def test_an_offline_hub_id_not_in_the_cache_fails_fast_and_says_so(world, tmp_pa
             run_in_process(SCRIPTS[script], argv + ["--cache_dir", str(tmp_path / "hub")])
         assert time.perf_counter() - start < FAST
     assert not (tmp_path / "out").exists()
+    url = SimpleNamespace(pretrained_model_name_or_path="https://example.org/edm-imagenet-64x64-cond-adm.pkl")
+    tfd_training.check_sources(url, models=("pretrained_model_name_or_path",))  # a URL is no Hub id: not checked
 
 
 DIFFUSERS_ONLY_IN_IMAGENET = {"num_validation_images": "--validation_prompts", "use_ema": "No --use_ema here",
