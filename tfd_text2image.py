@@ -24,10 +24,14 @@ import tfd_utils
 
 def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help):
     """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings."""
-    g = parser.add_argument_group("prompts and real images")
+    g = parser.add_argument_group(
+        "prompts and real images", "Real images are decoded one cache entry at a time, next to the VAE encoding and "
+        "the teacher's sampling of the entry's other positives, which take far longer: there is no "
+        "--dataloader_num_workers here (the ImageNet script's decodes every training image).")
     g.add_argument("--dataset_name", default=None,
-                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk "
-                        "folder, or 'webdataset' with --data_files.")
+                   help="Captioned data set: a Hub id, a local path datasets.load_dataset takes (an imagefolder with "
+                        "a metadata.jsonl of captions: what --train_data_dir is elsewhere), a save_to_disk folder, or "
+                        "'webdataset' with --data_files.")
     g.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
     g.add_argument("--data_files", nargs="+", default=None,
                    help="Data files of --dataset_name, e.g. webdataset shards 'shards/{00000..00099}.tar' (ranges in "
@@ -65,7 +69,10 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
     g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
                    help="Storage dtype of cached latents and text embeddings.")
 
-    g = parser.add_argument_group("batch and student")
+    g = parser.add_argument_group(
+        "batch and student", "No --use_ema here (the ImageNet script has it): an EMA of a full student is a second "
+        "float32 copy of the denoiser next to the student, its teacher and AdamW's two moments (SDXL's UNet: 10 GB "
+        "more), and a one-step student is exported from its last weights.")
     g.add_argument("--resolution", type=int, default=1024, help="Image resolution (pixels) of students and positives.")
     g.add_argument("--prompts_per_batch", type=int, default=1, help="Prompts (groups) per step per process.")
     g.add_argument("--num_generated", type=int, default=4, help="Student samples per prompt (N, at least 2).")
@@ -269,9 +276,29 @@ class PositiveCache:
         os.makedirs(os.path.join(self.dir, "entries"), exist_ok=True)
         self.other_settings = sorted(
             d for d in os.listdir(root) if d != self.key and os.path.isfile(os.path.join(root, d, "settings.json")))
+        self.new = not os.listdir(os.path.join(self.dir, "entries"))  # no entry yet (one per <ab> sub-folder)
         settings_path = os.path.join(self.dir, "settings.json")
         if not os.path.exists(settings_path):
             tfd_training.write_json(settings_path, self.settings)
+
+    def differences(self):
+        """[(other cache folder, {setting: (its value, this cache's)})] of the other settings' caches under the root,
+        fewest differences first (nested settings as dotted names, e.g. scheduler.beta_end)."""
+        def flat(d, prefix=""):
+            return {k2: v2 for k, v in d.items()
+                    for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+        ours, out = flat(json.loads(json.dumps(self.settings, default=str))), []
+        for key in self.other_settings:
+            folder = os.path.join(os.path.dirname(self.dir), key)
+            try:
+                with open(os.path.join(folder, "settings.json")) as f:
+                    theirs = flat(json.load(f))
+            except (OSError, ValueError):
+                continue
+            out.append((folder, {k: (theirs.get(k), ours.get(k)) for k in sorted(set(ours) | set(theirs))
+                                 if theirs.get(k) != ours.get(k)}))
+        return sorted(out, key=lambda item: len(item[1]))
 
     def path(self, prompt, slots):
         """slots: one source tag per positive slot, e.g. ["real:17", "teacher", ...]."""
@@ -387,6 +414,11 @@ class Positives:
             tfd_training.check_bad_images(self.bad, self.args.max_bad_images, len(checked),
                                           f"{self.args.dataset_name} (prompts missing from the positive cache)",
                                           self.logger)
+
+    def counts(self, prompts):
+        """{"real": R, "teacher": T}: the positives of the prompt set by source (their slot plans)."""
+        slots = [tag for p in prompts for tag in self.slots(p)]
+        return {"real": sum(tag.startswith("real:") for tag in slots), "teacher": slots.count("teacher")}
 
     def missing(self, prompts):
         return [p for p in prompts if not self.cache.exists(p, self.slots(p))]
@@ -504,6 +536,11 @@ def open_positive_cache(args, teacher_scheduler, logger, **settings):
     others = (f" ({len(cache.other_settings)} caches made with other settings in {args.positive_cache_dir} are not "
               "used)" if cache.other_settings else "")
     logger.info(f"Positive cache: {cache.dir}{others}")
+    if cache.new:  # a new cache: its teacher sampling starts from scratch; say why the others do not fit
+        for folder, diff in cache.differences()[:3]:
+            logger.warning(f"Positive cache: new for these settings; {folder} was made with other " +
+                           "; ".join(f"{k}: {theirs!r} there, {ours!r} here" for k, (theirs, ours) in diff.items()) +
+                           ". Its entries are not reused.")
     removed = tfd_training.remove_stale_tmp_files(cache.dir)
     if removed:
         logger.info(f"Positive cache: removed {removed} temporary files of killed writers.")
@@ -575,10 +612,13 @@ def check_run(accelerator, args, model_cls, component, logger):
     """What fails before any weight loads: another run's output folder (continued only with
     --resume_from_checkpoint), layer names (on the denoiser built from its config on the meta device).
     Returns the checkpoint to resume from, or None."""
+    tfd_training.check_sources(args, models=("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"),
+                               data=("dataset_name",))
     resume = None
     if not args.prepare_positives_only:
         resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
         tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+        check_trainable(resume, args)
     config = model_cls.load_config(args.pretrained_model_name_or_path, subfolder=component, revision=args.revision,
                                    cache_dir=args.cache_dir)
     with torch.device("meta"):
@@ -587,6 +627,45 @@ def check_run(accelerator, args, model_cls, component, logger):
         raise ValueError("--train_mode lora under FSDP is not supported: LoRA weights are small, use DDP "
                          "(examples/accelerate_configs/8gpu_ddp.yaml).")
     return resume
+
+
+TRAINABLE_FILE = "tfd_trainable.json"  # in each checkpoint: what its trainable weights are (trainable_settings)
+
+
+def trainable_settings(args):
+    """What a checkpoint's trainable weights are: the training mode and, for LoRA, the adapters' shape and scale."""
+    settings = {"train_mode": args.train_mode}
+    if args.train_mode == "lora":
+        modules = args.lora_target_modules
+        settings.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_target_modules=modules if isinstance(modules, str) else ",".join(modules))
+    return settings
+
+
+def check_trainable(resume, args):
+    """A checkpoint resumed with another --train_mode, --lora_rank, --lora_alpha or --lora_target_modules is an
+    error before any weight loads. What it holds: its TRAINABLE_FILE, else the run's training_args.json."""
+    if resume is None:
+        return
+    from types import SimpleNamespace
+
+    for path in (os.path.join(resume, TRAINABLE_FILE), os.path.join(os.path.dirname(resume), "training_args.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            break
+    else:
+        return
+    held = trainable_settings(SimpleNamespace(**{**vars(args), **saved}))
+    asked = trainable_settings(args)
+    if held["train_mode"] != asked["train_mode"]:
+        held, asked = {"train_mode": held["train_mode"]}, {"train_mode": asked["train_mode"]}
+    diff = [k for k in held if held[k] != asked.get(k)]
+    if diff:
+        raise ValueError(f"--resume_from_checkpoint {resume} holds " +
+                         " ".join(f"--{k} {held[k]}" for k in diff) + "; this run asks for " +
+                         " ".join(f"--{k} {asked[k]}" for k in diff) + ". Resume with the checkpoint's settings, or "
+                         "start a new run in a new --output_dir.")
 
 
 def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
@@ -623,7 +702,7 @@ def make_student(pipe, component, args, device):
     teacher_context: the factory TFDLoss and the positives enter around teacher passes (LoRA: adapters off)."""
     teacher_dtype = tfd_training.DTYPES[args.teacher_dtype]
     if args.prepare_positives_only:
-        return None, getattr(pipe, component).to(device, teacher_dtype), None
+        return None, tfd_training.cast(getattr(pipe, component), device, teacher_dtype), None
     student, teacher = student_and_teacher(getattr(pipe, component), args.train_mode, device, teacher_dtype,
                                            args.lora_rank, args.lora_alpha, args.lora_target_modules)
     setattr(pipe, component, teacher)
@@ -645,11 +724,11 @@ def student_and_teacher(model, train_mode, device, teacher_dtype, lora_rank=64, 
     """
     model.requires_grad_(False).to(device)
     if train_mode == "full":
-        student = copy.deepcopy(model).to(torch.float32).requires_grad_(True)
-        return student, model.to(teacher_dtype)
+        student = tfd_training.cast(copy.deepcopy(model), torch.float32).requires_grad_(True)
+        return student, tfd_training.cast(model, teacher_dtype)
     from peft import LoraConfig
 
-    model.to(teacher_dtype)
+    tfd_training.cast(model, teacher_dtype)
     model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                  target_modules=list(lora_target_modules)))
     for prm in model.parameters():
@@ -708,10 +787,12 @@ def import_trainable(model, input_dir, lora, pipeline_cls, component):
         raise RuntimeError(f"LoRA checkpoint {input_dir} does not fit this {component}: {result.unexpected_keys[:5]}")
 
 
-def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
+def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component, trainable=None):
     """Checkpoints hold the trainable weights as export_trainable writes them (FSDP/DeepSpeed save
-    their own sharded state next to it)."""
+    their own sharded state next to it), and TRAINABLE_FILE: `trainable` (trainable_settings)."""
     def save_model_hook(models, weights, output_dir):
+        if trainable is not None and accelerator.is_main_process:
+            tfd_training.write_json(os.path.join(output_dir, TRAINABLE_FILE), trainable)
         for model in models:
             full = tfd_training.consolidated_model(accelerator, model)  # every process: FSDP gathers the shards
             if accelerator.is_main_process:
@@ -734,17 +815,24 @@ def register_checkpoint_hooks(accelerator, lora, pipeline_cls, component):
 # ----------------------------------------------------------------------------------------------
 
 
-def card_settings(args, num_prompts):
-    """The settings a text-to-image model card shows (no local paths, no secrets)."""
+def card_settings(args, num_prompts, positive_counts=None):
+    """The settings a text-to-image model card shows (no local paths, no secrets). positive_counts: {"real": R,
+    "teacher": T} positives over the prompt set (Positives.counts); without it, what the flags tell."""
     source = "a prompt file" if args.prompts_file else tfd_training.public_name(args.dataset_name)
+    teacher = f"teacher samples ({args.num_positive_steps} steps, CFG {args.positive_guidance_scale})"
+    if positive_counts is None and not args.image_column:  # no images: every positive is a teacher sample
+        positive_counts = {"real": 0, "teacher": num_prompts * args.num_positives}
+    if positive_counts is None:
+        positives = f"real images where captions match, else {teacher}"
+    else:
+        positives = ", ".join([f"{positive_counts['real']} real images (matching captions)"] * bool(
+            positive_counts["real"]) + [f"{positive_counts['teacher']} {teacher}"] * bool(positive_counts["teacher"]))
     return {"prompts": f"{num_prompts} from {source}", "training mode": args.train_mode +
             (f" (rank {args.lora_rank})" if args.train_mode == "lora" else ""), "resolution": args.resolution,
             "updates": args.max_train_steps, "prompts × (generated, positives) per process":
             f"{args.prompts_per_batch} × ({args.num_generated}, {args.num_positives})",
-            "teacher layers": " ".join(args.feature_layers), "feature noise σ":
-            f"[{args.feature_noise_min}, {args.feature_noise_max}]", "radii": args.drift_radii,
-            "learning rate": args.learning_rate, "positives": f"real images where captions match, else teacher "
-            f"samples ({args.num_positive_steps} steps, CFG {args.positive_guidance_scale})"}
+            "teacher layers": " ".join(args.feature_layers), "feature noise σ": tfd_training.sigma_text(args),
+            "radii": args.drift_radii, "learning rate": args.learning_rate, "positives": positives}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -785,7 +873,8 @@ def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, compone
                                     checkpoint_teacher=args.teacher_checkpointing)
     optimizer = tfd_training.make_optimizer([prm for prm in student.parameters() if prm.requires_grad], args)
     lr_scheduler = tfd_training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component)
+    register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component,
+                              trainable_settings(args))
     run.student, run.optimizer, run.lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     return run
 
@@ -820,7 +909,7 @@ def sample_grid(pipe, component, model, scheduler, embeds, args, accelerator, **
 
 def export(accelerator, args, student, pipe, component, scheduler, grid_fn, write_card, repo_id, **components):
     """samples.png, then the one-step pipeline (full: the student in float32 with the teacher's other
-    components as published, reloaded in float32; users pick the dtype with from_pretrained(torch_dtype=...))
+    components as published, reloaded in float32; users pick the dtype with from_pretrained(dtype=...))
     or the LoRA weights (and `scheduler` when the teacher's own does not make the one step), the model card
     and the Hub upload. components: overrides the teacher was loaded with (e.g. no T5). Returns the student."""
     accelerator.wait_for_everyone()
@@ -833,11 +922,12 @@ def export(accelerator, args, student, pipe, component, scheduler, grid_fn, writ
                 scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
         else:
             if args.pretrained_vae_model_name_or_path:
-                components["vae"] = pipe.vae.to("cpu", torch.float32)
+                components["vae"] = tfd_training.cast(pipe.vae, "cpu", torch.float32)
             final = type(pipe).from_pretrained(
                 args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                 cache_dir=args.cache_dir, dtype=torch.float32, **{**absent_components(type(pipe), args), **components},
-                **{component: model.to("cpu", torch.float32), "scheduler": scheduler or pipe.scheduler})
+                **{component: tfd_training.cast(model, "cpu", torch.float32),
+                   "scheduler": scheduler or pipe.scheduler})
             tfd_training.save_pipeline(final, args.output_dir)
         write_card()
         if args.push_to_hub:

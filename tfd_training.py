@@ -2,6 +2,7 @@
 # (resume, settings, trackers, Hub repo), per-step seeds and process-disjoint draws, the update,
 # logging, checkpoints, images, model cards and the Hub upload. The method itself is in tfd_utils.py.
 
+import contextlib
 import json
 import math
 import os
@@ -172,6 +173,73 @@ def check_output_dir(output_dir, resume_from_checkpoint):
     if found:
         raise FileExistsError(f"{output_dir} already holds another run ({', '.join(found)}): pass "
                               "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
+
+
+EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
+
+
+def load_call(output_dir):
+    """The call that loads the student exported in output_dir (None when there is none)."""
+    if os.path.exists(os.path.join(output_dir, "model_index.json")):
+        return f"DiffusionPipeline.from_pretrained('{output_dir}')"
+    if os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors")):
+        return f"pipe.load_lora_weights('{output_dir}') on the teacher pipeline"
+    if os.path.exists(os.path.join(output_dir, "network-snapshot.pkl")):
+        return f"pickle.load(open('{os.path.join(output_dir, 'network-snapshot.pkl')}', 'rb'))['ema']"
+    return None
+
+
+def saved_message(output_dir):
+    """The last line of a successful run: where the student is and the call that loads it."""
+    return f"Saved the one-step student to {output_dir}: {load_call(output_dir)}"
+
+
+def finished_steps(output_dir):
+    """The step count of the finished run in output_dir, or None when it holds none: a finished run exported
+    its student and reached its last step (--max_train_steps in training_args.json: the last line of
+    metrics.jsonl, or the newest checkpoint), with no checkpoint past it (a continued run killed before its end
+    has one, or has not reached its new last step)."""
+    if not any(os.path.exists(os.path.join(output_dir, f)) for f in EXPORT_FILES):
+        return None
+    try:
+        with open(os.path.join(output_dir, "training_args.json")) as f:
+            final = int(json.load(f)["max_train_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    reached = None
+    if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            for ln in f:
+                try:
+                    reached = json.loads(ln).get("step", reached)
+                except ValueError:  # a line cut short by a kill mid-write
+                    pass
+    ckpts = list_checkpoints(output_dir)
+    newest = ckpts[-1][0] if ckpts else None
+    if (newest is not None and newest > final) or final not in (reached, newest):
+        return None
+    return final
+
+
+def check_finished_run(args, logger):
+    """--resume_from_checkpoint latest on a finished run: True (log where its student is; touch nothing) when
+    --max_train_steps asks for no more steps; a FileExistsError when it asks for more but the run kept no
+    checkpoint to continue from. False otherwise (a new run, or one to continue from its newest checkpoint)."""
+    if args.resume_from_checkpoint != "latest" or getattr(args, "prepare_positives_only", False):
+        return False
+    final = finished_steps(args.output_dir)
+    if final is None:
+        return False
+    if args.max_train_steps <= final:
+        logger.info(f"{args.output_dir} holds a finished run of {final} steps; nothing was changed. Its student: "
+                    f"{load_call(args.output_dir)}. To train on, raise --max_train_steps above {final}; for a new "
+                    "run, choose a new --output_dir.")
+        return True
+    if not list_checkpoints(args.output_dir):
+        raise FileExistsError(f"{args.output_dir} holds a finished run of {final} steps without a checkpoint: it "
+                              f"cannot be continued to --max_train_steps {args.max_train_steps}. Choose a new "
+                              "--output_dir (the finished student stays where it is).")
+    return False
 
 
 def save_checkpoint(accelerator, output_dir, step, total_limit=None, logger=None):
@@ -409,6 +477,55 @@ def public_args(args):
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
 
 
+FILE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".zip", ".tar", ".json", ".jsonl", ".csv",
+                 ".parquet", ".arrow", ".txt")  # a value ending so names a file, never a Hub repo
+
+
+def looks_like_path(value):
+    """A value that can only be a local path: it starts with /, ./, ../ or ~, has more than the one slash of a Hub
+    id ORG/NAME (or a backslash), ends with a file suffix, or its first part is a local folder. Not a URL."""
+    if "://" in value:
+        return False
+    parts = value.split("/")
+    return (value.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in value or len(parts) > 2
+            or value.lower().endswith(FILE_SUFFIXES) or (len(parts) == 2 and os.path.isdir(parts[0])))
+
+
+def check_sources(args, models=(), data=(), paths=()):
+    """Before anything loads: each flag in models, data and paths (names of args) that holds a local path must
+    exist (a typo is told apart from a Hub id); paths are local paths always. A model's Hub id with HF_HUB_OFFLINE
+    set must be in the local Hub cache (--cache_dir), else the run would fail only once loading gives up."""
+    for dest in (*models, *data, *paths):
+        value = getattr(args, dest, None)
+        if not value or "://" in value:  # a URL (an EDM pickle's) is neither
+            continue
+        if value.startswith("~"):
+            value = os.path.expanduser(value)
+            setattr(args, dest, value)
+        if os.path.exists(value):
+            continue
+        if dest in paths or looks_like_path(value):
+            raise FileNotFoundError(f"--{dest} {value}: no such file or folder (a local path, relative to "
+                                    f"{os.getcwd()}; a Hub id is NAME or ORG/NAME).")
+        if dest in models:
+            check_hub_model_cached(f"--{dest}", value, getattr(args, "revision", None),
+                                   getattr(args, "cache_dir", None))
+
+
+def check_hub_model_cached(flag, repo_id, revision=None, cache_dir=None):
+    """With HF_HUB_OFFLINE set, a Hub model that is not in the local cache is an error now."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception as e:  # not cached (or not a valid repo id)
+        raise OSError(f"{flag} {repo_id}: not in the local Hub cache ({cache_dir or constants.HF_HUB_CACHE}), and "
+                      f"HF_HUB_OFFLINE is set: download it first (`hf download {repo_id}`), unset HF_HUB_OFFLINE, or "
+                      f"pass a local folder. ({type(e).__name__})") from None
+
+
 def create_hub_repo(args):
     """With --push_to_hub, create the repo before training so a bad token or name fails now. Returns
     its id (None without --push_to_hub)."""
@@ -451,6 +568,38 @@ def start_run(accelerator, args, resume, logger):
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in settings.items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
     return first_step, metrics_path
+
+
+def setup_logging():
+    """INFO lines with time, level and logger name. huggingface_hub prints its own warnings: they are kept from
+    the root logger too, which would print each twice."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger("huggingface_hub").propagate = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(accelerator, args, logger):
+    """Around the training loop: Ctrl-C ends the run with one line naming the last complete checkpoint and how to
+    continue from it (no traceback), after accelerator.end_training (trackers flushed); exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        ckpts = list_checkpoints(args.output_dir)
+        where = (f"the last checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was saved yet")
+        logger.warning(f"Training interrupted: {where}. Run the same command with --resume_from_checkpoint latest "
+                       "to continue.")
+        accelerator.end_training()
+        raise SystemExit(130) from None
+
+
+def cast(model, *args):
+    """model.to(*args) (a device and/or a dtype). A diffusers model without modules it keeps in float32 is cast by
+    torch.nn.Module.to: diffusers' own .to warns about such modules at every dtype cast, even when there are none."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(*args)
+    return torch.nn.Module.to(model, *args)
 
 
 def step_generators(seed, step, micro=0, rank=0):
@@ -898,32 +1047,52 @@ def public_name(path_or_id):
     return "<local folder>" if os.path.exists(path_or_id) else path_or_id
 
 
+def sigma_text(args):
+    """The feature noise σ as a model card states it: fixed (min == max; 0: clean features) or log-normal."""
+    lo, hi = args.feature_noise_min, args.feature_noise_max
+    if lo == hi:
+        return "fixed σ = 0 (clean features)" if hi == 0 else f"fixed σ = {hi}"
+    return f"log σ ~ N({args.feature_noise_mean}, {args.feature_noise_std}²), σ in [{lo}, {hi}]"
+
+
+LOCAL_TEACHER = "PATH/TO/TEACHER"  # what a snippet loads for a teacher that is not on the Hub
+
+
+def snippet_teacher(path_or_id):
+    """The teacher a snippet loads: its Hub id, or LOCAL_TEACHER (a card never shows a local path)."""
+    return hub_id(path_or_id) or LOCAL_TEACHER
+
+
 def save_model_card(args, repo_id, base_model, tags, title, description, usage, settings, library_name="diffusers"):
-    """README.md of the output folder through diffusers' model-card helpers: base model (a Hub id; a local
-    path or URL is left out) and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a
-    table of the settings that matter (given by the script: no local paths, no secrets)."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    """README.md of the output folder: base model (a Hub id; a local path or URL is left out, and the card says so)
+    and its licence, tags, the sample grid, an inference snippet for `repo_id`, and a table of the settings that
+    matter (given by the script: no local paths, no secrets). With --push_to_hub a card already on the Hub is
+    updated (diffusers' load_or_create_model_card)."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     license = base_model_license(base_model, args.hub_token)
-    base_model = hub_id(base_model)
-
+    base_id = hub_id(base_model)
+    if base_id is None and base_model:
+        description += ("\n\nThe teacher is a local folder or file, not a Hub model, so this card names no "
+                        "`base_model`" + (f" (`{LOCAL_TEACHER}` in the snippet: the teacher you trained with)."
+                                          if LOCAL_TEACHER in usage else "."))
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     body = (f"# {title}\n\n{description}\n\n![samples](samples.png)\n\n## Use\n\n```python\n{usage}\n```\n\n"
             f"## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n")
-    path = os.path.join(args.output_dir, "README.md")
-    if not args.push_to_hub:  # a card read from this stub, not the Hub (offline: no minute of retries)
-        write_text(path, "---\n---\n")
-    card = load_or_create_model_card(repo_id if args.push_to_hub else path, token=args.hub_token,
-                                     from_training=True, base_model=base_model, license=license,
-                                     model_description=body)
-    card = populate_model_card(card, tags=tags)
+    if args.push_to_hub:
+        from diffusers.utils.hub_utils import load_or_create_model_card
+
+        card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, base_model=base_id,
+                                         license=license, model_description=body)
+    else:  # written here, from nothing: no Hub look-up, no stub card read back
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
     # A card already on the Hub (a repeated push) is updated: tags once each, this teacher's base model.
-    card.data.tags = list(dict.fromkeys(card.data.tags))
-    card.data.base_model, card.data.library_name = base_model, library_name
+    card.data.tags = list(dict.fromkeys((card.data.tags or []) + list(tags)))
+    card.data.base_model, card.data.library_name = base_id, library_name
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(path)
+    card.save(os.path.join(args.output_dir, "README.md"))
 
 
 def hub_repo_name(args):

@@ -11,7 +11,6 @@
 
 import copy
 import json
-import logging
 import math
 import os
 import pickle
@@ -34,7 +33,8 @@ IMAGENET64_LAYERS = "enc:6 enc:11 bottleneck dec:7 dec:12"
 RANGES = {"num_generated": tfd_training.NUM_GENERATED, "num_positives": ">= 1", "num_anchors": ">= 0",
           "classes_per_batch": ">= 1", "sigma_data": "> 0", "sigma_max": "> 0", "sigma_min": "> 0",
           "preload_max_gb": ">= 0", "dropout": "0..0.999999", "ema_decay": "0..1", "num_validation_images": ">= 1",
-          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1", "max_bad_images": ">= 0"}
+          "eval_fid_every": ">= 0", "fid_num_samples": ">= 2", "fid_batch_size": ">= 1", "max_bad_images": ">= 0",
+          "dataloader_num_workers": ">= 0"}
 
 
 def parse_args(argv=None):
@@ -80,6 +80,9 @@ def parse_args(argv=None):
                         "process; larger ones (ImageNet-64: 15.7 GB) are decoded on the fly.")
     tfd_training.add_bad_images_argument(g)
     g.add_argument("--cache_dir", default=None, help="datasets/diffusers cache directory.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Threads decoding images (the in-memory preprocessing, or each step's images when decoded on "
+                        "the fly); 0: the main thread. The images and their order are the same for any number.")
 
     g = p.add_argument_group("batch and student")
     g.add_argument("--classes_per_batch", type=int, default=10, help="Classes (groups) per step per process.")
@@ -132,14 +135,19 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
     device = accelerator.device
 
-    # 2. Another run's output folder is continued only on request; the Hub repo exists before training.
+    # 2. Nothing to do for a finished run; another run's output folder is continued only on request; a local path
+    #    that does not exist is no Hub id; the Hub repo exists before training.
+    if tfd_training.check_finished_run(args, logger):
+        return None
+    tfd_training.check_sources(args, models=("pretrained_model_name_or_path",), data=("dataset_name",),
+                               paths=("train_data_dir", "edm_repo"))
     resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
     tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
@@ -178,33 +186,35 @@ def main(args):
     images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
     monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
                                            logger)
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            batch = class_batch(run.sampler, run.data, args, run.image_shape, gen, device)
-            with accelerator.accumulate(run.student):
-                loss, logs = train_step(args, accelerator, run, batch, gen)
-                accelerator.backward(loss)
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
-                                                               loss_sum, args.max_grad_norm)
-        if ok and run.ema is not None:
-            run.ema.step(accelerator.unwrap_model(run.student).parameters())
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
-                                                       "data/bad_images": len(run.data.bad)})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
-        if tfd_training.is_validation_step(accelerator, args, step):
-            tfd_training.save_validation_grid(accelerator, args, sample_grid(), step)
-        if fid_reference is not None and step % args.eval_fid_every == 0:
-            fid = evaluate_fid(accelerator, run, fid_reference, args)
-            if accelerator.is_main_process:
-                logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
-                accelerator.log({"eval/fid": fid}, step=step)
-                tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+    with tfd_training.stop_on_interrupt(accelerator, args, logger):  # Ctrl-C: one line, how to resume
+        for step in range(first_step + 1, args.max_train_steps + 1):
+            loss_sum = 0.0
+            for micro in range(args.gradient_accumulation_steps):
+                _, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+                batch = class_batch(run.sampler, run.data, args, run.image_shape, gen, device)
+                with accelerator.accumulate(run.student):
+                    loss, logs = train_step(args, accelerator, run, batch, gen)
+                    accelerator.backward(loss)
+                    monitor.add(logs)
+                    loss_sum = loss_sum + loss.detach()
+                    if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                        ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler,
+                                                                   params, loss_sum, args.max_grad_norm)
+            if ok and run.ema is not None:
+                run.ema.step(accelerator.unwrap_model(run.student).parameters())
+            monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
+                                                           "data/bad_images": len(run.data.bad)})
+            if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+                tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+            if tfd_training.is_validation_step(accelerator, args, step):
+                tfd_training.save_validation_grid(accelerator, args, sample_grid(), step)
+            if fid_reference is not None and step % args.eval_fid_every == 0:
+                fid = evaluate_fid(accelerator, run, fid_reference, args)
+                if accelerator.is_main_process:
+                    logger.info(f"Step {step}: FID {fid:.3f} ({args.fid_num_samples} samples)")
+                    accelerator.log({"eval/fid": fid}, step=step)
+                    tfd_training.append_metrics(metrics_path, {"step": step, "eval/fid": fid})
+    progress.close()
 
     # 6. Export: the student (its EMA with --use_ema), a sample grid and a model card.
     accelerator.wait_for_everyone()
@@ -218,8 +228,8 @@ def main(args):
                          run.edm_net)
         if args.push_to_hub:
             tfd_training.push_folder_to_hub(args.output_dir, repo_id, args.hub_token)
-        logger.info(f"Saved the one-step student to {args.output_dir}")
     accelerator.end_training()
+    logger.info(tfd_training.saved_message(args.output_dir))
 
 
 def build(args, accelerator, teacher=None):
@@ -256,7 +266,8 @@ def build(args, accelerator, teacher=None):
                                                     args.cache_dir)
     classes = select_classes(labels, num_classes, args.class_ids)
     data = LabelledImages(labels, fetch, channels, resolution, args.preload_max_gb,
-                          progress=accelerator.is_local_main_process, accelerator=accelerator)
+                          progress=accelerator.is_local_main_process, accelerator=accelerator,
+                          workers=args.dataloader_num_workers)
     tfd_training.check_bad_images(data.bad, args.max_bad_images, len(labels), data_desc, logger)
     usable = labels.clone()
     usable[list(data.bad)] = -1  # bad images are in no class: never drawn
@@ -273,7 +284,7 @@ def build(args, accelerator, teacher=None):
 
     # c. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
     student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
-    teacher.to(device).eval().requires_grad_(False).to(tfd_training.DTYPES[args.teacher_dtype])
+    tfd_training.cast(teacher, device, tfd_training.DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
     set_dropout(student, args.dropout)
     if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
@@ -439,9 +450,8 @@ def write_model_card(args, repo_id, data_desc, num_classes, edm_net):
     settings = {"data": f"{data}, {num_classes} classes", "updates": args.max_train_steps,
                 "classes × (generated, positives, anchors) per process":
                 f"{args.classes_per_batch} × ({args.num_generated}, {args.num_positives}, {args.num_anchors})",
-                "teacher layers": " ".join(args.feature_layers), "feature noise σ":
-                f"log-normal({args.feature_noise_mean}, {args.feature_noise_std}) in [{args.feature_noise_min}, "
-                f"{args.feature_noise_max}]", "radii": args.drift_radii, "learning rate": args.learning_rate,
+                "teacher layers": " ".join(args.feature_layers), "feature noise σ": tfd_training.sigma_text(args),
+                "radii": args.drift_radii, "learning rate": args.learning_rate,
                 "EMA": args.ema_decay if args.use_ema else "none"}
     tfd_training.save_model_card(
         args, repo_id, teacher,
@@ -546,7 +556,7 @@ def set_dropout(model, p):
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = p
-        elif isinstance(getattr(module, "dropout", None), float):
+        elif isinstance(vars(module).get("dropout"), float):  # an attribute of its own, not a config's
             module.dropout = p
     return model
 
@@ -728,18 +738,28 @@ class LabelledImages:
     fetch: indices → PIL images; a tfd_training.ImageSource also reads them undecoded and names them.
     """
 
-    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True, accelerator=None):
+    def __init__(self, labels, fetch, channels, resolution, preload_max_gb=8.0, progress=True, accelerator=None,
+                 workers=0):
         self.labels, self._fetch = labels, fetch
         self._read, self._name = getattr(fetch, "read", fetch), getattr(fetch, "name", lambda i: f"image {i}")
         self.channels, self.resolution = channels, resolution
         self.data, self.bad = None, {}
+        # workers > 0: threads decode chunks of images (PIL releases the GIL while decoding); map keeps the order.
+        self.workers, self.pool = workers, None
+        if workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
         nbytes = len(labels) * channels * resolution * resolution
         if nbytes <= preload_max_gb * 2**30:
             self.data = torch.empty(len(labels), channels, resolution, resolution, dtype=torch.uint8)
-            chunk = 1024
-            for start in tqdm(range(0, len(labels), chunk), desc="preprocessing images", disable=not progress):
-                idx = list(range(start, min(start + chunk, len(labels))))
-                self.data[start:start + len(idx)] = self._decode(idx, self.bad)
+            chunk = 1024 if self.pool is None else 64
+            chunks = [list(range(start, min(start + chunk, len(labels)))) for start in range(0, len(labels), chunk)]
+            decode = lambda idx: self._decode(idx, self.bad)  # noqa: E731
+            decoded = map(decode, chunks) if self.pool is None else self.pool.map(decode, chunks)
+            for idx, images in tqdm(zip(chunks, decoded), total=len(chunks), desc="preprocessing images",
+                                    disable=not progress):
+                self.data[idx[0]:idx[0] + len(idx)] = images
         else:
             self.bad = tfd_training.find_bad_images(range(len(labels)), self._read, self._decode_one, self._name,
                                                     accelerator, progress, "checking images")
@@ -763,10 +783,17 @@ class LabelledImages:
                 bad[i] = (self._name(i), tfd_training.image_error(e))
         return out
 
+    def _decode_all(self, idx):
+        """_decode, split over the worker threads (the same images in the same order)."""
+        if self.pool is None or len(idx) < 2:
+            return self._decode(idx)
+        k = math.ceil(len(idx) / min(self.workers, len(idx)))
+        return torch.cat(list(self.pool.map(self._decode, [idx[i:i + k] for i in range(0, len(idx), k)])))
+
     def get(self, indices):
         indices = torch.as_tensor(indices)
         flat = indices.reshape(-1)
-        out = self.data[flat] if self.data is not None else self._decode(flat.tolist())
+        out = self.data[flat] if self.data is not None else self._decode_all(flat.tolist())
         return out.reshape(*indices.shape, *out.shape[1:])
 
 

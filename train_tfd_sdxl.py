@@ -62,7 +62,9 @@ def parse_args(argv=None):
     g = tfd_training.add_training_arguments(p, output_dir="tfd-sdxl", learning_rate=1e-6, max_train_steps=10_000,
                                             max_grad_norm=2.0, validation_steps=500, checkpointing_steps=500)
     g.add_argument("--validation_prompts", nargs="+", default=VALIDATION_PROMPTS,
-                   help="Fixed prompts of the validation grid (one image each, fixed seeds, one step).")
+                   help="Fixed prompts of the validation grid (one image each, fixed seeds, one step). For more "
+                        "images of a prompt, repeat it: each position has its own seed (what the ImageNet script's "
+                        "--num_validation_images sets).")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -88,13 +90,16 @@ def main(args):
         log_with=None if args.report_to == "none" or args.prepare_positives_only else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
 
-    # 2. Checks that need no weights: another run's output folder, layer names, the Hub repo.
+    # 2. Checks that need no weights: a finished run (nothing to do), local paths and Hub ids, another run's output
+    #    folder, what a checkpoint holds, layer names, the Hub repo.
+    if tfd_training.check_finished_run(args, logger):
+        return None
     resume = tfd_text2image.check_run(accelerator, args, UNet2DConditionModel, "unet", logger)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
@@ -122,34 +127,39 @@ def main(args):
     images_per_update = G * N * args.gradient_accumulation_steps * accelerator.num_processes
     monitor = tfd_training.TrainingMonitor(accelerator, args, progress, metrics_path, first_step, images_per_update,
                                            logger)
-    for step in range(first_step + 1, args.max_train_steps + 1):
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
-            drawn = tfd_training.shared_draw(len(run.prompts), rank * G, G, shared).tolist()
-            entries = [run.positives.get(run.prompts[i]) for i in drawn]
-            batch = tfd_text2image.prompt_batch(entries, N, run.latent_shape, gen, accelerator.device,
-                                                tfd_text2image.cond_dtype(args))
-            with accelerator.accumulate(run.student):
-                loss, logs = train_step(args, accelerator, run, batch, gen)
-                accelerator.backward(loss)
-                monitor.add(logs)
-                loss_sum = loss_sum + loss.detach()
-                if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
-                    ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler, params,
-                                                               loss_sum, args.max_grad_norm)
-        monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
-                                                       **run.positives.window(accelerator)})
-        if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
-            tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
-        if tfd_training.is_validation_step(accelerator, args, step):
-            grid = validation_grid(accelerator.unwrap_model(run.student))
-            tfd_training.save_validation_grid(accelerator, args, grid, step)
+    with tfd_training.stop_on_interrupt(accelerator, args, logger):  # Ctrl-C: one line, how to resume
+        for step in range(first_step + 1, args.max_train_steps + 1):
+            loss_sum = 0.0
+            for micro in range(args.gradient_accumulation_steps):
+                shared, gen = tfd_training.step_generators(args.seed, step, micro, rank)
+                drawn = tfd_training.shared_draw(len(run.prompts), rank * G, G, shared).tolist()
+                entries = [run.positives.get(run.prompts[i]) for i in drawn]
+                batch = tfd_text2image.prompt_batch(entries, N, run.latent_shape, gen, accelerator.device,
+                                                    tfd_text2image.cond_dtype(args))
+                with accelerator.accumulate(run.student):
+                    loss, logs = train_step(args, accelerator, run, batch, gen)
+                    accelerator.backward(loss)
+                    monitor.add(logs)
+                    loss_sum = loss_sum + loss.detach()
+                    if accelerator.sync_gradients:  # skips the update when the loss or gradient is not finite
+                        ok, grad_norm = tfd_training.clip_and_step(accelerator, run.optimizer, run.lr_scheduler,
+                                                                   params, loss_sum, args.max_grad_norm)
+            monitor.end_step(step, ok, grad_norm, lambda: {"train/lr": run.lr_scheduler.get_last_lr()[0],
+                                                           **run.positives.window(accelerator)})
+            if step % args.checkpointing_steps == 0 and monitor.can_checkpoint(step):
+                tfd_training.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, logger)
+            if tfd_training.is_validation_step(accelerator, args, step):
+                grid = validation_grid(accelerator.unwrap_model(run.student))
+                tfd_training.save_validation_grid(accelerator, args, grid, step)
+    progress.close()
 
     # 6. Export: the one-step pipeline (LCMScheduler) or the LoRA weights, samples and a model card.
-    return tfd_text2image.export(
+    student = tfd_text2image.export(
         accelerator, args, run.student, run.pipe, "unet", run.scheduler, validation_grid,
-        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts)), repo_id)
+        lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts),
+                                 run.positives.counts(run.prompts)), repo_id)
+    logger.info(tfd_training.saved_message(args.output_dir))
+    return student
 
 
 def build(args, accelerator, pipe=None):
@@ -211,20 +221,21 @@ def one_step_scheduler_config(teacher_config):
     return LCMScheduler.from_config({k: v for k, v in teacher_config.items() if k in keys}).config
 
 
-def write_model_card(args, repo_id, num_prompts):
+def write_model_card(args, repo_id, num_prompts, positive_counts=None):
     teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
     t = args.conditioning_timestep
     steps = "num_inference_steps=1" if t == 999 else f"timesteps=[{t}]"
     if args.train_mode == "lora":
         usage = ("import torch\nfrom diffusers import LCMScheduler, StableDiffusionXLPipeline\n\n"
-                 f"pipe = StableDiffusionXLPipeline.from_pretrained('{teacher}', torch_dtype=torch.float16)"
+                 f"pipe = StableDiffusionXLPipeline.from_pretrained("
+                 f"'{tfd_training.snippet_teacher(args.pretrained_model_name_or_path)}', dtype=torch.float16)"
                  ".to('cuda')\n"
                  f"pipe.load_lora_weights('{repo_id}')\n"
                  f"pipe.scheduler = LCMScheduler.from_pretrained('{repo_id}', subfolder='scheduler')\n"
                  f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
     else:
         usage = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                 f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', torch_dtype=torch.float16).to('cuda')\n"
+                 f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', dtype=torch.float16).to('cuda')\n"
                  f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
     tfd_training.save_model_card(
         args, repo_id, args.pretrained_model_name_or_path,
@@ -233,7 +244,7 @@ def write_model_card(args, repo_id, num_prompts):
         f"One-step TFD student of {teacher}",
         "Distilled with Teacher-Feature Drifting (`train_tfd_sdxl.py`): one UNet evaluation per image "
         "(LCMScheduler, 1 step, no classifier-free guidance).",
-        usage, tfd_text2image.card_settings(args, num_prompts))
+        usage, tfd_text2image.card_settings(args, num_prompts, positive_counts))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def inet_run(tiny, out, *extra):
 
 def test_missing_and_empty_data(tiny_imagenet, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="Couldn't find any data file at .*nonexistent"):
+    with pytest.raises(FileNotFoundError, match=r"--dataset_name .*nonexistent: no such file or folder"):
         inet_run(tiny_imagenet, out, "--dataset_name", tmp_path / "nonexistent")
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="doesn't contain any data files"):

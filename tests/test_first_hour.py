@@ -2,7 +2,6 @@
 # or the log; --push_to_hub fails before training; --seed seeds the LoRA initialisation; flag aliases
 # and the accelerate config's mixed precision; the model cards. Tiny teachers, offline, CPU.
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -13,12 +12,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from scaling_helpers import IMAGENET_LAYERS, ROOT, env, run_in_process
 
 import tfd_training
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
-from scaling_helpers import IMAGENET_LAYERS, ROOT, env, reset_accelerate, run_in_process
 
 SCRIPTS = {"sdxl": sdxl, "sd3": sd3, "imagenet64": imagenet64}
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
@@ -158,6 +157,25 @@ def test_a_token_with_wandb_is_refused(world, tmp_path, script, tracker):
         SCRIPTS[script].parse_args(argv)
 
 
+NOISE = ("should be kept in float32", "Repo card metadata block was not found", "FutureWarning", "torch_dtype",
+         "Traceback")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_run_log_repeats_no_warning_and_ends_with_where_the_student_is_and_how_to_load_it(runs, name):
+    out, output = runs[name]
+    for noise in NOISE:
+        assert noise not in output, noise
+    warnings = [ln.split(" - ", 3)[-1] for ln in output.splitlines() if " - WARNING - " in ln]
+    assert len(warnings) == len(set(warnings)), warnings
+    lines = [ln.rsplit("\r", 1)[-1] for ln in output.splitlines() if ln.strip()]
+    saved = [ln for ln in lines if "Saved the one-step student" in ln]
+    call = (f"pipe.load_lora_weights('{out}') on the teacher pipeline" if name.endswith("lora") else
+            f"DiffusionPipeline.from_pretrained('{out}')")
+    assert len(saved) == 1 and saved[0].endswith(f"Saved the one-step student to {out}: {call}"), saved
+    assert lines[-1] == saved[0]  # the last line
+
+
 # ----------------------------------------------------------------------------------------------
 # --push_to_hub: the repo is created first, so a Hub problem stops the run before any work.
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +203,8 @@ def test_push_to_hub_fails_before_training_with_a_clear_message(world, tmp_path,
 def test_a_failed_accelerate_launch_does_not_print_the_token(world, tmp_path):
     argv = argv_of(world, "sdxl", tmp_path / "out", "--report_to", "wandb", "--hub_token", TOKEN)  # refused at once
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", os.path.join(ROOT, "train_tfd_sdxl.py"), *argv]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", os.path.join(ROOT, "train_tfd_sdxl.py"),
+           *argv]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Do not pass --hub_token together with --report_to wandb" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
@@ -382,3 +401,81 @@ def test_model_card_over_an_existing_card_keeps_tags_unique(tmp_path, monkeypatc
     meta, body, _ = read_card(out / "README.md")
     assert sorted(meta["tags"]) == sorted({"diffusers", "text-to-image", "one-step", "tfd"})
     assert meta["license"] == "openrail++" and "base_model" not in meta and "old text" not in body
+
+
+def test_model_card_snippets_load_with_dtype_and_the_pipeline_takes_it_without_a_warning(runs, tmp_path):
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    for script, lora in (("sdxl", False), ("sdxl", True), ("sd3", False), ("sd3", True)):
+        (tmp_path / f"{script}{lora}").mkdir()
+        _, body, _ = write_card(script, tmp_path / f"{script}{lora}", "org/teacher", lora=lora)
+        assert "dtype=torch." in body and "torch_dtype" not in body
+    out, _ = runs["sdxl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch_dtype= would warn (deprecated)
+        pipe = DiffusionPipeline.from_pretrained(str(out), dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_model_card_of_a_local_teacher_says_why_it_names_no_base_model(world, tmp_path, script):
+    teacher = str(world / f"{script}_teacher")
+    meta, body, text = write_card(script, tmp_path, teacher)
+    assert "base_model" not in meta
+    assert "The teacher is a local folder or file, not a Hub model, so this card names no `base_model`" in body
+    assert str(world) not in text and "/tmp/" not in text
+    meta, body, _ = write_card(script, tmp_path, "org/teacher")
+    assert meta["base_model"] == "org/teacher" and "not a Hub model" not in body
+
+
+@pytest.mark.parametrize("script", ["sdxl", "sd3"])
+def test_model_card_lora_snippet_of_a_local_teacher_names_a_placeholder_never_the_path(world, tmp_path, script):
+    teacher = str(world / f"{script}_teacher")
+    _, body, text = write_card(script, tmp_path, teacher, hub_model_id=HUB_ID, lora=True)
+    assert f"from_pretrained('{tfd_training.LOCAL_TEACHER}'" in body and f"load_lora_weights('{HUB_ID}')" in body
+    assert f"(`{tfd_training.LOCAL_TEACHER}` in the snippet: the teacher you trained with)" in body
+    assert teacher not in text and "<local folder>'" not in body
+
+
+def test_model_card_counts_the_real_and_teacher_positives(tmp_path):
+    def positives(*extra, counts=None, prompts_file=False):
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        source = ["--prompts_file", str(tmp_path / "p.txt")] if prompts_file else ["--dataset_name", "org/captions"]
+        args = sdxl.parse_args(["--pretrained_model_name_or_path", "org/teacher", *source, "--output_dir", str(out),
+                                "--num_positives", "4", "--num_positive_steps", "50", *extra])
+        sdxl.write_model_card(args, "repo", 10, counts)
+        return read_card(out / "README.md")[1].split("| positives | ")[1].split(" |")[0]
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert positives(prompts_file=True) == "40 teacher samples (50 steps, CFG 6.0)"  # 10 prompts x 4, no images
+    assert positives() == "40 teacher samples (50 steps, CFG 6.0)"  # captions without --image_column
+    assert positives("--image_column", "image", counts={"real": 7, "teacher": 33}) == (
+        "7 real images (matching captions), 33 teacher samples (50 steps, CFG 6.0)")
+    assert positives("--image_column", "image", counts={"real": 40, "teacher": 0}) == "40 real images (matching " \
+                                                                                       "captions)"
+    assert positives("--image_column", "image") == ("real images where captions match, else teacher samples (50 "
+                                                    "steps, CFG 6.0)")
+
+
+def test_the_positive_counts_are_the_slot_plans_of_the_prompts():
+    import argparse
+
+    import tfd_text2image
+
+    args = argparse.Namespace(num_positives=3)
+    positives = tfd_text2image.Positives(args, None, {"a red cube": [4, 9], "a blue sphere": [1, 2, 3, 5]}, None, None,
+                                         "cpu")
+    assert positives.counts(["a red cube", "A blue sphere.", "a green cone"]) == {"real": 5, "teacher": 4}
+
+
+@pytest.mark.parametrize("noise, line", [(("0", "0"), "fixed σ = 0 (clean features)"),
+                                         (("0.1", "0.1"), "fixed σ = 0.1"),
+                                         (("0.02", "0.1"), "log σ ~ N(-1.2, 1.2²), σ in [0.02, 0.1]")])
+def test_model_card_states_the_feature_noise_as_it_was_drawn(tmp_path, noise, line):
+    for script in SCRIPTS:
+        meta, body, _ = write_card(script, tmp_path, "org/teacher", "--feature_noise_min", noise[0],
+                                   "--feature_noise_max", noise[1])
+        assert f"| feature noise σ | {line} |" in body, script
