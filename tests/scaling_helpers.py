@@ -10,35 +10,11 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow star", "a white cat", "a black dog"]
 IMAGENET_LAYERS = "down_blocks.0 mid_block"
-
-
-@pytest.fixture(scope="session")
-def tiny_imagenet(tmp_path_factory):
-    """A tiny class-conditional teacher (5 classes) and 4 classes × 12 images (save_to_disk), built with
-    test_train_imagenet64's own constructors."""
-    import datasets
-    from PIL import Image
-    from test_train_imagenet64 import class_images, tiny_teacher
-
-    root = tmp_path_factory.mktemp("scaling_imagenet")
-    tiny_teacher().save_pretrained(root / "teacher")
-    images, labels = class_images()
-    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images], "label": labels}, features=feats)
-    ds.save_to_disk(str(root / "data"))
-    return root
-
-
-@pytest.fixture(scope="session")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("scaling_prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
+WORLD_PROMPTS = ["a red cube", "a blue sphere", "a green cone"]  # the `world` fixture's prompt file
+LICENSED_README = "---\nlicense: openrail++\nlibrary_name: diffusers\n---\n\n# A tiny teacher\n"
 
 
 def imagenet_args(tiny, out, *extra):
@@ -161,3 +137,52 @@ def run_until_pause_then_kill(script, argv, log_path, pause, timeout=300, **env_
             os.kill(child.pid, signal.SIGKILL)
             child.join(30)
     return open(log_path).read()
+
+
+# The three scripts on the `world` fixture's tiny teachers (tests/conftest.py).
+
+
+def t2i_argv(world, script, out, *extra):
+    argv = ["--pretrained_model_name_or_path", str(world / f"{script}_teacher"), "--prompts_file",
+            str(world / "prompts.txt"), "--resolution", "32", "--num_positive_steps", "1", "--num_generated", "2",
+            "--num_positives", "2", "--prompts_per_batch", "1", "--cache_dtype", "float32", "--lr_warmup_steps", "0",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--validation_prompts", "a cat",
+            "--output_dir", str(out)]
+    if script == "sd3":
+        argv += ["--feature_layers", "block:0 block:-1"]
+    return argv + [str(e) for e in extra]
+
+
+def imagenet64_argv(world, out, *extra):
+    return ["--pretrained_teacher_model", str(world / "imagenet64_teacher"), "--dataset_name",
+            str(world / "labelled"), "--feature_layers", IMAGENET_LAYERS, "--feature_pool_size", "2",
+            "--classes_per_batch", "2", "--num_generated", "2", "--num_positives", "2", "--num_anchors", "2",
+            "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--logging_steps", "1", "--num_validation_images",
+            "4", "--output_dir", str(out), *map(str, extra)]
+
+
+def argv_of(world, script, out, *extra):
+    if script == "imagenet64":
+        return imagenet64_argv(world, out, *extra)
+    return t2i_argv(world, script, out, *extra)
+
+
+def script_parser(script):
+    """The script's own ArgumentParser, as parse_args builds it."""
+    import argparse
+
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        script.parse_args([])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]

@@ -13,13 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import tfd_training
-import tfd_utils
 import tfd_text2image
+import tfd_training
 import train_tfd_imagenet64 as inet
 import train_tfd_sdxl as sdxl
-from scaling_helpers import (imagenet_args, prompts_file, read_jsonl, run_in_process, sdxl_args,  # noqa: F401
-                             tiny_imagenet)
+from scaling_helpers import imagenet_args, read_jsonl, run_in_process, script_parser, sdxl_args
 
 
 def labelled(path, images, labels, label_type="int64"):
@@ -470,27 +468,6 @@ def test_output_dir_holding_another_run(tiny_imagenet, tiny_sdxl_dir, prompts_fi
     assert os.listdir(out).count("metrics.jsonl") == 1
 
 
-def _parser_of(script):
-    """The script's own ArgumentParser, as parse_args builds it."""
-    import argparse
-
-    captured = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, argv=None, namespace=None):
-        captured["parser"] = self
-        raise SystemExit(0)
-
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        script.parse_args([])
-    except SystemExit:
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    return captured["parser"]
-
-
 def _out_of_range(rule, kind):
     """A value just outside a check_ranges rule (">= x", "> x", "a..b")."""
     rule = rule if isinstance(rule, str) else rule[0]
@@ -511,7 +488,7 @@ def test_every_numeric_flag_has_a_range_and_out_of_range_values_are_refused_nami
     import importlib
 
     script = importlib.import_module(name)
-    parser = _parser_of(script)
+    parser = script_parser(script)
     numeric = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
     ranges = {**tfd_training.TRAINING_RANGES, **tfd_training.LOSS_RANGES, **script.RANGES}
     if name != "train_tfd_imagenet64":

@@ -68,10 +68,10 @@ def test_real_configs_have_the_published_parameter_counts():
     """The full-size networks are the real layouts: ADM ImageNet-64 ~296M, SDXL base ~2.57B parameters."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
-    from bench_train_step import ADM_IMAGENET64, SDXL_BASE, count_params
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     import tfd_utils
+    from bench_train_step import ADM_IMAGENET64, SDXL_BASE, count_params
 
     with torch.device("meta"):
         adm, sdxl = UNet2DModel(**ADM_IMAGENET64), UNet2DConditionModel(**SDXL_BASE)

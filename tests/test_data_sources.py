@@ -1,8 +1,7 @@
-# Where prompts and real images come from: --dataset_split slices, --streaming, img2dataset-style webdataset shards, URL columns; and the slices of
-# train_tfd_imagenet64.py's labelled images. Small data written by the tests, offline, CPU.
+# Where prompts and real images come from: --dataset_split slices, --streaming, img2dataset-style webdataset
+# shards, URL columns; and the slices of train_tfd_imagenet64.py's labelled images. Small data written by the tests, offline, CPU.
 import io
 import json
-import os
 import tarfile
 import zipfile
 

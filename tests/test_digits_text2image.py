@@ -47,6 +47,7 @@ def teachers(data_dir, tmp_path_factory):
 
 def test_data_matches_the_class_conditional_split_and_captions_name_the_label(data_dir):
     import datasets
+
     import prepare_data
     from prepare_text2image import HELDOUT_TEMPLATES, caption_digit, read_prompts
 
@@ -107,8 +108,9 @@ def test_sdxl_teacher_is_a_pipeline_trained_on_its_own_unconditional_input(teach
 
 
 def test_teacher_rerun_is_skipped_and_training_is_deterministic(teachers, data_dir, tmp_path):
-    import train_text2image_teacher as T
     from safetensors.torch import load_file
+
+    import train_text2image_teacher as T
 
     argv = ["--layout", "sdxl", "--data_dir", data_dir] + TINY + TINY_LAYOUT["sdxl"]
     stamp = os.path.getmtime(os.path.join(teachers["sdxl"], T.COMPLETE))

@@ -15,13 +15,22 @@ import subprocess
 
 import torch
 
-import tfd_utils
-import train_tfd_imagenet64
-import tfd_training
 import tfd_text2image
+import tfd_training
+import train_tfd_imagenet64
 from instrument import state_digest
-from scaling_helpers import (PROMPTS, ROOT, debug_records, env, env_cpu, launch, launch_cmd, prompts_file, read_jsonl,  # noqa: F401
-                             imagenet_args, sdxl_args, tiny_imagenet)
+from scaling_helpers import (
+    PROMPTS,
+    ROOT,
+    debug_records,
+    env,
+    env_cpu,
+    imagenet_args,
+    launch,
+    launch_cmd,
+    read_jsonl,
+    sdxl_args,
+)
 
 
 def per_step(records, key):

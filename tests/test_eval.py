@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import tfd_fid
-import tfd_utils
 import tfd_training
+import tfd_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -260,7 +260,6 @@ def test_evaluate_imagenet64_teacher_and_edm_pickle_rows(tiny_cm, tmp_path):
         pickle.dump({"ema": net}, f)
     run_imagenet("--edm_pickle", tmp_path / "net.pkl", "--ref", "unused.npz", "--output_dir", tmp_path / "edm",
                  "--num_samples", 3, "--skip_fid")
-    import tfd_utils
 
     noise = evaluate_imagenet64.noise_for([2], (3, RES, RES), 0)
     with torch.no_grad():
@@ -417,9 +416,9 @@ def test_evaluate_coco_sd3_lora_student_keeps_the_flow_scheduler(fake_coco, tmp_
     pipeline (saved without T5) with the base's own flow scheduler: its one step is the student's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from peft import LoraConfig
-    from tiny_sd3 import make_tiny_sd3_pipeline
 
     import tfd_text2image
+    from tiny_sd3 import make_tiny_sd3_pipeline
 
     base = tmp_path / "sd3"
     pipe = make_tiny_sd3_pipeline(save_dir=str(base), seed=0)

@@ -12,12 +12,18 @@ import time
 
 import pytest
 
-import tfd_utils
-import tfd_training
 import tfd_text2image
+import tfd_training
 from instrument import state_digest
-from scaling_helpers import (PROMPTS, debug_records, imagenet_args, prompts_file, read_jsonl,  # noqa: F401
-                             run_in_process, run_until_pause_then_kill, sdxl_args, tiny_imagenet)
+from scaling_helpers import (
+    PROMPTS,
+    debug_records,
+    imagenet_args,
+    read_jsonl,
+    run_in_process,
+    run_until_pause_then_kill,
+    sdxl_args,
+)
 
 LOSS_KEYS = ("loss/total", "loss/drift", "sigma/mean", "train/grad_norm")
 MARKER = tfd_training.CHECKPOINT_COMPLETE
@@ -101,8 +107,9 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
 
 
 def test_imagenet64_nonfinite_losses_are_skipped_counted_then_stop(tiny_imagenet, tmp_path, monkeypatch):
-    import train_tfd_imagenet64 as script
     from diffusers import UNet2DModel
+
+    import train_tfd_imagenet64 as script
 
     out, dbg = tmp_path / "run", tmp_path / "debug"
     monkeypatch.setenv("TFD_DEBUG_DIR", str(dbg))
@@ -116,8 +123,9 @@ def test_imagenet64_nonfinite_losses_are_skipped_counted_then_stop(tiny_imagenet
 
 
 def test_sdxl_infinite_gradients_are_skipped_counted_then_stop(tiny_sdxl_dir, prompts_file, tmp_path, monkeypatch):
-    import train_tfd_sdxl as script
     from diffusers import UNet2DConditionModel
+
+    import train_tfd_sdxl as script
 
     out, dbg = tmp_path / "run", tmp_path / "debug"
     monkeypatch.setenv("TFD_DEBUG_DIR", str(dbg))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from scaling_helpers import ROOT, imagenet_args, prompts_file, sdxl_args, tiny_imagenet  # noqa: F401
+from scaling_helpers import ROOT, imagenet_args, sdxl_args
 
 COPY_LIST = {
     "train_tfd_imagenet64.py": ["tfd_utils.py", "tfd_training.py", "tfd_fid.py"],
@@ -54,20 +54,20 @@ def run_fresh(tmp_path, script, argv):
     return proc
 
 
-def test_imagenet64_runs_from_a_fresh_folder(tiny_imagenet, tmp_path):  # noqa: F811
+def test_imagenet64_runs_from_a_fresh_folder(tiny_imagenet, tmp_path):
     out = tmp_path / "out"
     run_fresh(tmp_path, "train_tfd_imagenet64.py", imagenet_args(tiny_imagenet, out, "--max_train_steps", 1))
     assert (out / "model_index.json").is_file()
 
 
-def test_sdxl_runs_from_a_fresh_folder(tiny_sdxl_dir, prompts_file, tmp_path):  # noqa: F811
+def test_sdxl_runs_from_a_fresh_folder(tiny_sdxl_dir, prompts_file, tmp_path):
     out = tmp_path / "out"
     run_fresh(tmp_path, "train_tfd_sdxl.py", sdxl_args(tiny_sdxl_dir, prompts_file, out, tmp_path / "c",
                                                        "--max_train_steps", 1))
     assert (out / "model_index.json").is_file()
 
 
-def test_sd3_runs_from_a_fresh_folder(prompts_file, tmp_path):  # noqa: F811
+def test_sd3_runs_from_a_fresh_folder(prompts_file, tmp_path):
     from tiny_sd3 import make_tiny_sd3_pipeline
 
     make_tiny_sd3_pipeline(save_dir=str(tmp_path / "sd3"), seed=0)

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+
 from scaling_helpers import PROMPTS, ROOT, env_cpu, free_port, read_jsonl, reset_accelerate, sdxl_args
 
 CONFIG = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_full_shard.yaml")

@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+
 from scaling_helpers import PROMPTS, ROOT, env_cpu, free_port, read_jsonl, sdxl_args
 
 SBATCH = os.path.join(ROOT, "examples", "slurm", "train_tfd_sdxl.sbatch")

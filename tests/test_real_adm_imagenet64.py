@@ -40,8 +40,9 @@ def give_memory_back():
 def adm_teacher_and_data(tmp_path_factory):
     """The random-weight ADM teacher saved as a diffusers folder, and an imagefolder of 2 classes x 4 images."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from bench_train_step import ADM_IMAGENET64
     from diffusers import UNet2DModel
+
+    from bench_train_step import ADM_IMAGENET64
 
     root = tmp_path_factory.mktemp("adm64")
     torch.manual_seed(0)

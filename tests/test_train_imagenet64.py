@@ -17,41 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-import tfd_utils
 import tfd_training
+import tfd_utils
 import train_tfd_imagenet64 as script
+from tiny_imagenet import NUM_CLASSES, PER_CLASS, RES, class_images, tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDM_TOY = os.path.join(ROOT, "tests", "edm_toy")
-NUM_CLASSES, PER_CLASS, RES = 4, 12, 16
 LAYERS = "down_blocks.0 mid_block"
-
-
-def tiny_teacher(num_class_embeds=5):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=RES, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds,
-    )
-
-
-def class_images():
-    """4 visually distinct classes (a dominant colour channel; class 3 also a dark top half) × 12 noisy images."""
-    rng = np.random.default_rng(0)
-    images, labels = [], []
-    for c in range(NUM_CLASSES):
-        for _ in range(PER_CLASS):
-            a = np.full((RES, RES, 3), 20.0)
-            a[..., c % 3] = 220
-            if c == 3:
-                a[: RES // 2] = 40
-            a += rng.normal(0, 15, a.shape)
-            images.append(a.clip(0, 255).astype(np.uint8))
-            labels.append(c)
-    return images, labels
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +194,7 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("loss/total", "loss/drift", "loss/anchor", "anchor/covered", "sigma/mean", "train/lr",
-                "train/grad_norm", "train/images_per_s", f"force/mid_block/r0.02"):
+                "train/grad_norm", "train/images_per_s", "force/mid_block/r0.02"):
         assert np.isfinite(rows[-1][key]), key
     assert 0.02 <= rows[-1]["sigma/min"] <= rows[-1]["sigma/max"] <= 0.1
     card = (out / "README.md").read_text()

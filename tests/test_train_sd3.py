@@ -31,13 +31,6 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sd3") / "pipeline"
-    make_tiny_sd3_pipeline(save_dir=str(path), seed=0)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """'a red cube' has two images, 'a blue sphere' one, the last two prompts none."""
     import datasets
@@ -238,7 +231,7 @@ def test_block_fractions_carry_across_depths_and_bad_selectors_list_the_range():
     for bad in (f"block:{NUM_LAYERS}", f"block:-{NUM_LAYERS + 1}", "block:x", "block:3/2", "block:1/0"):
         with pytest.raises(ValueError, match=rf"block:0\.\.block:{NUM_LAYERS - 1}"):
             tfd_utils.resolve_layers(tr, [bad])
-    with pytest.raises(ValueError, match=rf"Unknown teacher layer 'transformer_block\.1'.*block:0\.\.block:"):
+    with pytest.raises(ValueError, match=r"Unknown teacher layer 'transformer_block\.1'.*block:0\.\.block:"):
         tfd_utils.FeatureExtractor(tr, ["transformer_block.1"])
 
 
@@ -289,7 +282,6 @@ def test_teacher_block_checkpointing_gives_the_same_loss_and_gradient(lora):
 def test_lora_on_joint_attention_saves_and_loads_into_the_pipeline(variant, tmp_path):
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
-    from peft.utils import get_peft_model_state_dict
 
     base_dir = tmp_path / "base"
     pipe = make_tiny_sd3_pipeline(save_dir=str(base_dir), seed=0, variant=variant)

@@ -1,7 +1,6 @@
 # train_tfd_sdxl.py end to end on a tiny random SDXL pipeline (tests/tiny_sdxl.py), offline, CPU.
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import tfd_utils
-import tfd_training
 import tfd_text2image
+import tfd_training
+import tfd_utils
 import train_tfd_sdxl as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,7 +287,6 @@ def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
     the generated samples equal the base UNet's, with the UNet's own gradient checkpointing on, and with
     the generated samples' teacher pass recomputed in backward (--teacher_checkpointing): the
     recomputation must run with the adapters off too."""
-    import contextlib
     import copy
 
     from peft import LoraConfig

@@ -8,16 +8,6 @@ import contextlib
 import pytest
 import torch
 from accelerate import Accelerator
-from scaling_helpers import (  # noqa: F401
-    PROMPTS,
-    imagenet_args,
-    prompts_file,
-    read_jsonl,
-    reset_accelerate,
-    run_in_process,
-    sdxl_args,
-    tiny_imagenet,
-)
 
 import tfd_text2image
 import tfd_training
@@ -25,21 +15,13 @@ import tfd_utils
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
+from scaling_helpers import imagenet_args, read_jsonl, reset_accelerate, run_in_process, sdxl_args
 
 # Every loss flag away from its default (each value distinct, so a swap of two shows).
 LOSS_FLAGS = {"--feature_pool_size": "2", "--drift_radii": "0.03,0.3", "--drift_kernel": "meanshift",
               "--feature_noise_mean": "-1.5", "--feature_noise_std": "0.7", "--feature_noise_min": "0.04",
               "--feature_noise_max": "0.09", "--anchor_weight": "0.5", "--anchor_alpha": "0.3",
               "--anchor_temperature": "2.5", "--anchor_bandwidth": "7.0"}
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    from tiny_sd3 import make_tiny_sd3_pipeline
-
-    path = tmp_path_factory.mktemp("tiny_sd3_step") / "pipeline"
-    make_tiny_sd3_pipeline(save_dir=str(path), seed=0)
-    return str(path)
 
 
 def argv_for(name, paths, tmp_path, *extra):
@@ -54,7 +36,7 @@ def argv_for(name, paths, tmp_path, *extra):
 
 
 @pytest.fixture
-def paths(tiny_sdxl_dir, tiny_sd3_dir, tiny_imagenet, prompts_file):  # noqa: F811
+def paths(tiny_sdxl_dir, tiny_sd3_dir, tiny_imagenet, prompts_file):
     return {"sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "imagenet64": tiny_imagenet, "prompts": prompts_file}
 
 

@@ -1,4 +1,4 @@
-# A diffusers user's second hour with the three scripts: nothing they have is lost (a finished run resumed with
+# Runs and flags as diffusers' examples have them: nothing the user has is lost (a finished run resumed with
 # --resume_from_checkpoint latest is left alone), the conventions they know from diffusers' examples (checkpoint
 # names, --help defaults, trackers and 8-bit Adam, warm-up, resuming with other settings, a typo in a path, an
 # offline Hub id, the same flag names), the positive cache saying why it starts over, decoding threads, Ctrl-C.
@@ -14,19 +14,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import test_first_hour
 import torch
-from scaling_helpers import read_jsonl, run_in_process
-from test_bad_inputs import _parser_of
-from test_first_hour import argv_of
 
 import tfd_text2image
 import tfd_training
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
-
-world = test_first_hour.world  # its tiny teachers, prompt file and labelled images (a module-scoped fixture)
+from scaling_helpers import argv_of, read_jsonl, run_in_process, script_parser
 
 SCRIPTS = {"sdxl": sdxl, "sd3": sd3, "imagenet64": imagenet64}
 QUIET = ("--validation_steps", "0", "--report_to", "none", "--mixed_precision", "no")
@@ -121,7 +116,7 @@ def test_resume_from_a_checkpoint_name_inside_the_output_dir(tmp_path, monkeypat
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_help_shows_the_default_of_every_flag(script, capsys):
-    parser = _parser_of(SCRIPTS[script])
+    parser = script_parser(SCRIPTS[script])
     formatter = parser._get_formatter()
     text = "".join(parser.format_help().split())  # without the line breaks of wrapping (also after hyphens)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
@@ -284,7 +279,7 @@ OWN_DEFAULTS = {  # shared flags whose default is each script's recipe, or whose
 
 
 def test_flags_the_scripts_share_have_one_name_and_default_and_the_others_say_why(capsys):
-    parsers = {name: _parser_of(module) for name, module in SCRIPTS.items()}
+    parsers = {name: script_parser(module) for name, module in SCRIPTS.items()}
     flags = {name: {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
              for name, p in parsers.items()}
     t2i = set(flags["sdxl"]) & set(flags["sd3"])
@@ -357,6 +352,7 @@ def _interrupted_main(module, argv, log_path):
     import sys
 
     import accelerate
+
     from scaling_helpers import _forked_main
 
     for handler in logging.getLogger().handlers[:]:

@@ -1,9 +1,8 @@
-# A diffusers user's first hour with the three scripts: the Hub token never lands in a file, a tracker
-# or the log; --push_to_hub fails before training; --seed seeds the LoRA initialisation; flag aliases
-# and the accelerate config's mixed precision; the model cards. Tiny teachers, offline, CPU.
+# The Hub token never lands in a file, a tracker or the log; --push_to_hub fails before training; --seed seeds
+# the LoRA initialisation; flag aliases and the accelerate config's mixed precision; each run's log; the model
+# cards. Tiny teachers, offline, CPU.
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -12,65 +11,16 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from scaling_helpers import IMAGENET_LAYERS, ROOT, env, run_in_process
 
 import tfd_training
 import train_tfd_imagenet64 as imagenet64
 import train_tfd_sd3 as sd3
 import train_tfd_sdxl as sdxl
+from scaling_helpers import LICENSED_README, ROOT, argv_of, env, run_in_process, t2i_argv
 
 SCRIPTS = {"sdxl": sdxl, "sd3": sd3, "imagenet64": imagenet64}
-PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
 TOKEN = f"hf_SENTINEL{uuid.uuid4().hex}"  # unique: found nowhere unless leaked
 HUB_ID = "someone/tfd-student"
-LICENSED_README = "---\nlicense: openrail++\nlibrary_name: diffusers\n---\n\n# A tiny teacher\n"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_sdxl_dir):
-    """Tiny teachers, each a folder with a README.md naming its licence; a prompt file; labelled images."""
-    import datasets
-    from PIL import Image
-    from test_train_imagenet64 import class_images, tiny_teacher
-    from tiny_sd3 import make_tiny_sd3_pipeline
-
-    root = tmp_path_factory.mktemp("first_hour")
-    shutil.copytree(tiny_sdxl_dir, root / "sdxl_teacher")
-    make_tiny_sd3_pipeline(save_dir=str(root / "sd3_teacher"), seed=0)
-    tiny_teacher().save_pretrained(root / "imagenet64_teacher")
-    for name in ("sdxl_teacher", "sd3_teacher", "imagenet64_teacher"):
-        (root / name / "README.md").write_text(LICENSED_README)
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    images, labels = class_images()
-    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images], "label": labels},
-                               features=feats).save_to_disk(str(root / "labelled"))
-    return root
-
-
-def t2i_argv(world, script, out, *extra):
-    argv = ["--pretrained_model_name_or_path", str(world / f"{script}_teacher"), "--prompts_file",
-            str(world / "prompts.txt"), "--resolution", "32", "--num_positive_steps", "1", "--num_generated", "2",
-            "--num_positives", "2", "--prompts_per_batch", "1", "--cache_dtype", "float32", "--lr_warmup_steps", "0",
-            "--learning_rate", "1e-3", "--logging_steps", "1", "--validation_prompts", "a cat",
-            "--output_dir", str(out)]
-    if script == "sd3":
-        argv += ["--feature_layers", "block:0 block:-1"]
-    return argv + [str(e) for e in extra]
-
-
-def imagenet64_argv(world, out, *extra):
-    return ["--pretrained_teacher_model", str(world / "imagenet64_teacher"), "--dataset_name",
-            str(world / "labelled"), "--feature_layers", IMAGENET_LAYERS, "--feature_pool_size", "2",
-            "--classes_per_batch", "2", "--num_generated", "2", "--num_positives", "2", "--num_anchors", "2",
-            "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--logging_steps", "1", "--num_validation_images",
-            "4", "--output_dir", str(out), *map(str, extra)]
-
-
-def argv_of(world, script, out, *extra):
-    if script == "imagenet64":
-        return imagenet64_argv(world, out, *extra)
-    return t2i_argv(world, script, out, *extra)
 
 
 # ----------------------------------------------------------------------------------------------
