@@ -194,8 +194,8 @@ class Row:
 
             _, n, p, m = args.imagenet_batch
             config = ADM[args.imagenet_unet]
-            real_arch.write_class_images(path("data"), min(config["num_class_embeds"], most), p + m,
-                                         config["sample_size"], args.seed)
+            real_arch.write_class_images(path("data"), min(config["num_class_embeds"], max(2, most)), p + m,
+                                         config["sample_size"], args.seed)  # imagefolder labels need 2 classes
             flags.update(train_data_dir=path("data"), cache_dir=path("hf"), classes_per_batch=groups, num_generated=n,
                          num_positives=p, num_anchors=m, mixed_precision="bf16" if cuda else "no")
             torch.manual_seed(args.seed)
