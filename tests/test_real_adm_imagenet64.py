@@ -45,8 +45,8 @@ def give_memory_back():
 def adm_teacher_and_data(tmp_path_factory):
     """The random-weight ADM teacher saved as a diffusers folder, and an imagefolder of 2 classes x 4 images."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from real_arch import ADM_IMAGENET64
     from diffusers import UNet2DModel
+    from real_arch import ADM_IMAGENET64
 
     root = tmp_path_factory.mktemp("adm64")
     torch.manual_seed(0)
