@@ -31,8 +31,8 @@ SDXL_RADII = [0.02, 0.05, 0.2]
 
 
 def adm_config(tiny=False):
-    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow), as the
-    step benchmark defines it."""
+    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow), as
+    benchmarks/real_arch.py defines it."""
     from real_arch import ADM_IMAGENET64
 
     if not tiny:
