@@ -31,9 +31,9 @@ SDXL_RADII = [0.02, 0.05, 0.2]
 
 
 def adm_config(tiny=False):
-    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow), as the
-    step benchmark defines it."""
-    from bench_train_step import ADM_IMAGENET64
+    """The openai consistency-models ImageNet-64 UNet2DModel config (tiny: same layout, narrow), as
+    benchmarks/real_arch.py defines it."""
+    from real_arch import ADM_IMAGENET64
 
     if not tiny:
         return ADM_IMAGENET64

@@ -13,8 +13,8 @@
 #
 # Stages, each under its own timeout (seconds on CUDA; a failed or timed-out stage is recorded, the rest run):
 #   bench_imagenet64  (80)  ADM ImageNet-64 UNet (296 M), the recipe's batch per GPU 10 x (4, 4, 4), bf16 student
-#                           autocast, fp32 teacher: step time, split, torch.cuda.max_memory_allocated, and the
-#                           most classes per GPU whose step fits (searched up to 64)
+#                           autocast, fp32 teacher: the script's own step time, torch.cuda.max_memory_allocated, and
+#                           the most classes per GPU whose step fits (searched up to 64)
 #   bench_sdxl       (130)  SDXL base UNet (2.57 B) at 1024 px, 1 prompt x (4, 4), bf16: full fine-tune (bf16
 #                           teacher, gradient checkpointing, 8-bit AdamW) and LoRA r64; the most prompts that fit
 #                           (searched up to 8)

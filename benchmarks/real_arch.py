@@ -16,7 +16,7 @@
 #   python benchmarks/real_arch.py chain STAGE ARGS... -- STAGE ARGS...   # several stages in one process (toy
 #                                                                         # sizes: saves the imports)
 #
-# SDXL: the base UNet config (bench_train_step.SDXL_BASE, 2.57 B parameters), the real SDXL VAE config
+# SDXL: the base UNet config (SDXL_BASE below, 2.57 B parameters), the real SDXL VAE config
 # (83.7 M), CLIP text encoders of the real widths (768; 1280 with a 1280 projection) with 2 layers each
 # (the real ones have 12 and 32), and the tokenizers of tests/tiny_sdxl.py (the real CLIP BPE vocabulary,
 # which open_clip ships). --tiny: the toy models of the tests at the same layouts (seconds on a CPU).
@@ -25,7 +25,10 @@
 # tokenizers, FlowMatchEulerDiscreteScheduler with shift 3.0, and no T5 (text_encoder_3=None: the pipeline feeds
 # zeros in its place; load with from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)). --tiny: the tiny
 # SD3 pipeline of tests/tiny_sd3.py with a toy-width transformer of the chosen model's traits.
-# Used by tests/test_real_sdxl_slow.py, tests/test_real_sd35_slow.py and benchmarks/gpu_check.sh.
+# ADM: the openai ImageNet-64 UNet as diffusers' UNet2DModel (296 M). The *_REDUCED configs keep a layout at a
+# fraction of its width (CPU measurements). sdxl_pipeline / sd3_pipeline build the pipelines in memory
+# (benchmarks/bench_train_step.py hands them to the scripts' `build`).
+# Used by tests/test_real_sdxl_slow.py, tests/test_real_sd35_slow.py, benchmarks/gpu_check.sh and the benchmarks.
 
 import argparse
 import json
@@ -41,6 +44,35 @@ ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE, os.path.join(ROOT, "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from tfd_training import DTYPES  # noqa: E402
+
+# openai consistency-models ImageNet-64 ADM UNet, as diffusers' UNet2DModel (openai/diffusers-cd_imagenet64_l2).
+ADM_IMAGENET64 = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=3, num_class_embeds=1000,
+    block_out_channels=(192, 384, 576, 768), attention_head_dim=64, norm_num_groups=32,
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    resnet_time_scale_shift="scale_shift", upsample_type="resnet", downsample_type="resnet", norm_eps=1e-5,
+)
+# The same layout at a third of the width (64 px), and at toy width (16 px, 10 classes; the 16 encoder units that
+# enc:6/enc:11/bottleneck need stay).
+ADM_REDUCED = dict(ADM_IMAGENET64, block_out_channels=(64, 128, 192, 256))
+ADM_TINY = dict(ADM_IMAGENET64, sample_size=16, num_class_embeds=10, block_out_channels=(8, 16, 16, 16),
+                attention_head_dim=8, norm_num_groups=8)
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the values that differ from diffusers' defaults).
+SDXL_BASE = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+# SDXL-shaped, small enough for a CPU: the same block types, layer names and text widths, narrower and shallower.
+SDXL_REDUCED = dict(SDXL_BASE, block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
+                    attention_head_dim=(1, 2, 4))
 
 # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json (the values that differ from diffusers' defaults).
 SDXL_VAE = dict(
@@ -82,6 +114,10 @@ SD35_LARGE = dict(
     pos_embed_max_size=192, qk_norm="rms_norm",
 )
 SD3_MODELS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "sd3-medium": SD3_MEDIUM}
+# SD3.5-medium's traits (dual attention in the first half, q/k norm, the text widths) at a quarter of its width
+# and depth, small enough for a CPU.
+SD35_REDUCED = dict(SD35_MEDIUM, num_layers=6, num_attention_heads=6, caption_projection_dim=384,
+                    dual_attention_layers=(0, 1, 2))
 # stabilityai/stable-diffusion-3-medium-diffusers vae/config.json: SDXL's VAE layout with 16 latent channels,
 # no quant convs, and SD3's scaling and shift factors (the same VAE ships with SD3.5).
 SD3_VAE = dict(SDXL_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
@@ -113,36 +149,71 @@ def tiny_sd3_config(config):
     return tiny
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def module_params(pipe):
+    """Parameters of each of a pipeline's networks."""
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in pipe.components.items()
+            if isinstance(m, torch.nn.Module)}
 
 
-def build_sdxl(save_dir, device="cpu", seed=0, dtype="fp32", tiny=False):
-    """The random-weight SDXL pipeline, saved in `dtype`; returns the parameter counts. tiny: tests/tiny_sdxl.py's."""
-    if tiny:
-        from tiny_sdxl import make_tiny_sdxl_pipeline
-
-        pipe = make_tiny_sdxl_pipeline(save_dir, seed)
-        return {"params": {k: sum(p.numel() for p in m.parameters()) for k, m in pipe.components.items()
-                           if isinstance(m, torch.nn.Module)}}
-    from bench_train_step import SDXL_BASE
+def sdxl_pipeline(device="cpu", seed=0, tiny=False, unet=None):
+    """The random-weight SDXL pipeline in memory, float32; unet: another UNet config (SDXL_REDUCED). tiny:
+    tests/tiny_sdxl.py's."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from tiny_sdxl import SDXL_SCHEDULER_CONFIG, make_tokenizers
+    from tiny_sdxl import SDXL_SCHEDULER_CONFIG, make_tiny_sdxl_pipeline, make_tokenizers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if tiny:
+        return make_tiny_sdxl_pipeline(None, seed).to(device)
     torch.manual_seed(seed)
     with torch.device(device):  # random init on a GPU takes seconds, on a CPU about a minute
         components = dict(
-            unet=UNet2DConditionModel(**SDXL_BASE),
+            unet=UNet2DConditionModel(**(unet or SDXL_BASE)),
             vae=AutoencoderKL(**SDXL_VAE),
             text_encoder=CLIPTextModel(clip_text_config(768, 12, "quick_gelu")),
             text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 20, "gelu", projection_dim=1280)),
         )
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in components.items()}
-    for m in components.values():
-        m.to(DTYPES[dtype])
     components["tokenizer"], components["tokenizer_2"] = make_tokenizers()
     components["scheduler"] = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
-    StableDiffusionXLPipeline(**components).save_pretrained(save_dir)
+    return StableDiffusionXLPipeline(**components)
+
+
+def sd3_pipeline(model="sd35-medium", device="cpu", seed=0, tiny=False, transformer=None):
+    """The random-weight StableDiffusion3Pipeline of `model` without T5 in memory, float32; transformer: another
+    config (SD35_REDUCED). tiny: tests/tiny_sd3.py's pipeline with a toy-width transformer of the model's traits."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from tiny_sd3 import SD3_SCHEDULER_CONFIG, make_tiny_sd3_pipeline
+    from tiny_sdxl import make_tokenizers
+    from transformers import CLIPTextModelWithProjection
+
+    config = transformer or SD3_MODELS[model]
+    if tiny:
+        components = make_tiny_sd3_pipeline(None, seed).components
+        torch.manual_seed(seed)
+        components["transformer"] = SD3Transformer2DModel(**tiny_sd3_config(config))
+        return StableDiffusion3Pipeline(**components).to(device)
+    torch.manual_seed(seed)
+    with torch.device(device):  # random init on a GPU takes seconds, on a CPU about a minute (sd35-large: 4)
+        components = dict(
+            transformer=SD3Transformer2DModel(**config),
+            vae=AutoencoderKL(**SD3_VAE),
+            text_encoder=CLIPTextModelWithProjection(clip_text_config(768, 12, "quick_gelu", projection_dim=768)),
+            text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 20, "gelu", projection_dim=1280)),
+        )
+    components["tokenizer"], components["tokenizer_2"] = make_tokenizers()
+    return StableDiffusion3Pipeline(**components, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def build_sdxl(save_dir, device="cpu", seed=0, dtype="fp32", tiny=False):
+    """The random-weight SDXL pipeline, saved in `dtype`; returns the parameter counts. tiny: tests/tiny_sdxl.py's."""
+    pipe = sdxl_pipeline(device, seed, tiny)
+    params = module_params(pipe)
+    pipe.to(dtype=DTYPES[dtype]).save_pretrained(save_dir)
     return {"params": params}
 
 
@@ -150,49 +221,16 @@ def build_sd3(save_dir, model="sd35-medium", device="cpu", seed=0, dtype="fp32",
     """The random-weight StableDiffusion3Pipeline of `model` without T5, saved in `dtype`; returns the parameter
     counts (and the transformer's checkpoint tensors, its position table included). tiny: tests/tiny_sd3.py's
     pipeline with a toy-width transformer of the model's traits."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from tiny_sd3 import SD3_SCHEDULER_CONFIG
-    from transformers import CLIPTextModelWithProjection
-
-    config = SD3_MODELS[model]
-    if tiny:
-        from tiny_sd3 import make_tiny_sd3_pipeline
-
-        components = make_tiny_sd3_pipeline(None, seed).components
-        torch.manual_seed(seed)
-        components["transformer"] = SD3Transformer2DModel(**tiny_sd3_config(config))
-    else:
-        from tiny_sdxl import make_tokenizers
-
-        torch.manual_seed(seed)
-        with torch.device(device):  # random init on a GPU takes seconds, on a CPU about a minute (sd35-large: 4)
-            components = dict(
-                transformer=SD3Transformer2DModel(**config),
-                vae=AutoencoderKL(**SD3_VAE),
-                text_encoder=CLIPTextModelWithProjection(clip_text_config(768, 12, "quick_gelu", projection_dim=768)),
-                text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 20, "gelu", projection_dim=1280)),
-            )
-        components["tokenizer"], components["tokenizer_2"] = make_tokenizers()
-        components["scheduler"] = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
-    modules = {k: m for k, m in components.items() if isinstance(m, torch.nn.Module)}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
-    checkpoint = sum(t.numel() for t in components["transformer"].state_dict().values())
-    for m in modules.values():
-        m.to(DTYPES[dtype])
-    components.update(text_encoder_3=None, tokenizer_3=None)
-    StableDiffusion3Pipeline(**components).save_pretrained(save_dir)
+    pipe = sd3_pipeline(model, device, seed, tiny)
+    params = module_params(pipe)
+    checkpoint = sum(t.numel() for t in pipe.transformer.state_dict().values())
+    pipe.to(dtype=DTYPES[dtype]).save_pretrained(save_dir)
     return {"model": model, "params": params, "transformer_checkpoint_numel": checkpoint}
 
 
 def build_adm(save_dir, device="cpu", seed=0, tiny=False):
     """The random-weight ADM ImageNet-64 UNet2DModel (openai conversion's config; tiny: the same layout at toy
     width, 16 px, 10 classes), saved."""
-    from bench_train_step import ADM_IMAGENET64, ADM_TINY
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)

@@ -34,8 +34,11 @@ def test_gpu_check_tiny_runs_every_stage(tmp_path):
     assert len(configs["bench_imagenet64"]) == 1 and configs["bench_imagenet64"][0].startswith("ImageNet-64 ADM")
     for name in ("bench_sdxl", "bench_sd3"):
         assert len(configs[name]) == 2 and "full FT" in configs[name][0] and "LoRA" in configs[name][1]
+    scripts = {"bench_imagenet64": "train_tfd_imagenet64.py", "bench_sdxl": "train_tfd_sdxl.py",
+               "bench_sd3": "train_tfd_sd3.py"}
     for name in STAGES[:3]:
-        for r in summary["stages"][name]["results"]:
+        for r in summary["stages"][name]["results"]:  # each row timed its script's own step
+            assert r["script"] == scripts[name], r
             assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0 and r["peak_bytes"] is not None, r
             assert not any(k.endswith("_error") for k in r), r
 

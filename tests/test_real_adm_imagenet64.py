@@ -1,7 +1,7 @@
 """One step of train_tfd_imagenet64.py on the real ADM ImageNet-64 architecture (CPU, offline).
 
 The teacher is a diffusers UNet2DModel with the openai consistency-models conversion's config
-(benchmarks/bench_train_step.ADM_IMAGENET64: 296 M parameters, random weights), the recipe's five
+(benchmarks/real_arch.ADM_IMAGENET64: 296 M parameters, random weights), the recipe's five
 layers (enc:6 enc:11 bottleneck dec:7 dec:12), 64 px labelled images, and the smallest batch with
 groups: 2 classes x (N=2, P=2, M=2). It checks that the real layer names, shapes and memory work
 together, which the tiny UNets of the other tests cannot. Its time and memory: docs/testing.md.
@@ -41,6 +41,7 @@ def adm_teacher_and_data(tmp_path_factory):
     """The random-weight ADM teacher saved as a diffusers folder, and an imagefolder of 2 classes x 4 images."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from diffusers import UNet2DModel
+    from real_arch import ADM_IMAGENET64
 
     from bench_train_step import ADM_IMAGENET64
 
