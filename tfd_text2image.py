@@ -22,8 +22,10 @@ import tfd_utils
 # ----------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help):
-    """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings."""
+def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help,
+                  positive_defaults_help=""):
+    """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings (None:
+    the script resolves them per checkpoint, as positive_defaults_help says)."""
     g = parser.add_argument_group("prompts and real images")
     g.add_argument("--dataset_name", default=None,
                    help="Captioned data set: a Hub id, a local path datasets.load_dataset takes, a save_to_disk "
@@ -56,9 +58,9 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
                    help="Fill the cache for the whole prompt set (sharded over all processes, resumable) and exit. "
                         "Run this first: a prompt missing from the cache is sampled inside a training step.")
     g.add_argument("--num_positive_steps", type=int, default=positive_steps,
-                   help="Teacher sampling steps of a positive.")
+                   help="Teacher sampling steps of a positive." + positive_defaults_help)
     g.add_argument("--positive_guidance_scale", type=float, default=positive_guidance,
-                   help="CFG scale of teacher positives.")
+                   help="CFG scale of teacher positives." + positive_defaults_help)
     g.add_argument("--positive_seed", type=int, default=0,
                    help="Base seed of teacher positives (each (prompt, slot) derives its own from it).")
     g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
