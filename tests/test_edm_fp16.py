@@ -5,8 +5,8 @@ EDM's EDMPrecond runs its UNet in float16 when use_fp16 and not force_fp32 (on C
 device, so these tests exercise it here) and asserts that the UNet returns that dtype. The project's
 policy: the teacher's feature pass runs in float32 outside autocast (force_fp32=True); the student keeps
 float32 master weights and computes under the chosen autocast (force_fp32=True, its UNet's output cast
-to float32 for EDM's assert); the exported network-snapshot.pkl keeps use_fp16=True, so EDM's own
-generate.py / fid.py run it as they run the teacher.
+to float32 for EDM's assert); the exported network-snapshot.pkl keeps use_fp16=True, so EDM's own code
+loads and runs it as it runs the teacher (its one step: the direct call net(z·σmax, σmax, labels)).
 """
 
 import importlib

@@ -563,12 +563,15 @@ def test_bf16_autocast_adds_no_rounding_after_the_unet_body(teacher, t, bound):
     assert rms(mixed, full) < 0.01 * full.square().mean().sqrt().item()
 
 
-def test_lora_with_a_bf16_teacher_trains_without_autocast(tiny_sdxl_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("precision", [["--mixed_precision", "no"],
+                                       ["--mixed_precision", "bf16", "--gradient_checkpointing"]])
+def test_lora_with_a_bf16_teacher_trains_without_and_with_autocast(tiny_sdxl_dir, data_dir, tmp_path, precision):
     """--train_mode lora --teacher_dtype bf16 --mixed_precision no: the generator casts its float32 inputs to the
-    bf16 base weights (no "mat1 and mat2 must have the same dtype"); the step's loss and gradient are finite."""
+    bf16 base weights (no "mat1 and mat2 must have the same dtype"); under bf16 autocast with gradient
+    checkpointing the bf16 conv_out runs in float32 (float32_layer). The step's loss and gradient are finite."""
     out = tmp_path / "o"
     run_in_process(script, base_args(tiny_sdxl_dir, data_dir, out, tmp_path / "c", "--train_mode", "lora",
-                                     "--teacher_dtype", "bf16", "--mixed_precision", "no", "--lora_rank", "4",
+                                     "--teacher_dtype", "bf16", "--lora_rank", "4", *precision,
                                      "--max_train_steps", "1", "--checkpointing_steps", "100"))
     row = metrics(out)[1]
     assert np.isfinite(row["loss/total"]) and row["train/grad_norm"] > 0 and row["train/bad_steps"] == 0
