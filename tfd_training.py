@@ -407,8 +407,8 @@ def mixed_precision(args):
 def check_teacher_precision(args):
     """A float16 teacher needs fp16 mixed precision: the feature gradient flows back through the teacher in
     its dtype, and in float16 without the GradScaler's loss scaling most of it is subnormal or flushed to zero
-    (SDXL: 95-99 % subnormal, 1-5 % zero). bf16 has float32's range. Only the sampling of positives
-    (--prepare_positives_only) has no backward."""
+    (docs/scripts.md). bf16 has float32's range. Only the sampling of positives (--prepare_positives_only) has
+    no backward."""
     if getattr(args, "teacher_dtype", None) != "fp16" or getattr(args, "prepare_positives_only", False):
         return
     mode = mixed_precision(args)

@@ -535,10 +535,9 @@ def test_full_student_starts_from_the_checkpoint_bit_for_bit_with_a_bf16_teacher
 @pytest.mark.parametrize("t, bound", [(999, 1e-4), (399, 1e-5)])
 def test_bf16_autocast_adds_no_rounding_after_the_unet_body(teacher, t, bound):
     """Under bf16 autocast the student's last layer (conv_out) and x0 run in float32: its x0 equals, to float32
-    rounding, conv_out and x0 evaluated in float64 on the same body output. (conv_out in bf16 rounds ε̂ to 2⁻⁹,
-    which x0 multiplies by 1/√ᾱ: RMS 0.0124 at 999, 0.00098 at 399 here; float32: 1.1e-6 and 9e-8.) Against a
-    float32 forward the error is the body's own bf16 rounding (RMS 0.062 at 999 here, 0.4 % of x0), with or without
-    the float32 last layer."""
+    rounding, conv_out and x0 evaluated in float64 on the same body output (conv_out in bf16 would round ε̂ to
+    2⁻⁹, which x0 multiplies by 1/√ᾱ, and fail the bound). Against a float32 forward the bf16 body's own
+    rounding remains: bounded at 1 % of x0's RMS."""
     unet = teacher.unet
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(8, 4, 8, 8, generator=g)
