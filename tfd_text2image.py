@@ -22,8 +22,10 @@ import tfd_utils
 # ----------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help):
-    """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings."""
+def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targets, lora_targets_help,
+                  positive_defaults_help=""):
+    """The shared flags; positive_steps and positive_guidance: the teacher's default sampling settings (None:
+    the script resolves them per checkpoint, as positive_defaults_help says)."""
     g = parser.add_argument_group(
         "prompts and real images", "Real images are decoded one cache entry at a time, next to the VAE encoding and "
         "the teacher's sampling of the entry's other positives, which take far longer: there is no "
@@ -61,9 +63,9 @@ def add_arguments(parser, denoiser, positive_steps, positive_guidance, lora_targ
                    help="Fill the cache for the whole prompt set (sharded over all processes, resumable) and exit. "
                         "Run this first: a prompt missing from the cache is sampled inside a training step.")
     g.add_argument("--num_positive_steps", type=int, default=positive_steps,
-                   help="Teacher sampling steps of a positive.")
+                   help="Teacher sampling steps of a positive." + positive_defaults_help)
     g.add_argument("--positive_guidance_scale", type=float, default=positive_guidance,
-                   help="CFG scale of teacher positives.")
+                   help="CFG scale of teacher positives." + positive_defaults_help)
     g.add_argument("--positive_seed", type=int, default=0,
                    help="Base seed of teacher positives (each (prompt, slot) derives its own from it).")
     g.add_argument("--cache_dtype", default="float16", choices=("float16", "float32"),
@@ -573,8 +575,27 @@ def warn_about_misses(positives, prompts, logger):
 
 
 def latent_scale(vae):
-    """(scaling_factor, shift_factor) of the VAE's latents: denoiser latents = (z − shift)·scale."""
-    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    """(scale, shift) of the VAE's latents: denoiser latents = (z − shift)·scale. scaling_factor and
+    shift_factor (SD3), or, for a VAE whose config has latents_mean and latents_std (Playground v2.5 style),
+    per channel [C, 1, 1]: shift = mean, scale = scaling_factor/std, as StableDiffusionXLPipeline decodes."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        return config.scaling_factor / std, mean
+    return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+
+
+def to_latents(vae, z):
+    """VAE latents z [..., C, h, w] → denoiser latents (z − shift)·scale (`latent_scale`), float32."""
+    scale, shift = (torch.as_tensor(v, device=z.device) for v in latent_scale(vae))
+    return (z.float() - shift) * scale
+
+
+def from_latents(vae, latents):
+    """Denoiser latents → VAE latents latents/scale + shift, float32 (the inverse of `to_latents`)."""
+    scale, shift = (torch.as_tensor(v, device=latents.device) for v in latent_scale(vae))
+    return latents.float() / scale + shift
 
 
 def encode_image(vae, image, resolution, device):
@@ -590,16 +611,13 @@ def encode_image(vae, image, resolution, device):
     left, top = (w - resolution) // 2, (h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
-    mean = vae.encode(x.to(vae.dtype)).latent_dist.mean.float()
-    factor, shift = latent_scale(vae)
-    return ((mean - shift) * factor)[0]
+    return to_latents(vae, vae.encode(x.to(vae.dtype)).latent_dist.mean)[0]
 
 
 @torch.no_grad()
 def decode_latents(vae, latents):
     """Denoiser latents → images in [−1, 1], decoded in the VAE's dtype."""
-    factor, shift = latent_scale(vae)
-    z = latents.to(vae.device, torch.float32) / factor + shift
+    z = from_latents(vae, latents.to(vae.device))
     return vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
@@ -905,6 +923,21 @@ def sample_grid(pipe, component, model, scheduler, embeds, args, accelerator, **
     images = decode_latents(pipe.vae.to(model.device), latents)
     pipe.vae.to(vae_device)
     return tfd_training.image_grid(images)
+
+
+def vp_one_step_scheduler(teacher_config, timestep):
+    """The variance-preserving student's sampler: a DDIMScheduler with the teacher's noise schedule and
+    prediction type whose one step (num_inference_steps=1) is timestep [T] ("leading" spacing, steps_offset T)
+    and returns x₀ exactly (final ᾱ = 1, eta 0, no clipping or thresholding): tfd_utils.vp_x0 at ᾱ_T."""
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    keys = inspect.signature(DDIMScheduler.__init__).parameters
+    config = {k: v for k, v in teacher_config.items() if k in keys}
+    config.update(timestep_spacing="leading", steps_offset=int(timestep), set_alpha_to_one=True, clip_sample=False,
+                  thresholding=False)
+    return DDIMScheduler.from_config(config)
 
 
 def export(accelerator, args, student, pipe, component, scheduler, grid_fn, write_card, repo_id, **components):

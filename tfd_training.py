@@ -457,12 +457,34 @@ def check_common_args(args, ranges):
             raise ValueError(f"{flag} needs the {package} package, which is not installed: `pip install {package}`.")
     if args.teacher_checkpointing is None:
         args.teacher_checkpointing = args.gradient_checkpointing
+    check_teacher_precision(args)
     if args.lr_warmup_steps > args.max_train_steps and args.lr_scheduler != "constant":
         import logging
 
         logging.getLogger(__name__).warning(
             f"--lr_warmup_steps {args.lr_warmup_steps} is longer than the run (--max_train_steps "
             f"{args.max_train_steps}): the learning rate never reaches --learning_rate {args.learning_rate}.")
+
+
+def mixed_precision(args):
+    """The autocast the Accelerator will use: --mixed_precision, else ACCELERATE_MIXED_PRECISION (what
+    `accelerate launch` sets from its config file or flags), else no."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def check_teacher_precision(args):
+    """A float16 teacher needs fp16 mixed precision: the feature gradient flows back through the teacher in
+    its dtype, and in float16 without the GradScaler's loss scaling most of it is subnormal or flushed to zero
+    (docs/scripts.md). bf16 has float32's range. Only the sampling of positives (--prepare_positives_only) has
+    no backward."""
+    if getattr(args, "teacher_dtype", None) != "fp16" or getattr(args, "prepare_positives_only", False):
+        return
+    mode = mixed_precision(args)
+    if mode != "fp16":
+        where = "" if args.mixed_precision else " (from ACCELERATE_MIXED_PRECISION, i.e. the accelerate config)"
+        raise ValueError(f"--teacher_dtype fp16 with mixed precision {mode!r}{where}: the feature gradient flows back "
+                         "through the float16 teacher, and without the loss scaling of --mixed_precision fp16 most "
+                         "of it underflows. Use --teacher_dtype bf16, or --mixed_precision fp16.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,9 +196,10 @@ class FeatureExtractor:
 
     The forward stops right after the last selected module has run (nothing after it is computed),
     so `fn`'s return value is never used. Hooks are removed on exit, also when the forward raises.
-    A module returning a tuple contributes its first element (UNet down blocks), except a patch
-    transformer's joint block, which returns (context tokens, image tokens): its image tokens are
-    folded back to a map of the sample's patch grid. `input` is the pooled sample given to `fn`.
+    A module returning a tuple contributes its first element (UNet down blocks), except in a patch
+    transformer, whose joint blocks return (context tokens, image tokens) and their attention (image
+    tokens, context tokens): the image tokens are folded back to a map of the sample's patch grid (a
+    tuple without them is a ValueError). `input` is the pooled sample given to `fn`.
     """
 
     def __init__(self, model, layers, pool_size=4, stop_early=True):
@@ -208,15 +209,15 @@ class FeatureExtractor:
             raise ValueError("FeatureExtractor needs at least one layer.")
         self.names = resolve_layers(model, self.selectors)
         self.pool_size, self.stop_early = pool_size, stop_early
-        self.patch_size = getattr(getattr(model, "config", None), "patch_size", None) if transformer_blocks(model) \
-            else None
+        self._blocks = transformer_blocks(model)
+        self.patch_size = getattr(getattr(model, "config", None), "patch_size", None) if self._blocks else None
         self._handles, self._features, self._grid = [], {}, None
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
         for sel, name in zip(self.selectors, self.names):
             if name != INPUT_SELECTOR:
-                self._handles.append(modules[name].register_forward_hook(self._hook(sel)))
+                self._handles.append(modules[name].register_forward_hook(self._hook(sel, name)))
         # A hook must fire once, outside any block that gradient checkpointing recomputes in backward:
         # the hooked modules and their ancestors run plainly, the other blocks as before.
         hooked = {n for n in self.names if n != INPUT_SELECTOR}
@@ -235,16 +236,32 @@ class FeatureExtractor:
         self._features = {}
         return False
 
-    def _as_map(self, output):
+    def _as_map(self, output, selector, name):
         if isinstance(output, (tuple, list)):
-            if self.patch_size and len(output) == 2:
-                return tokens_to_map(output[1], *self._grid)  # (context tokens or None, image tokens)
+            if self.patch_size:
+                return self._image_tokens(output, selector, name)
             output = output[0]
         return output
 
-    def _hook(self, selector):
+    def _image_tokens(self, output, selector, name):
+        """The image tokens of a patch transformer module's tuple, folded to a map: a joint block returns
+        (context, image), its attention (image, context). The one whose token count is the sample's patch
+        grid, in that order of preference; none: a ValueError."""
+        h, w = self._grid
+        first = (1, 0) if name in self._blocks else (0, 1)
+        for i in (*first, *range(2, len(output))):
+            t = output[i] if i < len(output) else None
+            if torch.is_tensor(t) and t.ndim == 3 and t.shape[1] == h * w:
+                return tokens_to_map(t, h, w)
+        shapes = [tuple(t.shape) if torch.is_tensor(t) else t for t in output]
+        raise ValueError(f"Teacher layer {selector!r} ({name}) returns {shapes}: none of them is the {h * w} image "
+                         f"tokens of the sample's {h}x{w} patch grid. Choose a layer that outputs image tokens: "
+                         f"block:0..block:{len(self._blocks) - 1}, a block's attn, or a module name whose output is "
+                         "[batch, tokens, channels] image tokens.")
+
+    def _hook(self, selector, name):
         def hook(module, args, output):
-            self._features[selector] = pool_feature(self._as_map(output), self.pool_size)
+            self._features[selector] = pool_feature(self._as_map(output, selector, name), self.pool_size)
             if self.stop_early and len(self._features) == len(self.selectors):
                 raise _StopForward
 
@@ -313,7 +330,17 @@ def vp_sigmas(alphas_cumprod):
 
 
 def vp_timestep_for_sigma(sigma, alphas_cumprod):
-    """Fractional timestep t with σ_t = σ, interpolating log σ_t linearly over t (clamped to the schedule)."""
+    """Fractional timestep t with σ_t = σ, interpolating log σ_t linearly over t; σ above the schedule's
+    largest maps to its last timestep. σ = 0 (clean features) maps to t = 0. A σ between 0 and the schedule's
+    smallest σ_0 (SDXL's: 0.0292) has no timestep: ValueError naming both."""
+    sig0 = vp_sigmas(alphas_cumprod[:1])[0].item()
+    low = sigma[(sigma > 0) & (sigma.double() < sig0 * (1 - 1e-6))]
+    if low.numel():
+        floor = math.ceil(sig0 * 1e4) / 1e4
+        raise ValueError(f"Feature noise σ = {low.min().item():.4g} is below the teacher's smallest noise level "
+                         f"σ(t=0) = {sig0:.4g}, where no timestep of its schedule puts it: raise --feature_noise_min "
+                         f"to at least {floor:g}, or give --feature_noise_min 0 --feature_noise_max 0 (clean "
+                         "features, at t = 0).")
     log_sig = vp_sigmas(alphas_cumprod).log()
     q = sigma.double().clamp_min(1e-20).log().clamp(log_sig[0], log_sig[-1])
     idx = torch.searchsorted(log_sig, q).clamp(1, len(log_sig) - 1)
@@ -696,8 +723,8 @@ def _float32_output(module):
 
 
 def edm_net_one_step(net, noise, class_labels, sigma_max=80.0, label_dim=None):
-    """The student as an NVlabs EDM network: D(σmax·z; σmax) = net(σmax·z, σmax, one-hot), EDM's own
-    `edm_sampler(num_steps=1)`.
+    """The student as an NVlabs EDM network: D(σmax·z; σmax) = net(σmax·z, σmax, one-hot), one direct call
+    (EDM's `edm_sampler` cannot take one step: it divides by num_steps − 1).
 
     Called with force_fp32=True, so a `use_fp16` network keeps float32 master weights and computes
     under the caller's autocast (or in float32) instead of in float16 without loss scaling; its inner
@@ -711,25 +738,93 @@ def edm_net_one_step(net, noise, class_labels, sigma_max=80.0, label_dim=None):
         return net(noise.float() * sigma_max, sigma, onehot, force_fp32=True).float()
 
 
+@contextmanager
+def float32_layer(model, name):
+    """Within: the submodule `name` of `model` (a denoiser's last layer: conv_out, proj_out) computes in
+    float32 outside autocast, from its input cast to float32 and float32 copies of its weights (a LoRA
+    student's half-precision base weights included; the gradient flows through the casts). Under bf16
+    autocast its output would otherwise be rounded to bf16 (relative error 2⁻⁹), which a one-step x₀
+    then multiplies (1/√ᾱ_T = 14.6 at SDXL's T = 999). A model without that submodule is left as it is."""
+    try:
+        layer = getattr(model, "module", model).get_submodule(name)  # DDP: the wrapped model's
+    except AttributeError:
+        layer = None
+    layer = getattr(layer, "base_layer", layer)  # a LoRA-wrapped layer: its base
+    if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+        yield model
+        return
+
+    def forward(x):
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = layer.weight.float(), None if layer.bias is None else layer.bias.float()
+            if isinstance(layer, torch.nn.Conv2d):
+                return layer._conv_forward(x.float(), weight, bias)
+            return F.linear(x.float(), weight, bias)
+
+    saved = layer.__dict__.get("forward")
+    layer.forward = forward
+    try:
+        yield model
+    finally:
+        if saved is None:
+            del layer.forward
+        else:
+            layer.forward = saved
+
+
+def _input_cast(model, x):
+    """Under autocast: no cast. Outside it: a cast of floating inputs to the dtype of the model's first
+    parameter (a LoRA student's base weights may be half precision while its adapters and the noise are
+    float32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return lambda v: v
+    dtype = next(model.parameters()).dtype
+    return lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def vp_x0(z, model_output, alpha_cumprod, prediction_type="epsilon"):
+    """x₀ from a variance-preserving model's output at z = √ᾱ x₀ + √(1 − ᾱ) ε, in float64, returned as
+    float32: ε-prediction x₀ = (z − √(1 − ᾱ) ε̂)/√ᾱ, v-prediction x₀ = √ᾱ z − √(1 − ᾱ) v̂, sample x₀ = output
+    (DDIMScheduler's step with final ᾱ = 1, for each of its prediction types)."""
+    a = torch.as_tensor(alpha_cumprod, dtype=torch.float64, device=z.device)
+    out = model_output.double()
+    if prediction_type == "epsilon":
+        return ((z.double() - (1 - a).sqrt() * out) / a.sqrt()).float()
+    if prediction_type == "v_prediction":
+        return (a.sqrt() * z.double() - (1 - a).sqrt() * out).float()
+    if prediction_type == "sample":
+        return out.float()
+    raise ValueError(f"Unknown prediction type {prediction_type!r}; choose one of {VP_PREDICTION_TYPES}.")
+
+
 def vp_x0_from_eps(z, eps, alpha_cumprod):
     """x₀ = (z − sqrt(1 − ᾱ) ε̂)/sqrt(ᾱ), computed in float64 and returned as float32."""
-    a = torch.as_tensor(alpha_cumprod, dtype=torch.float64, device=z.device)
-    return ((z.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()).float()
+    return vp_x0(z, eps, alpha_cumprod, "epsilon")
 
 
-def sdxl_one_step(unet, noise, timestep, alpha_cumprod, encoder_hidden_states, added_cond_kwargs):
-    """The variance-preserving student: ε̂ = UNet(z, t) from pure noise z at timestep t (999), then
-    x₀; StableDiffusionXLPipeline with LCMScheduler at one step runs exactly this."""
+def sdxl_one_step(unet, noise, timestep, alpha_cumprod, encoder_hidden_states, added_cond_kwargs,
+                  prediction_type="epsilon"):
+    """The variance-preserving student: the UNet's output at timestep t from pure noise z, then x₀
+    (`vp_x0`, float64), its last layer in float32 (`float32_layer`). The saved pipeline's one-step
+    scheduler (a DDIMScheduler whose one step is [t] and whose final ᾱ is 1) runs exactly this."""
     t = torch.full((noise.shape[0],), int(timestep), device=noise.device, dtype=torch.long)
-    eps = unet(noise, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-               return_dict=False)[0]
-    return vp_x0_from_eps(noise, eps, alpha_cumprod)
+    cast = _input_cast(unet, noise)
+    with float32_layer(unet, "conv_out"):
+        out = unet(cast(noise), t, encoder_hidden_states=cast(encoder_hidden_states),
+                   added_cond_kwargs={k: cast(v) for k, v in added_cond_kwargs.items()}, return_dict=False)[0]
+    return vp_x0(noise, out, alpha_cumprod, prediction_type)
 
 
 def flow_one_step(transformer, noise, encoder_hidden_states, pooled_projections):
-    """The rectified-flow student: x₀ = z − v(z, t=1000) from pure noise (flow time 1), in float32;
-    FlowMatchEulerDiscreteScheduler at one step (sigmas [1, 0]) runs exactly this."""
+    """The rectified-flow student: x₀ = z − v(z, t=1000) from pure noise (flow time 1), in float32, its last
+    layer in float32 (`float32_layer`); FlowMatchEulerDiscreteScheduler at one step (sigmas [1, 0]) runs
+    exactly this."""
     t = torch.full((noise.shape[0],), 1000.0, device=noise.device)
-    v = transformer(hidden_states=noise, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                    pooled_projections=pooled_projections, return_dict=False)[0]
+    cast = _input_cast(transformer, noise)
+    with float32_layer(transformer, "proj_out"):
+        v = transformer(hidden_states=cast(noise), timestep=t, encoder_hidden_states=cast(encoder_hidden_states),
+                        pooled_projections=cast(pooled_projections), return_dict=False)[0]
     return noise.float() - v.float()

@@ -417,7 +417,8 @@ def register_checkpoint_hooks(accelerator, edm_net):
 
 def export_student(model, edm_net, args):
     """diffusers: a ConsistencyModelPipeline (one step). EDM: network-snapshot.pkl ({'ema': net}, EDM's own
-    format, with the teacher's use_fp16 setting, so EDM's generate.py and fid.py treat it as the teacher)."""
+    format, with the teacher's use_fp16 setting, so EDM's code loads it as it loads the teacher); its one step
+    is the direct call net(z·σmax, σmax, labels) (EDM's edm_sampler cannot take one step)."""
     if edm_net:
         net = copy.deepcopy(model).eval().requires_grad_(False).cpu()
 

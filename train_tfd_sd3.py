@@ -34,6 +34,9 @@ VALIDATION_PROMPTS = [
     "a close-up portrait of a red fox, detailed fur, golden hour",
     "a bowl of ramen with a soft-boiled egg, studio lighting",
 ]
+# Teacher sampling of positives per checkpoint (its model card's): (steps, CFG scale); an unrecognised one gets SD3
+# medium's. Recognised from the transformer config (`checkpoint_family`).
+POSITIVE_DEFAULTS = {"SD3 medium": (28, 7.0), "SD3.5 large": (28, 3.5), "SD3.5 medium": (40, 4.5)}
 RANGES = {}  # this script's own flags' ranges, checked at parse time (the shared ones: tfd_text2image.RANGES)
 
 
@@ -57,9 +60,12 @@ def parse_args(argv=None):
                         "weights. The full fine-tune's student always starts from the checkpoint's exact weights.")
     g.add_argument("--cache_dir", default=None, help="Hub and datasets cache directory.")
     tfd_text2image.add_arguments(
-        p, "transformer", positive_steps=28, positive_guidance=7.0, lora_targets=LORA_TARGETS,
+        p, "transformer", positive_steps=None, positive_guidance=None, lora_targets=LORA_TARGETS,
         lora_targets_help="Comma-separated transformer module names that get LoRA adapters (default: the joint "
-                          "attention's projections of the image and text streams).")
+                          "attention's projections of the image and text streams).",
+        positive_defaults_help=" None: the checkpoint's model card's, recognised from the transformer config (steps "
+                               "/ CFG: SD3 medium 28 / 7.0, SD3.5 large 28 / 3.5, SD3.5 medium 40 / 4.5; another "
+                               "checkpoint: SD3 medium's).")
     tfd_training.add_loss_arguments(p, layers=SD3_LAYERS, radii="0.02,0.05,0.2", sigma_min=0.1, sigma_max=0.1)
     g = tfd_training.add_training_arguments(p, output_dir="tfd-sd3", learning_rate=1e-6, max_train_steps=10_000,
                                             max_grad_norm=2.0, validation_steps=500, checkpointing_steps=500)
@@ -166,8 +172,11 @@ def build(args, accelerator, pipe=None):
     """What the loop needs (tfd_text2image.setup: prompts, teacher pipeline, student and teacher, positives,
     loss, prepared optimiser and schedule), with this teacher's latent shape. pipe: a teacher pipeline already
     in memory (the benchmark's) instead of loading --pretrained_model_name_or_path."""
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    config = pipe.transformer.config if pipe is not None else SD3Transformer2DModel.load_config(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir)
+    resolve_positive_defaults(args, config)  # before the cache opens: its key holds the values used
     components = {"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {}
     run = tfd_text2image.setup(args, accelerator, StableDiffusion3Pipeline, "transformer", logger, pipe=pipe,
                                components=components, cache_settings={"drop_t5": args.drop_t5})
@@ -178,6 +187,36 @@ def build(args, accelerator, pipe=None):
     latent = args.resolution // run.pipe.vae_scale_factor
     run.latent_shape = (run.pipe.transformer.config.in_channels, latent, latent)
     return run
+
+
+def checkpoint_family(config):
+    """The SD3 checkpoint a transformer config is shaped like (a POSITIVE_DEFAULTS key), or None: SD3.5 medium
+    has 24 layers, RMS q/k norm and dual-attention layers; SD3.5 large 38 layers and RMS q/k norm; SD3 medium
+    24 layers, neither."""
+    layers, qk_norm = config.get("num_layers"), config.get("qk_norm")
+    dual = bool(config.get("dual_attention_layers"))
+    if qk_norm == "rms_norm" and dual and layers == 24:
+        return "SD3.5 medium"
+    if qk_norm == "rms_norm" and not dual and layers == 38:
+        return "SD3.5 large"
+    if qk_norm is None and not dual and layers == 24:
+        return "SD3 medium"
+    return None
+
+
+def resolve_positive_defaults(args, config):
+    """--num_positive_steps and --positive_guidance_scale left at None: the recognised checkpoint's (else SD3
+    medium's), set on args so the positive cache keys and training_args.json record the values used."""
+    family = checkpoint_family(config)
+    steps, guidance = POSITIVE_DEFAULTS[family or "SD3 medium"]
+    given = args.num_positive_steps is not None, args.positive_guidance_scale is not None
+    args.num_positive_steps = args.num_positive_steps if given[0] else steps
+    args.positive_guidance_scale = args.positive_guidance_scale if given[1] else guidance
+    source = (f"the {family} model card's" if family else "SD3 medium's (checkpoint not recognised from its "
+              "transformer config)")
+    logger.info(f"Teacher positives: {args.num_positive_steps} steps, CFG {args.positive_guidance_scale} (" +
+                ("as given" if all(given) else source + (", partly as given" if any(given) else "")) + ").")
+    return family
 
 
 def generate(args, transformer, noise, prompt_embeds, pooled_prompt_embeds):

@@ -55,9 +55,9 @@ def parse_args(argv=None):
     g = tfd_text2image.add_arguments(p, "UNet", positive_steps=50, positive_guidance=6.0,
                                      lora_targets="to_k,to_q,to_v,to_out.0",
                                      lora_targets_help="Comma-separated UNet module names that get LoRA adapters.")
-    g.add_argument("--conditioning_timestep", type=int, default=999,
-                   help="Timestep T at which the student maps pure noise to x0 in one step: 999 (the paper's), or "
-                        "lower (DMD2's one-step SDXL student uses 399). Other than 999, sample with timesteps=[T].")
+    g.add_argument("--conditioning_timestep", type=int, default=399,
+                   help="Timestep T at which the student maps pure noise to x0 in one step: 399 (DMD2's; x0 "
+                        "magnifies the UNet's output 1.2x) or 999 (the paper's; 14.6x).")
     tfd_training.add_loss_arguments(p, layers=SDXL_LAYERS, radii="0.02,0.05,0.2", sigma_min=0.1, sigma_max=0.1)
     g = tfd_training.add_training_arguments(p, output_dir="tfd-sdxl", learning_rate=1e-6, max_train_steps=10_000,
                                             max_grad_norm=2.0, validation_steps=500, checkpointing_steps=500)
@@ -75,10 +75,6 @@ def check_args(args):
     tfd_text2image.check_args(args, RANGES)
     if args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's factor).")
-    if args.conditioning_timestep != 999:
-        logging.getLogger(__name__).warning(
-            f"--conditioning_timestep {args.conditioning_timestep}: the saved pipeline's LCMScheduler takes t=999 "
-            f"with num_inference_steps=1; call it with timesteps=[{args.conditioning_timestep}] instead.")
 
 
 def main(args):
@@ -153,37 +149,59 @@ def main(args):
                 tfd_training.save_validation_grid(accelerator, args, grid, step)
     progress.close()
 
-    # 6. Export: the one-step pipeline (LCMScheduler) or the LoRA weights, samples and a model card.
+    # 6. Export: the one-step pipeline (its scheduler's one step is the student's) or the LoRA weights with
+    #    that scheduler, samples and a model card.
     student = tfd_text2image.export(
         accelerator, args, run.student, run.pipe, "unet", run.scheduler, validation_grid,
         lambda: write_model_card(args, repo_id or tfd_training.hub_repo_name(args), len(run.prompts),
-                                 run.positives.counts(run.prompts)), repo_id)
+                                 run.positives.counts(run.prompts), type(run.scheduler).__name__), repo_id)
     logger.info(tfd_training.saved_message(args.output_dir))
     return student
 
 
 def build(args, accelerator, pipe=None):
     """What the loop needs (tfd_text2image.setup: prompts, teacher pipeline, student and teacher, positives,
-    loss, prepared optimiser and schedule), with this teacher's noise schedule (alphas_cumprod), latent shape
-    and one-step scheduler. pipe: a teacher pipeline already in memory (the benchmark's) instead of loading
+    loss, prepared optimiser and schedule), with this teacher's noise schedule (alphas_cumprod, for the feature
+    pass), latent shape and the one-step scheduler (the student's sampler: the saved pipeline's, the validation
+    grid's). pipe: a teacher pipeline already in memory (the benchmark's) instead of loading
     --pretrained_model_name_or_path."""
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     run = tfd_text2image.setup(args, accelerator, StableDiffusionXLPipeline, "unet", logger, pipe=pipe)
-    run.alphas_cumprod = run.pipe.scheduler.alphas_cumprod.to(torch.float64)
+    teacher_scheduler = run.pipe.scheduler
+    prediction = teacher_scheduler.config.get("prediction_type", "epsilon")
+    if not hasattr(teacher_scheduler, "alphas_cumprod") or prediction not in tfd_utils.VP_PREDICTION_TYPES:
+        raise ValueError(f"The teacher's scheduler {type(teacher_scheduler).__name__} (prediction type "
+                         f"{prediction!r}) is not a variance-preserving DDPM schedule with ε, v or sample prediction: "
+                         "this script's student needs one (an EDM-formulated checkpoint such as Playground v2.5 is "
+                         "not supported).")
+    run.alphas_cumprod = teacher_scheduler.alphas_cumprod.to(torch.float64)
     factor = run.pipe.vae_scale_factor
     run.latent_shape = (run.pipe.unet.config.in_channels, args.resolution // factor, args.resolution // factor)
-    run.scheduler = LCMScheduler.from_config(one_step_scheduler_config(run.pipe.scheduler.config))
+    run.scheduler = tfd_text2image.vp_one_step_scheduler(teacher_scheduler.config, args.conditioning_timestep)
+    if prediction == "epsilon" and run.scheduler.alphas_cumprod[args.conditioning_timestep] == 0:
+        raise ValueError(f"--conditioning_timestep {args.conditioning_timestep}: this teacher's schedule has ᾱ = 0 "
+                         "there (zero terminal SNR), where an ε-prediction has no x0; choose a lower timestep.")
+    # σ below the schedule's smallest σ(t=0) has no timestep (σ fixed at 0: clean features, at t = 0)
+    if args.feature_noise_min == 0 < args.feature_noise_max:
+        raise ValueError("--feature_noise_min 0 with --feature_noise_max > 0 draws σ below the teacher's smallest "
+                         f"noise level σ(t=0) = {tfd_utils.vp_sigmas(run.alphas_cumprod)[0]:.4g}: raise "
+                         "--feature_noise_min to it, or also set --feature_noise_max 0 (clean features).")
+    tfd_utils.vp_timestep_for_sigma(torch.tensor([args.feature_noise_min]), run.alphas_cumprod)
+    logger.info(f"One-step student at timestep {args.conditioning_timestep} ({prediction} prediction); sampler "
+                f"{type(run.scheduler).__name__}.")
     return run
 
 
-def generate(args, unet, noise, prompt_embeds, pooled_prompt_embeds, alphas_cumprod):
-    """The one-step student: ε̂ = UNet(z, T) from pure noise z at T = --conditioning_timestep, then
-    x0 = (z − √(1−ᾱ_T)·ε̂)/√ᾱ_T. Conditioning per sample. The saved pipeline's one step runs exactly this."""
+def generate(args, unet, noise, prompt_embeds, pooled_prompt_embeds, scheduler):
+    """The one-step student: the UNet at T = --conditioning_timestep on pure noise z, then x0 from its output
+    with the one-step scheduler's ᾱ_T and prediction type (ε: x0 = (z − √(1−ᾱ_T)·ε̂)/√ᾱ_T; v: x0 = √ᾱ_T·z −
+    √(1−ᾱ_T)·v̂). Conditioning per sample. The saved pipeline's plain one-step call runs exactly this."""
     t = args.conditioning_timestep
     cond = {"text_embeds": pooled_prompt_embeds,
             "time_ids": sdxl_time_ids(args.resolution, noise.shape[0], noise.device, pooled_prompt_embeds.dtype)}
-    return tfd_utils.sdxl_one_step(unet, noise, t, alphas_cumprod[t], prompt_embeds, cond)
+    return tfd_utils.sdxl_one_step(unet, noise, t, scheduler.alphas_cumprod[t], prompt_embeds, cond,
+                                   scheduler.config.prediction_type)
 
 
 def train_step(args, accelerator, run, batch, generator):
@@ -196,7 +214,7 @@ def train_step(args, accelerator, run, batch, generator):
     G, N = positives.shape[0], noise.shape[0] // positives.shape[0]
     with accelerator.autocast():
         generated = generate(args, run.student, noise, prompt_embeds.repeat_interleave(N, 0),
-                             pooled.repeat_interleave(N, 0), run.alphas_cumprod)
+                             pooled.repeat_interleave(N, 0), run.scheduler)
     generated = generated.float().reshape(G, N, *noise.shape[1:])
     cond = {"text_embeds": pooled, "time_ids": sdxl_time_ids(args.resolution, G, noise.device, pooled.dtype)}
     forward = tfd_utils.vp_teacher_forward(run.teacher, run.alphas_cumprod, prompt_embeds, cond)
@@ -210,40 +228,28 @@ def sdxl_time_ids(resolution, batch_size, device=None, dtype=torch.float32):
     return ids.expand(batch_size, 6)
 
 
-def one_step_scheduler_config(teacher_config):
-    """LCMScheduler config with the teacher's noise schedule: at num_inference_steps=1 its step is
-    x₀ = (z − √(1−ᾱ)ε̂)/√ᾱ at timestep 999 (boundary c_skip ≈ 3e-9), the student's generator."""
-    import inspect
-
-    from diffusers import LCMScheduler
-
-    keys = inspect.signature(LCMScheduler.__init__).parameters
-    return LCMScheduler.from_config({k: v for k, v in teacher_config.items() if k in keys}).config
-
-
-def write_model_card(args, repo_id, num_prompts, positive_counts=None):
+def write_model_card(args, repo_id, num_prompts, positive_counts=None, scheduler_class="DDIMScheduler"):
+    """scheduler_class: the saved one-step scheduler's class (a LoRA student loads it from scheduler/)."""
     teacher = tfd_training.public_name(args.pretrained_model_name_or_path)
-    t = args.conditioning_timestep
-    steps = "num_inference_steps=1" if t == 999 else f"timesteps=[{t}]"
     if args.train_mode == "lora":
-        usage = ("import torch\nfrom diffusers import LCMScheduler, StableDiffusionXLPipeline\n\n"
+        usage = (f"import torch\nfrom diffusers import {scheduler_class}, StableDiffusionXLPipeline\n\n"
                  f"pipe = StableDiffusionXLPipeline.from_pretrained("
                  f"'{tfd_training.snippet_teacher(args.pretrained_model_name_or_path)}', dtype=torch.float16)"
                  ".to('cuda')\n"
                  f"pipe.load_lora_weights('{repo_id}')\n"
-                 f"pipe.scheduler = LCMScheduler.from_pretrained('{repo_id}', subfolder='scheduler')\n"
-                 f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
+                 f"pipe.scheduler = {scheduler_class}.from_pretrained('{repo_id}', subfolder='scheduler')\n"
+                 "image = pipe('a photo of a cat', num_inference_steps=1, guidance_scale=0).images[0]")
     else:
         usage = ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
                  f"pipe = DiffusionPipeline.from_pretrained('{repo_id}', dtype=torch.float16).to('cuda')\n"
-                 f"image = pipe('a photo of a cat', {steps}, guidance_scale=0).images[0]")
+                 "image = pipe('a photo of a cat', num_inference_steps=1, guidance_scale=0).images[0]")
     tfd_training.save_model_card(
         args, repo_id, args.pretrained_model_name_or_path,
         ["diffusers", "text-to-image", "stable-diffusion-xl", "one-step", "tfd"] +
         (["lora"] if args.train_mode == "lora" else []),
         f"One-step TFD student of {teacher}",
         "Distilled with Teacher-Feature Drifting (`train_tfd_sdxl.py`): one UNet evaluation per image "
-        "(LCMScheduler, 1 step, no classifier-free guidance).",
+        f"({scheduler_class} at timestep {args.conditioning_timestep}, 1 step, no classifier-free guidance).",
         usage, tfd_text2image.card_settings(args, num_prompts, positive_counts))
 
 

@@ -279,13 +279,13 @@ def infer_sdxl(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo
     """The user's lines: the teacher pipeline, load_lora_weights, the saved one-step scheduler; one image.
     The same noise through the base pipeline (adapters unloaded) shows that the adapters act."""
     import numpy as np
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir, torch_dtype=dtype).to(device)
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_dir)
-    pipe.scheduler = LCMScheduler.from_pretrained(lora_dir, subfolder="scheduler")
+    pipe.scheduler = DDIMScheduler.from_pretrained(lora_dir, subfolder="scheduler")
     latent = resolution // pipe.vae_scale_factor
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     kw = dict(num_inference_steps=1, guidance_scale=0.0, height=resolution, width=resolution)
@@ -308,7 +308,7 @@ def infer_sd3(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo 
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=dtype).to(device)
+                                                    dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_dir)
     latent = resolution // pipe.vae_scale_factor

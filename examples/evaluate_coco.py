@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tfd_fid  # noqa: E402
 import eval_utils  # noqa: E402
+import tfd_fid  # noqa: E402
 import tfd_training  # noqa: E402
 
 COCO_URLS = ("http://images.cocodataset.org/annotations/annotations_trainval2014.zip (captions_val2014.json) and "
@@ -94,7 +94,8 @@ def coco_subset(captions_path, num_prompts, seed):
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
     images = sorted((im for im in data["images"] if im["id"] in captions), key=lambda im: im["id"])
     if len(images) < num_prompts:
-        raise ValueError(f"{captions_path} has {len(images)} captioned images, fewer than --num_prompts {num_prompts}.")
+        raise ValueError(f"{captions_path} has {len(images)} captioned images, fewer than --num_prompts "
+                         f"{num_prompts}.")
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(images))[:num_prompts]
     subset = []
@@ -140,11 +141,20 @@ def png(folder, i):
     return os.path.join(folder, f"{i:05d}.png")
 
 
+def trained_timestep(model):
+    """The --conditioning_timestep an SDXL student was trained at (its training_args.json), else None."""
+    path = os.path.join(model, "training_args.json")
+    return json.load(open(path)).get("conditioning_timestep") if os.path.isfile(path) else None
+
+
 def load_pipeline(args, device):
-    """Full student: DiffusionPipeline.from_pretrained; LoRA: base + load_lora_weights + the student's saved
-    one-step scheduler (SDXL: LCMScheduler; an SD3 flow scheduler already makes the one step)."""
+    """Full student: DiffusionPipeline.from_pretrained, with the scheduler it was saved with; LoRA: base +
+    load_lora_weights + the student's saved one-step scheduler (an SD3 student has none: the base's flow
+    scheduler makes the one step; an SDXL one without it gets the one-step DDIMScheduler at its timestep)."""
     import diffusers
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    import tfd_text2image
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     lora_file = os.path.join(args.model, "pytorch_lora_weights.safetensors")
@@ -153,7 +163,7 @@ def load_pipeline(args, device):
     trained = os.path.join(args.model, "training_args.json")
     if os.path.isfile(trained) and json.load(open(trained)).get("drop_t5"):  # an SD3 student trained without T5
         absent.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **absent)
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **absent)
     if os.path.isfile(lora_file):
         pipe.load_lora_weights(args.model)
         saved = os.path.join(args.model, "scheduler", "scheduler_config.json")
@@ -161,9 +171,21 @@ def load_pipeline(args, device):
             cls = getattr(diffusers, json.load(open(saved))["_class_name"])
             pipe.scheduler = cls.from_pretrained(args.model, subfolder="scheduler")
         elif not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = tfd_text2image.vp_one_step_scheduler(pipe.scheduler.config,
+                                                                  trained_timestep(args.model) or 999)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def sampling_steps(args, pipe):
+    """The call's steps: --num_inference_steps; for a one-step student trained at timestep T, the plain
+    one-step call where its scheduler's one step is T, else timesteps=[T] (a student saved with a scheduler
+    whose one step is another timestep, e.g. LCMScheduler's 999)."""
+    t = trained_timestep(args.model)
+    if args.num_inference_steps != 1 or t is None:
+        return {"num_inference_steps": args.num_inference_steps}
+    pipe.scheduler.set_timesteps(1)
+    return {"num_inference_steps": 1} if pipe.scheduler.timesteps.tolist() == [t] else {"timesteps": [t]}
 
 
 def absent_components(path):
@@ -181,14 +203,14 @@ def generate_missing(args, state, subset, gen_dir):
     if not todo:
         return 0
     pipe = load_pipeline(args, state.device)
+    steps = sampling_steps(args, pipe)
     from tqdm.auto import tqdm
 
     for s in tqdm(range(0, len(todo), args.batch_size), desc=f"generating (rank {state.process_index})"):
         idx = todo[s:s + args.batch_size]
         gens = [torch.Generator().manual_seed(args.seed + i) for i in idx]
-        out = pipe(prompt=[subset[i]["caption"] for i in idx], num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                   generator=gens, output_type="pil")
+        out = pipe(prompt=[subset[i]["caption"] for i in idx], guidance_scale=args.guidance_scale,
+                   height=args.resolution, width=args.resolution, generator=gens, output_type="pil", **steps)
         for i, im in zip(idx, out.images):
             tfd_training.save_png(png(gen_dir, i), center_crop_resize(im, args.eval_resolution))
     return len(todo)
@@ -256,7 +278,8 @@ def main(args):
             "eval_resolution")
     if state.is_main_process:
         load_or_make_subset(args)  # writes prompts.json once; fails early on missing images
-        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"),
+                                      {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     subset = load_or_make_subset(args)
     for d in (gen_dir, real_dir):

@@ -5,8 +5,8 @@ EDM's EDMPrecond runs its UNet in float16 when use_fp16 and not force_fp32 (on C
 device, so these tests exercise it here) and asserts that the UNet returns that dtype. The project's
 policy: the teacher's feature pass runs in float32 outside autocast (force_fp32=True); the student keeps
 float32 master weights and computes under the chosen autocast (force_fp32=True, its UNet's output cast
-to float32 for EDM's assert); the exported network-snapshot.pkl keeps use_fp16=True, so EDM's own
-generate.py / fid.py run it as they run the teacher.
+to float32 for EDM's assert); the exported network-snapshot.pkl keeps use_fp16=True, so EDM's own code
+loads and runs it as it runs the teacher (its one step: the direct call net(z·σmax, σmax, labels)).
 """
 
 import importlib
@@ -134,3 +134,36 @@ def test_fp16_edm_teacher_under_bf16_autocast(fp16_teacher, tmp_path):
     assert {(c["input"], c["compute"]) for c in teacher} == {(torch.float32,) * 2}  # autocast off
     net = load_snapshot(tmp_path / "bf16")
     assert net.use_fp16 is True and all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_edm_pickle_model_card_snippet_is_the_direct_one_step_call(fp16_teacher, tmp_path):
+    """The model card of an EDM-pickle student shows the direct call net(z·σmax, σmax, labels), not EDM's
+    edm_sampler (which cannot take one step: it divides by num_steps − 1). Its lines, run as written in the
+    output folder, give the training generator's samples."""
+    import re
+
+    import tfd_utils
+
+    out = tmp_path / "card"
+    train(fp16_teacher, out, "no")
+    card = (out / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert "edm_sampler" not in card and "generate.py" not in card
+    assert "net(z * 80.0, torch.full((4,), 80.0), labels)" in code
+    toy_module()  # the pickle's classes, as "the NVlabs/edm code on sys.path" of the card
+    cwd, scope = os.getcwd(), {}
+    os.chdir(out)
+    try:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            exec(code, scope)
+    finally:
+        os.chdir(cwd)
+    net = scope["net"]
+    torch.manual_seed(7)
+    z = torch.randn(4, net.img_channels, net.img_resolution, net.img_resolution)
+    with torch.no_grad():
+        ours = tfd_utils.edm_net_one_step(net, z, torch.tensor([0, 1, 2, 3]), 80.0)
+    # the card's call runs use_fp16's float16 inside; the generator forces float32
+    torch.testing.assert_close(scope["x"].float(), ours, atol=2e-2, rtol=0)
+    assert (scope["x"].float() - ours).abs().max() < 0.1 * ours.abs().max()

@@ -23,9 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "edm_toy"))
 
-import eval_utils  # noqa: E402
 import evaluate_coco  # noqa: E402
 import evaluate_imagenet64  # noqa: E402
+
+import eval_utils  # noqa: E402
 
 NUM_CLASSES, RES = 5, 16
 
@@ -385,9 +386,13 @@ def test_evaluate_coco_end_to_end_and_resume(fake_coco, tiny_sdxl_dir, tmp_path,
 
 
 def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    """LoRA weights without a saved scheduler or training_args.json: the base with the one-step scheduler at
+    999."""
+    from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from tfd_text2image import vp_one_step_scheduler
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -403,12 +408,60 @@ def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
 
     ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     ref.load_lora_weights(str(lora_dir))
-    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.scheduler = vp_one_step_scheduler(ref.scheduler.config, 999)
     ref.set_progress_bar_config(disable=True)
     im = ref(prompt=[subset[1]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
              generator=[torch.Generator().manual_seed(1)]).images[0]
     expect = np.asarray(evaluate_coco.center_crop_resize(im, 24))
     assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
+
+
+@pytest.mark.parametrize("kind", ["full", "full_saved_with_lcm", "lora"])
+def test_evaluate_coco_samples_a_student_trained_at_399_at_399(fake_coco, tiny_sdxl_dir, tmp_path, kind):
+    """A student trained with --conditioning_timestep 399 (its training_args.json) is sampled at 399: a full
+    pipeline through its saved scheduler's plain call (or, saved with an LCMScheduler whose plain call is 999, with
+    timesteps=[399]), a LoRA student through its saved scheduler/. Reference: LCMScheduler with timesteps=[399]."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from tfd_text2image import vp_one_step_scheduler
+
+    student = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    student.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model = tmp_path / "student"
+    scheduler = (LCMScheduler.from_config(student.scheduler.config) if kind == "full_saved_with_lcm"
+                 else vp_one_step_scheduler(student.scheduler.config, 399))
+    if kind == "lora":
+        StableDiffusionXLPipeline.save_lora_weights(str(model), unet_lora_layers=get_peft_model_state_dict(
+            student.unet))
+        scheduler.save_pretrained(str(model / "scheduler"))
+    else:
+        student.unet.fuse_lora()
+        student.unet.unload_lora()
+        student.scheduler = scheduler
+        student.save_pretrained(str(model))
+    (model / "training_args.json").write_text(json.dumps({"conditioning_timestep": 399}))
+    out = tmp_path / "eval"
+    run_coco(coco_args(fake_coco, model, out, "--skip_fid", *(["--base_model", tiny_sdxl_dir] if kind == "lora"
+                                                              else [])))
+    subset = json.loads((out / "prompts.json").read_text())
+
+    ref = StableDiffusionXLPipeline.from_pretrained(str(model) if kind != "lora" else tiny_sdxl_dir)
+    if kind == "lora":
+        ref.load_lora_weights(str(model))
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+
+    def image(**when):
+        im = ref(prompt=[subset[1]["caption"]], guidance_scale=0.0, height=32, width=32,
+                 generator=[torch.Generator().manual_seed(1)], **when).images[0]
+        return np.asarray(evaluate_coco.center_crop_resize(im, 24)).astype(int)
+
+    got = np.asarray(Image.open(out / "generated" / "00001.png")).astype(int)
+    assert np.abs(got - image(timesteps=[399])).max() <= 1  # LCM's boundary term: 1e-8 of x0
+    assert np.abs(got - image(num_inference_steps=1)).max() > 20  # not the plain call at 999
 
 
 def test_evaluate_coco_sd3_lora_student_keeps_the_flow_scheduler(fake_coco, tmp_path):

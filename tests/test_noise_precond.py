@@ -100,14 +100,19 @@ def test_vp_timestep_at_integer_steps(ddpm):
     torch.testing.assert_close(vp_timestep_for_sigma(sig.float(), ac), t.float(), rtol=0, atol=1e-3)
 
 
-def test_vp_timestep_fractional_and_clamped(ddpm):
+def test_vp_timestep_fractional_clamped_above_and_refused_below_the_schedule(ddpm):
+    """σ inside the schedule maps to its fractional timestep, above it to 999; σ = 0 (clean features) to t = 0;
+    0 < σ < σ(t=0) = 0.0292 has no timestep and is refused, naming both and the flag."""
     ac = ddpm.alphas_cumprod
     log_sig = vp_sigmas(ac).log()
     for t, frac in ((100, 0.5), (400, 0.3), (998, 0.9)):
         sigma = (log_sig[t] + frac * (log_sig[t + 1] - log_sig[t])).exp()
         assert abs(vp_timestep_for_sigma(sigma.view(1), ac).item() - (t + frac)) < 1e-4
-    ts = vp_timestep_for_sigma(torch.tensor([1e-6, 0.02, 0.05, 0.1, 1.0, 1e4]), ac)
-    assert ts[0] == 0 and ts[-1] == 999 and torch.all(ts[1:] >= ts[:-1])
+    ts = vp_timestep_for_sigma(torch.tensor([0.0, 0.0292, 0.05, 0.1, 1.0, 1e4]), ac)
+    assert ts[0] == 0 and ts[1] < 0.01 and ts[-1] == 999 and torch.all(ts[1:] >= ts[:-1])
+    for low in (1e-6, 0.02, 0.029):
+        with pytest.raises(ValueError, match=rf"σ = {low:g} is below .*σ\(t=0\) = 0\.02917.*--feature_noise_min"):
+            vp_timestep_for_sigma(torch.tensor([0.05, low]), ac)
 
 
 def test_vp_scaled_input_equals_ddpm_forward_process(ddpm):
@@ -141,7 +146,8 @@ def test_edm_scalings_identities():
     sched = CMStochasticIterativeScheduler()
     for ours, theirs in zip(edm_scalings(sigma, sd)[:2], sched.get_scalings(sigma)):
         torch.testing.assert_close(ours, theirs)
-    for ours, theirs in zip(edm_scalings(sigma, sd, sigma_min=0.002)[:2], sched.get_scalings_for_boundary_condition(sigma)):
+    for ours, theirs in zip(edm_scalings(sigma, sd, sigma_min=0.002)[:2],
+                            sched.get_scalings_for_boundary_condition(sigma)):
         torch.testing.assert_close(ours, theirs)
     c_skip, c_out, _ = edm_scalings(torch.tensor(0.002), sd, sigma_min=0.002)
     assert c_skip.item() == 1.0 and c_out.item() == 0.0
@@ -149,7 +155,8 @@ def test_edm_scalings_identities():
 
 def test_edm_c_noise():
     sigma = torch.tensor([0.002, 1.0, 80.0])
-    torch.testing.assert_close(edm_c_noise(sigma, "cm"), torch.as_tensor(CMStochasticIterativeScheduler().sigma_to_t(sigma)).float())
+    torch.testing.assert_close(edm_c_noise(sigma, "cm"),
+                               torch.as_tensor(CMStochasticIterativeScheduler().sigma_to_t(sigma)).float())
     torch.testing.assert_close(edm_c_noise(sigma, "edm"), sigma.log() / 4)
     with pytest.raises(ValueError, match="cm"):
         edm_c_noise(sigma, "vp")
@@ -177,14 +184,15 @@ def test_boundary_denoiser_is_identity_at_sigma_min():
 
 def test_edm_one_step_equals_consistency_model_pipeline():
     unet = tiny_cm_unet()
-    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0, clip_denoised=False)
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0,
+                                               clip_denoised=False)
     pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.tensor([0, 3, 7])
     with torch.no_grad():
         ours = edm_one_step(unet, randn_tensor((3, 3, 16, 16), generator=torch.Generator().manual_seed(5)), labels)
-        theirs = pipe(batch_size=3, class_labels=labels, num_inference_steps=1, generator=torch.Generator().manual_seed(5),
-                      output_type="pt").images
+        theirs = pipe(batch_size=3, class_labels=labels, num_inference_steps=1,
+                      generator=torch.Generator().manual_seed(5), output_type="pt").images
     ours_pt = (ours / 2 + 0.5).clamp(0, 1)
     unclamped = ((ours_pt > 0) & (ours_pt < 1)).float().mean()
     assert unclamped > 0.5, "the comparison must not be decided by the [0, 1] clamp"
@@ -240,3 +248,25 @@ def test_sdxl_one_step_equals_lcm_scheduler_step():
     theirs = lcm.step(eps, 999, z, generator=torch.Generator().manual_seed(0)).prev_sample
     assert ours.dtype == torch.float32
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("t", [399, 999])
+def test_vp_x0_is_the_one_step_ddim_scheduler_step(prediction_type, t):
+    """vp_x0 for each prediction type equals the step of the exported one-step scheduler (DDIMScheduler, one
+    step [t], final ᾱ = 1, eta 0), and inverts the forward process for an exact prediction."""
+    from tfd_text2image import vp_one_step_scheduler
+    from tfd_utils import vp_x0
+
+    ddim = vp_one_step_scheduler(DDPMScheduler(**SDXL_SCHEDULER, prediction_type=prediction_type).config, t)
+    ddim.set_timesteps(1)
+    assert ddim.timesteps.tolist() == [t]
+    g = torch.Generator().manual_seed(t)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    a = ddim.alphas_cumprod[t].double()
+    z = (a.sqrt() * x0 + (1 - a).sqrt() * eps).float()
+    exact = {"epsilon": eps, "v_prediction": (a.sqrt() * eps - (1 - a).sqrt() * x0).float(), "sample": x0}
+    out = exact[prediction_type] + 0.1 * torch.randn(2, 4, 8, 8, generator=g)  # an imperfect model output
+    torch.testing.assert_close(vp_x0(z, exact[prediction_type], a, prediction_type), x0, rtol=1e-4, atol=1e-4)
+    theirs = ddim.step(out, t, z).prev_sample
+    torch.testing.assert_close(vp_x0(z, out, a, prediction_type), theirs, rtol=1e-5, atol=1e-5)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from tiny_sd3 import LATENT_CHANNELS, NUM_LAYERS, make_tiny_sd3_pipeline, tiny_sd3_transformer
 
 import tfd_text2image
 import tfd_utils
 import train_tfd_sd3 as script
-from tiny_sd3 import LATENT_CHANNELS, NUM_LAYERS, make_tiny_sd3_pipeline, tiny_sd3_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_HW = (8, 12)  # non-square on purpose: a transposed fold cannot pass
@@ -219,6 +219,38 @@ def test_block_selectors_shapes_independent_capture_and_early_stop():
         assert fx(lambda s: fwd(s, sigma), x)["block:-1"].shape == (3, inner * 6)
 
 
+def test_attention_selector_takes_the_image_tokens_of_its_tuple():
+    """A block's joint attention returns (image tokens, context tokens), the block itself (context, image): the
+    feature of `transformer_blocks.1.attn` is its image tokens folded to the patch grid; a tuple holding no
+    image tokens is refused, naming the valid choices."""
+    tr = tiny_sd3_transformer().eval()
+    x = torch.randn(3, LATENT_CHANNELS, *LATENT_HW, generator=torch.Generator().manual_seed(0))
+    ctx, pooled = conditioning(3)
+    fwd = tfd_utils.flow_teacher_forward(tr, ctx, pooled)
+    sigma = torch.full((3,), 0.1)
+    raw = {}
+    attn = tr.transformer_blocks[1].attn
+    handle = attn.register_forward_hook(lambda m, a, out: raw.update(image=out[0], context=out[1]))
+    with torch.no_grad():
+        fwd(x, sigma)
+    handle.remove()
+    gh, gw = LATENT_HW[0] // 2, LATENT_HW[1] // 2
+    assert raw["image"].shape[1] == gh * gw and raw["context"].shape[1] == ctx.shape[1] != gh * gw
+    ref = torch.nn.functional.avg_pool2d(tfd_utils.tokens_to_map(raw["image"], gh, gw), 2).flatten(1)
+    with torch.no_grad(), tfd_utils.FeatureExtractor(tr, ["transformer_blocks.1.attn"], pool_size=2) as fx:
+        torch.testing.assert_close(fx(lambda s: fwd(s, sigma), x)["transformer_blocks.1.attn"], ref)
+
+    # the same module made to return its context tokens twice: no image tokens to take
+    handle = attn.register_forward_hook(lambda m, a, out: (out[1], out[1]))
+    try:
+        with torch.no_grad(), tfd_utils.FeatureExtractor(tr, ["transformer_blocks.1.attn"], pool_size=2) as fx:
+            with pytest.raises(ValueError, match=r"returns \[\(3, 7, 32\), \(3, 7, 32\)\]: none of them is the 24 "
+                                                 r"image tokens.*block:0\.\.block:2"):
+                fx(lambda s: fwd(s, sigma), x)
+    finally:
+        handle.remove()
+
+
 def test_block_fractions_carry_across_depths_and_bad_selectors_list_the_range():
     deep = torch.nn.Module()
     deep.transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(24))
@@ -417,7 +449,8 @@ def test_lora_accelerate_launch_and_load_lora_weights(tiny_sd3_dir, data_dir, tm
 
 def test_bad_inputs_fail_early(tiny_sd3_dir, data_dir, tmp_path):
     def run(*extra):
-        return script.main(script.parse_args(base_args(tiny_sd3_dir, data_dir, tmp_path / "o", tmp_path / "c", *extra)))
+        return script.main(script.parse_args(base_args(tiny_sd3_dir, data_dir, tmp_path / "o", tmp_path / "c",
+                                                       *extra)))
 
     with pytest.raises(ValueError, match=r"'block:7' is out of range: this transformer has block:0\.\.block:2"):
         run("--feature_layers", "block:7")
@@ -432,3 +465,67 @@ def test_bad_inputs_fail_early(tiny_sd3_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match="--caption_column 'caption'"):
         run("--caption_column", "caption")
     assert not os.path.exists(tmp_path / "c")  # nothing was written before the errors
+
+
+def test_lora_with_a_bf16_teacher_trains_without_autocast(tiny_sd3_dir, data_dir, tmp_path):
+    """--train_mode lora --teacher_dtype bf16 --mixed_precision no: the generator casts its float32 inputs to the
+    bf16 base weights; the step's loss and gradient are finite."""
+    from scaling_helpers import run_in_process
+
+    out = tmp_path / "o"
+    run_in_process(script, base_args(tiny_sd3_dir, data_dir, out, tmp_path / "c", "--train_mode", "lora",
+                                     "--teacher_dtype", "bf16", "--mixed_precision", "no", "--lora_rank", "4",
+                                     "--max_train_steps", "1", "--checkpointing_steps", "100"))
+    row = metrics(out)[1]
+    assert np.isfinite(row["loss/total"]) and row["train/grad_norm"] > 0 and row["train/bad_steps"] == 0
+
+
+def sd3_config(**traits):
+    """An SD3Transformer2DModel config with the given traits (built on the meta device: no weights)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel(**traits).config
+
+
+def test_checkpoint_families_from_transformer_configs():
+    """SD3.5 medium: 24 layers, RMS q/k norm, dual attention; SD3.5 large: 38 layers, RMS q/k norm; SD3 medium:
+    24 layers, neither; anything else is not recognised."""
+    assert script.checkpoint_family(sd3_config(num_layers=24)) == "SD3 medium"
+    assert script.checkpoint_family(sd3_config(num_layers=38, qk_norm="rms_norm")) == "SD3.5 large"
+    assert script.checkpoint_family(sd3_config(num_layers=24, qk_norm="rms_norm",
+                                               dual_attention_layers=tuple(range(13)))) == "SD3.5 medium"
+    assert script.checkpoint_family(sd3_config(num_layers=NUM_LAYERS)) is None
+    assert script.checkpoint_family(sd3_config(num_layers=24, qk_norm="rms_norm")) is None
+
+
+@pytest.mark.parametrize("extra, steps, guidance", [([], 40, 4.5), (["--positive_guidance_scale", "2"], 40, 2.0),
+                                                    (["--num_positive_steps", "3"], 3, 4.5)])
+def test_positive_defaults_follow_the_checkpoint_and_key_the_cache(pipe, tmp_path, caplog, extra, steps, guidance):
+    """A teacher whose transformer config has SD3.5 medium's traits samples its positives with that model card's
+    40 steps and CFG 4.5 unless a flag says otherwise; the values used key the positive cache and are logged."""
+    import datasets
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+    from scaling_helpers import run_in_process
+
+    teacher_dir = tmp_path / "sd35m"
+    torch.manual_seed(0)
+    medium_like = SD3Transformer2DModel(**{**pipe.transformer.config, "num_layers": 24, "qk_norm": "rms_norm",
+                                           "dual_attention_layers": (0, 1)})
+    StableDiffusion3Pipeline(**{**pipe.components, "transformer": medium_like}).save_pretrained(str(teacher_dir))
+    data = tmp_path / "data"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    datasets.Dataset.from_dict({"text": ["a red cube"], "image": [image]}, features=datasets.Features(
+        {"text": datasets.Value("string"), "image": datasets.Image()})).save_to_disk(str(data))
+    argv = base_args(str(teacher_dir), str(data), tmp_path / "out", tmp_path / "cache", "--num_positives", "1",
+                     "--feature_layers", "block:0", "--prepare_positives_only")
+    argv = argv[:argv.index("--num_positive_steps")] + argv[argv.index("--num_positive_steps") + 2:] + extra
+    caplog.set_level("INFO")
+    assert run_in_process(script, argv)["generated"] == 1  # a real image: no teacher sampling needed
+    (settings,) = (tmp_path / "cache").glob("*/settings.json")
+    settings = json.loads(settings.read_text())
+    assert (settings["num_positive_steps"], settings["positive_guidance_scale"]) == (steps, guidance)
+    assert f"Teacher positives: {steps} steps, CFG {guidance} (" in caplog.text
+    if not extra:
+        assert "the SD3.5 medium model card's" in caplog.text

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scaling_helpers import run_in_process
 
 import tfd_text2image
 import tfd_training
@@ -67,45 +68,54 @@ def embed(pipe, prompt):
     return pe, pooled
 
 
-def student_latents(unet, pipe, prompt, noise, t=999):
-    """The training generator (tfd_utils.sdxl_one_step) for a prompt, as the script calls it."""
+def script_args(t, *extra):
+    """The script's parsed flags at --conditioning_timestep t (what `generate` reads)."""
+    return script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x", "--resolution", "32",
+                              "--conditioning_timestep", str(t), *extra])
+
+
+def student_latents(unet, pipe, prompt, noise, t=399, teacher_config=None):
+    """The training generator (the script's own `generate`, with the one-step scheduler built from the teacher's
+    config, as `build` makes it) for a prompt."""
     pe, pooled = embed(pipe, prompt)
     b = noise.shape[0]
-    cond = {"text_embeds": pooled.expand(b, -1), "time_ids": script.sdxl_time_ids(32, b)}
-    ac = pipe.scheduler.alphas_cumprod
+    scheduler = tfd_text2image.vp_one_step_scheduler(teacher_config or pipe.scheduler.config, t)
     with torch.no_grad():
-        return tfd_utils.sdxl_one_step(unet, noise, t, ac[t], pe.expand(b, -1, -1), cond)
+        return script.generate(script_args(t), unet, noise, pe.expand(b, -1, -1), pooled.expand(b, -1), scheduler)
 
 
-def pipeline_latents(pipe, prompt, noise, t=999):
-    when = {"num_inference_steps": 1} if t == 999 else {"timesteps": [t]}  # the model card's call
+def pipeline_latents(pipe, prompt, noise, **when):
+    """The pipeline's latents from `noise`, no CFG; by default the plain one-step call (the model card's)."""
+    when = when or {"num_inference_steps": 1}
     return pipe(prompt, guidance_scale=0.0, latents=noise.clone(), height=32, width=32,
                 num_images_per_prompt=noise.shape[0], output_type="latent", **when).images
 
 
-@pytest.mark.parametrize("t", [999, 399])
-def test_one_step_equals_lcm_pipeline_step(teacher, t):
-    """sdxl_one_step is exactly StableDiffusionXLPipeline + LCMScheduler (1 step, no CFG, latents), also
-    at another --conditioning_timestep sampled with timesteps=[t]."""
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("t", [399, 999])
+def test_one_step_scheduler_plain_call_and_lcm_at_t_equal_the_generator(teacher, t):
+    """The saved one-step scheduler (DDIMScheduler, one step [t]) makes StableDiffusionXLPipeline's plain
+    one-step call exactly the script's generator; DMD2's way, LCMScheduler with timesteps=[t], too."""
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**{**teacher.components,
-                                        "scheduler": script_lcm(teacher.scheduler.config)})
-    pipe.set_progress_bar_config(disable=True)
+    one_step = tfd_text2image.vp_one_step_scheduler(teacher.scheduler.config, t)
+    assert isinstance(one_step, DDIMScheduler)
+    torch.testing.assert_close(one_step.alphas_cumprod, teacher.scheduler.alphas_cumprod, rtol=0, atol=0)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    ours = student_latents(pipe.unet, pipe, "a photo of a cat", noise, t)
-    theirs = pipeline_latents(pipe, "a photo of a cat", noise, t)
+    ours = student_latents(teacher.unet, teacher, "a photo of a cat", noise, t)
+    pipe = StableDiffusionXLPipeline(**{**teacher.components, "scheduler": one_step})
+    pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(pipeline_latents(pipe, "a photo of a cat", noise), ours, atol=1e-5, rtol=1e-5)
     assert pipe.scheduler.timesteps.tolist() == [t]
-    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-6)
-    other = student_latents(pipe.unet, pipe, "a photo of a cat", noise, 399 if t == 999 else 999)
+
+    lcm = LCMScheduler.from_config(teacher.scheduler.config)
+    pipe = StableDiffusionXLPipeline(**{**teacher.components, "scheduler": lcm})
+    pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(pipeline_latents(pipe, "a photo of a cat", noise, timesteps=[t]), ours,
+                               atol=1e-5, rtol=1e-5)
+    assert pipe.scheduler.timesteps.tolist() == [t]
+    other = student_latents(teacher.unet, teacher, "a photo of a cat", noise, 399 if t == 999 else 999)
     assert not torch.allclose(ours, other, atol=1e-3)  # the timestep matters: the comparison is not vacuous
     assert ours.abs().mean() > (1.0 if t == 999 else 0.1)
-
-
-def script_lcm(config):
-    from diffusers import LCMScheduler
-
-    return LCMScheduler.from_config(script.one_step_scheduler_config(config))
 
 
 def test_vp_teacher_forward_feeds_scaled_input_at_matching_timestep(teacher):
@@ -155,7 +165,8 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
     sample = teacher("a blue sphere", num_inference_steps=2, guidance_scale=6.0, height=32, width=32,
                      generator=gen, output_type="latent").images[0]
     torch.testing.assert_close(blue["positives"][1], sample, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(blue["positives"][0], tfd_text2image.encode_image(teacher.vae, ds[2]["image"], 32, "cpu"))
+    torch.testing.assert_close(blue["positives"][0],
+                               tfd_text2image.encode_image(teacher.vae, ds[2]["image"], 32, "cpu"))
     cone = cache.load("a green cone", ["teacher", "teacher"])
     assert not torch.allclose(cone["positives"][0], cone["positives"][1])  # different seeds per slot
 
@@ -194,7 +205,7 @@ def test_positive_cache_prepare_reuse_and_corruption(tiny_sdxl_dir, data_dir, te
 
 
 def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp_path):
-    from diffusers import DiffusionPipeline, LCMScheduler
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     cache = tmp_path / "cache"
     out_a, out_b = tmp_path / "a", tmp_path / "b"
@@ -225,15 +236,18 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
     for (name, p), q in zip(student.named_parameters(), student_b.parameters()):
         assert torch.equal(p, q), name
 
-    # The saved pipeline runs the student's one step: DiffusionPipeline(prompt, 1 step, no CFG).
+    # The saved pipeline's plain call runs the student's one step at the default timestep 399: DiffusionPipeline(
+    # prompt, 1 step, no CFG).
     pipe = DiffusionPipeline.from_pretrained(str(out_a))
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    trained = student_latents(student, pipe, "a red cube", noise)
+    assert json.loads((out_a / "training_args.json").read_text())["conditioning_timestep"] == 399
+    base = DiffusionPipeline.from_pretrained(tiny_sdxl_dir)
+    trained = student_latents(student, pipe, "a red cube", noise, 399, base.scheduler.config)
     torch.testing.assert_close(pipeline_latents(pipe, "a red cube", noise), trained, atol=1e-5, rtol=1e-5)
-    teacher_unet = DiffusionPipeline.from_pretrained(tiny_sdxl_dir).unet
-    assert (student_latents(teacher_unet, pipe, "a red cube", noise) - trained).abs().max() > 1e-3  # it trained
+    assert pipe.scheduler.timesteps.tolist() == [399]
+    assert (student_latents(base.unet, pipe, "a red cube", noise) - trained).abs().max() > 1e-3  # it trained
     image = pipe("a red cube", num_inference_steps=1, guidance_scale=0.0).images[0]
     assert image.size == (32, 32)
     card = (out_a / "README.md").read_text()
@@ -246,7 +260,7 @@ def test_full_training_resume_and_exported_pipeline(tiny_sdxl_dir, data_dir, tmp
 
 def test_lora_accelerate_launch_and_load_lora_weights(tiny_sdxl_dir, data_dir, teacher, tmp_path):
     """A real `accelerate launch` run in LoRA mode; its weights load onto the teacher pipeline."""
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from peft import LoraConfig
 
     out = tmp_path / "lora"
@@ -269,17 +283,76 @@ def test_lora_accelerate_launch_and_load_lora_weights(tiny_sdxl_dir, data_dir, t
                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     tfd_text2image.import_trainable(student, str(out / "checkpoint-2"), True, StableDiffusionXLPipeline, "unet")
 
-    # The user's three lines: teacher pipeline + load_lora_weights + the saved one-step scheduler.
+    # The user's three lines (the model card's): teacher pipeline + load_lora_weights + the saved one-step scheduler.
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out))
-    pipe.scheduler = LCMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    pipe.scheduler = DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    trained = student_latents(student, pipe, "a blue sphere", noise)
+    trained = student_latents(student, pipe, "a blue sphere", noise, 399, teacher.scheduler.config)
     torch.testing.assert_close(pipeline_latents(pipe, "a blue sphere", noise), trained, atol=1e-5, rtol=1e-5)
     base = student_latents(teacher.unet, teacher, "a blue sphere", noise)
     assert (base - trained).abs().max() > 1e-4  # the adapters changed the generator
-    assert "load_lora_weights" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "DDIMScheduler.from_pretrained(" in card
+    assert "num_inference_steps=1" in card and "timesteps=" not in card
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_exported_student_trained_at_999_is_its_generator_at_999(tiny_sdxl_dir, data_dir, teacher, tmp_path, mode):
+    """--conditioning_timestep 999: the saved pipeline's plain one-step call (full), or the teacher with the LoRA
+    weights and the saved scheduler (the model card's lines), is the script's generator at 999."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionXLPipeline
+
+    out = tmp_path / mode
+    student = run_in_process(script, base_args(
+        tiny_sdxl_dir, data_dir, out, tmp_path / "cache", "--train_mode", mode, "--conditioning_timestep", "999",
+        "--lora_rank", "4", "--lora_alpha", "4", "--max_train_steps", "1", "--checkpointing_steps", "100"))
+    if mode == "full":
+        pipe = DiffusionPipeline.from_pretrained(str(out))
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        pipe.load_lora_weights(str(out))
+        pipe.scheduler = DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    trained = student_latents(student, pipe, "a green cone", noise, 999, teacher.scheduler.config)
+    torch.testing.assert_close(pipeline_latents(pipe, "a green cone", noise), trained, atol=1e-5, rtol=1e-5)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    assert not torch.allclose(student_latents(student, pipe, "a green cone", noise, 399), trained, atol=1e-3)
+
+
+def test_v_prediction_teacher_student_x0_and_its_exported_plain_call(tiny_sdxl_dir, data_dir, tmp_path):
+    """A v-prediction SDXL checkpoint: the generator's x0 = √ᾱ z − √(1−ᾱ) v̂ (the UNet's output read as v) at 399
+    and 999, and the exported pipeline's plain call (its scheduler keeps the teacher's prediction type) is that
+    generator."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionXLPipeline
+
+    vpred = tmp_path / "vpred"
+    shutil.copytree(tiny_sdxl_dir, vpred)
+    config_path = vpred / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    teacher = StableDiffusionXLPipeline.from_pretrained(str(vpred))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    pe, pooled = embed(teacher, "a red cube")
+    for t in (399, 999):
+        ours = student_latents(teacher.unet, teacher, "a red cube", noise, t)
+        with torch.no_grad():
+            v = teacher.unet(noise, t, encoder_hidden_states=pe.expand(2, -1, -1), added_cond_kwargs={
+                "text_embeds": pooled.expand(2, -1), "time_ids": script.sdxl_time_ids(32, 2)}).sample
+        a = teacher.scheduler.alphas_cumprod[t].double()
+        torch.testing.assert_close(ours, (a.sqrt() * noise - (1 - a).sqrt() * v).float(), atol=1e-5, rtol=1e-5)
+
+    out = tmp_path / "out"
+    student = run_in_process(script, base_args(str(vpred), data_dir, out, tmp_path / "cache", "--max_train_steps",
+                                               "1", "--checkpointing_steps", "100"))
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "v_prediction"
+    trained = student_latents(student, pipe, "a red cube", noise, 399, teacher.scheduler.config)
+    torch.testing.assert_close(pipeline_latents(pipe, "a red cube", noise), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_teacher_pass_is_the_base_model_with_checkpointing(teacher):
@@ -456,3 +529,122 @@ def test_full_student_starts_from_the_checkpoint_bit_for_bit_with_a_bf16_teacher
     for name, p in student.state_dict().items():
         assert p.dtype == torch.float32 and torch.equal(p, loaded[name]), name
     assert not torch.equal(teacher.state_dict()["conv_in.weight"].float(), loaded["conv_in.weight"])  # rounded
+
+
+@pytest.mark.parametrize("t, bound", [(999, 1e-4), (399, 1e-5)])
+def test_bf16_autocast_adds_no_rounding_after_the_unet_body(teacher, t, bound):
+    """Under bf16 autocast the student's last layer (conv_out) and x0 run in float32: its x0 equals, to float32
+    rounding, conv_out and x0 evaluated in float64 on the same body output (conv_out in bf16 would round ε̂ to
+    2⁻⁹, which x0 multiplies by 1/√ᾱ, and fail the bound). Against a float32 forward the bf16 body's own
+    rounding remains: bounded at 1 % of x0's RMS."""
+    unet = teacher.unet
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(8, 4, 8, 8, generator=g)
+    pe, pooled = torch.randn(8, 77, 64, generator=g), torch.randn(8, 32, generator=g)
+    scheduler = tfd_text2image.vp_one_step_scheduler(teacher.scheduler.config, t)
+    body = {}
+    hook = unet.conv_out.register_forward_pre_hook(lambda m, a: body.update(x=a[0].detach()))
+    with torch.no_grad():
+        full = script.generate(script_args(t), unet, noise, pe, pooled, scheduler)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = script.generate(script_args(t), unet, noise, pe, pooled, scheduler)
+    hook.remove()
+    conv = unet.conv_out
+    eps = torch.nn.functional.conv2d(body["x"].double(), conv.weight.double(), conv.bias.double(), padding=1)
+    tail = tfd_utils.vp_x0(noise, eps, scheduler.alphas_cumprod[t])
+
+    def rms(a, b):
+        return (a - b).double().square().mean().sqrt().item()
+
+    assert mixed.dtype == torch.float32 and body["x"].dtype == torch.bfloat16  # the body did run in bf16
+    assert rms(mixed, tail) < bound, rms(mixed, tail)
+    assert rms(mixed, full) < 0.01 * full.square().mean().sqrt().item()
+
+
+@pytest.mark.parametrize("precision", [["--mixed_precision", "no"],
+                                       ["--mixed_precision", "bf16", "--gradient_checkpointing"]])
+def test_lora_with_a_bf16_teacher_trains_without_and_with_autocast(tiny_sdxl_dir, data_dir, tmp_path, precision):
+    """--train_mode lora --teacher_dtype bf16 --mixed_precision no: the generator casts its float32 inputs to the
+    bf16 base weights (no "mat1 and mat2 must have the same dtype"); under bf16 autocast with gradient
+    checkpointing the bf16 conv_out runs in float32 (float32_layer). The step's loss and gradient are finite."""
+    out = tmp_path / "o"
+    run_in_process(script, base_args(tiny_sdxl_dir, data_dir, out, tmp_path / "c", "--train_mode", "lora",
+                                     "--teacher_dtype", "bf16", "--lora_rank", "4", *precision,
+                                     "--max_train_steps", "1", "--checkpointing_steps", "100"))
+    row = metrics(out)[1]
+    assert np.isfinite(row["loss/total"]) and row["train/grad_norm"] > 0 and row["train/bad_steps"] == 0
+
+
+@pytest.mark.parametrize("name", ["train_tfd_sdxl", "train_tfd_sd3", "train_tfd_imagenet64"])
+def test_fp16_teacher_needs_fp16_mixed_precision(name, monkeypatch):
+    """A float16 teacher without the loss scaling of --mixed_precision fp16 is refused at parse time in every
+    script (its feature gradient would underflow); the accelerate config's setting counts when the flag is
+    absent; the positives alone (no backward) may be sampled in float16."""
+    import importlib
+
+    module = importlib.import_module(name)
+    argv = ["--pretrained_model_name_or_path", "x", "--dataset_name", "x", "--teacher_dtype", "fp16"]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for extra in ([], ["--mixed_precision", "no"], ["--mixed_precision", "bf16"]):
+        with pytest.raises(ValueError, match="--teacher_dtype fp16 .*Use --teacher_dtype bf16, or --mixed_precision "
+                                             "fp16"):
+            module.parse_args(argv + extra)
+    assert module.parse_args(argv + ["--mixed_precision", "fp16"]).teacher_dtype == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from its config
+    module.parse_args(argv)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="from ACCELERATE_MIXED_PRECISION"):
+        module.parse_args(argv)
+    if name != "train_tfd_imagenet64":
+        module.parse_args(argv + ["--prepare_positives_only"])
+
+
+def test_feature_noise_below_the_teachers_smallest_level_is_refused_before_training(tiny_sdxl_dir, data_dir,
+                                                                                    tmp_path):
+    """σ between 0 and σ(t=0) = 0.0292 has no timestep of the schedule (it used to be run at t = 0 silently):
+    refused before any step, naming both values and the flag; σ = 0 (clean features) still trains."""
+    def run(*extra):
+        return run_in_process(script, base_args(tiny_sdxl_dir, data_dir, tmp_path / "o", tmp_path / "c",
+                                                "--max_train_steps", "1", "--checkpointing_steps", "100", *extra))
+
+    with pytest.raises(ValueError, match=r"σ = 0\.02 is below .* σ\(t=0\) = 0\.02917.*--feature_noise_min to at "
+                                         r"least 0\.0292"):
+        run("--feature_noise_min", "0.02", "--feature_noise_max", "0.1")
+    with pytest.raises(ValueError, match="--feature_noise_min 0 with --feature_noise_max > 0"):
+        run("--feature_noise_min", "0", "--feature_noise_max", "0.1")
+    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+    run("--feature_noise_min", "0", "--feature_noise_max", "0")
+    assert np.isfinite(metrics(tmp_path / "o")[1]["loss/total"])
+
+
+def test_vae_latents_mean_and_std_scale_latents_as_the_sdxl_pipeline_decodes(teacher):
+    """A VAE with latents_mean/latents_std in its config (Playground v2.5 style): denoiser latents =
+    (z − mean)·scaling_factor/std per channel. decode_latents decodes exactly as StableDiffusionXLPipeline does,
+    and encode_image's latents are the inverse of that decoding."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from PIL import Image
+
+    config = dict(teacher.vae.config)
+    config.update(latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[0.5, 2.0, 1.5, 0.8])
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict(teacher.vae.state_dict())
+    pipe = StableDiffusionXLPipeline(**{**teacher.components, "vae": vae,
+                                        "scheduler": tfd_text2image.vp_one_step_scheduler(teacher.scheduler.config,
+                                                                                          399)})
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = pipeline_latents(pipe, "a cat", noise)
+    images = pipe("a cat", guidance_scale=0.0, latents=noise.clone(), height=32, width=32, num_images_per_prompt=2,
+                  num_inference_steps=1, output_type="pt").images
+    torch.testing.assert_close(tfd_text2image.decode_latents(vae, latents), images * 2 - 1, atol=1e-5, rtol=1e-5)
+    plain = tfd_text2image.decode_latents(teacher.vae, latents)
+    assert (plain - (images * 2 - 1)).abs().max() > 0.01  # without the mean and std: another image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    z = tfd_text2image.encode_image(vae, image, 32, "cpu")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean[0]
+    torch.testing.assert_close(tfd_text2image.from_latents(vae, z), mean, atol=1e-5, rtol=1e-5)
+    std = torch.tensor(config["latents_std"]).view(-1, 1, 1)
+    torch.testing.assert_close(z, (mean - torch.tensor(config["latents_mean"]).view(-1, 1, 1)) * 0.13025 / std)

@@ -4,11 +4,12 @@
         --students "TFD student=outputs/digits/runs_t2i/tfd" --output_dir outputs/digits/eval_t2i_sdxl
 
 Rows: the teacher through its own pipeline and scheduler (`--steps` Euler steps with CFG
-`--guidance_scale`), the teacher in one step (SDXL: LCMScheduler at timestep 999, the TFD student's
-initialisation; SD3: FlowMatchEulerDiscreteScheduler with one step), and each student (a saved
-pipeline folder, or a folder holding pytorch_lora_weights.safetensors for the teacher), run one step
-without CFG through its pipeline. Prompt sets: the data set's captions ("train") and the held-out
-templates ("heldout"), every prompt equally often (so every digit equally often).
+`--guidance_scale`), the teacher in one step (SDXL: the one-step DDIMScheduler at timestep 999, where a
+TFD student trained at 999 starts; SD3: FlowMatchEulerDiscreteScheduler with one step), and each student
+(a saved pipeline folder, or a folder holding pytorch_lora_weights.safetensors for the teacher), run one
+step without CFG through its pipeline at the timestep it was trained at. Prompt sets: the data set's
+captions ("train") and the held-out templates ("heldout"), every prompt equally often (so every digit
+equally often).
 Metrics per prompt set, with the digit classifier of classifier.py: FD of its 64-d features against
 the held-out test digits (class-balanced), and accuracy = the classifier agrees with the digit the
 prompt names (prepare_text2image.caption_digit).
@@ -90,18 +91,16 @@ def sample(pipe, prompts, seed, steps, guidance_scale, batch_size=250):
     return torch.cat(out)
 
 
-def one_step_pipeline(teacher):
-    """The teacher with the one-step scheduler a TFD student uses: SDXL LCMScheduler (t = 999),
-    SD3 its FlowMatchEulerDiscreteScheduler (one step: sigmas [1, 0])."""
-    import inspect
-
-    from diffusers import LCMScheduler
+def one_step_pipeline(teacher, timestep=999):
+    """The teacher with the one-step scheduler a TFD student trained at `timestep` uses: SDXL the DDIMScheduler
+    whose one step is [timestep] (train_tfd_sdxl.py's export), SD3 its FlowMatchEulerDiscreteScheduler (one
+    step: sigmas [1, 0])."""
+    from tfd_text2image import vp_one_step_scheduler
 
     if is_sd3(teacher):
         return teacher
-    keys = inspect.signature(LCMScheduler.__init__).parameters
-    lcm = LCMScheduler.from_config({k: v for k, v in teacher.scheduler.config.items() if k in keys})
-    pipe = type(teacher)(**{**teacher.components, "scheduler": lcm})
+    pipe = type(teacher)(**{**teacher.components,
+                            "scheduler": vp_one_step_scheduler(teacher.scheduler.config, timestep)})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -117,22 +116,40 @@ def load_student(path, teacher_dir):
         kw = {"text_encoder_3": None, "tokenizer_3": None} if sd3 else {}
         pipe = DiffusionPipeline.from_pretrained(path, **kw)
     elif os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
-        pipe = one_step_pipeline(load_teacher(teacher_dir))
+        pipe = one_step_pipeline(load_teacher(teacher_dir), run_timestep(path))
         pipe.load_lora_weights(path)
-        if os.path.isdir(os.path.join(path, "scheduler")):
-            pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
+        saved = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(saved):
+            import diffusers
+
+            cls = getattr(diffusers, json.load(open(saved))["_class_name"])
+            pipe.scheduler = cls.from_pretrained(path, subfolder="scheduler")
     else:
         raise FileNotFoundError(f"{path} holds neither a pipeline (model_index.json) nor LoRA weights.")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def student_steps(run_dir):
-    """How a TFD run's student samples: one step (1), or [T] for a run trained with
-    --conditioning_timestep T other than 999 (read from its training_args.json)."""
+def run_timestep(run_dir):
+    """The --conditioning_timestep a TFD run's student was trained at (its training_args.json); 999 when it
+    records none."""
     path = os.path.join(run_dir, "training_args.json")
-    t = json.load(open(path)).get("conditioning_timestep", 999) if os.path.isfile(path) else 999
-    return 1 if t == 999 else [t]
+    return json.load(open(path)).get("conditioning_timestep", 999) if os.path.isfile(path) else 999
+
+
+def one_step_timesteps(pipe):
+    """The timesteps of the pipeline's plain one-step call."""
+    pipe.scheduler.set_timesteps(1)
+    return [int(t) if float(t).is_integer() else float(t) for t in pipe.scheduler.timesteps.tolist()]
+
+
+def student_steps(run_dir, pipe):
+    """How a TFD run's student samples: its pipeline's plain one-step call (1) where that is the timestep it
+    was trained at, else [T] (a student saved with a scheduler whose one step is another timestep, e.g.
+    LCMScheduler's 999). SD3 students (no timestep recorded) take the plain call."""
+    path = os.path.join(run_dir, "training_args.json")
+    t = json.load(open(path)).get("conditioning_timestep") if os.path.isfile(path) else None
+    return 1 if t is None or one_step_timesteps(pipe) == [t] else [t]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +190,8 @@ def evaluate_rows(rows, data_dir, clf, num_samples, seeds, batch_size, log=print
         row = {"label": label, "steps": steps, "guidance_scale": guidance}
         if isinstance(steps, (list, tuple)):
             row.update(steps=len(steps), timesteps=list(steps))
+        elif steps == 1:
+            row["timesteps"] = one_step_timesteps(pipe)
         for key, (prompts, digits) in sets.items():
             per_seed = []
             for seed in seeds:
@@ -200,10 +219,10 @@ def first_per_prompt(images, prompts):
     return images[keep]
 
 
-def checkpoint_pipeline(teacher_dir, ckpt_dir):
-    """The one-step pipeline of a TFD checkpoint: its `unet/` or `transformer/` (full fine-tune) or its
-    LoRA weights, on the teacher."""
-    pipe = one_step_pipeline(load_teacher(teacher_dir))
+def checkpoint_pipeline(teacher_dir, ckpt_dir, timestep=999):
+    """The one-step pipeline of a TFD checkpoint trained at `timestep`: its `unet/` or `transformer/` (full
+    fine-tune) or its LoRA weights, on the teacher with the one-step scheduler."""
+    pipe = one_step_pipeline(load_teacher(teacher_dir), timestep)
     for name in ("unet", "transformer"):
         if os.path.isdir(os.path.join(ckpt_dir, name)):
             model = type(getattr(pipe, name)).from_pretrained(ckpt_dir, subfolder=name)
@@ -221,9 +240,9 @@ def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
     from tfd_training import list_checkpoints, write_json
 
     ckpts = list_checkpoints(run_dir)
-    steps = student_steps(run_dir)
+    t = run_timestep(run_dir)
     key = {"n": num_samples, "seed": seed, "steps": [s for s, _ in ckpts], "teacher": os.path.abspath(teacher_dir),
-           "sampling": steps}
+           "timestep": t}
     cache = os.path.join(run_dir, "fd_curve.json")
     if os.path.isfile(cache) and json.load(open(cache)).get("key") == key:
         return [tuple(p) for p in json.load(open(cache))["curve"]]
@@ -231,8 +250,9 @@ def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
     prompts, digits = prompt_set(data_dir, "train", num_samples)
     curve = []
     for step, path in [(0, None)] + ckpts:
-        pipe = one_step_pipeline(load_teacher(teacher_dir)) if path is None else checkpoint_pipeline(teacher_dir, path)
-        images = sample(pipe, prompts, seed, steps, 0.0)
+        pipe = (one_step_pipeline(load_teacher(teacher_dir), t) if path is None
+                else checkpoint_pipeline(teacher_dir, path, t))
+        images = sample(pipe, prompts, seed, 1, 0.0)
         curve.append((step, metrics(clf, images, digits, ref_stats)["fd"]))
     write_json(cache, {"key": key, "curve": curve})
     return curve
@@ -342,7 +362,8 @@ def main(argv=None):
         rows.append(("teacher, one step", one_step_pipeline(teacher), 1, 0.0))
     for spec in args.students:
         label, path = spec.rsplit("=", 1)
-        rows.append((label, load_student(path, args.teacher_dir), student_steps(path), 0.0))
+        pipe = load_student(path, args.teacher_dir)
+        rows.append((label, pipe, student_steps(path, pipe), 0.0))
     seeds = ints(args.seeds)
     print(f"Evaluating {len(rows)} rows, {args.num_samples} samples per prompt set, seeds {seeds}:")
     results, grids = evaluate_rows(rows, args.data_dir, clf, args.num_samples, seeds, args.batch_size)
