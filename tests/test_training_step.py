@@ -91,7 +91,7 @@ def generate_per_group(name, args, run, batch):
         n = len(noise_g)
         cond = (prompt_embeds[g:g + 1].expand(n, *prompt_embeds.shape[1:]), pooled[g:g + 1].expand(n, -1))
         if name == "sdxl":
-            out.append(sdxl.generate(args, run.student, noise_g, *cond, run.alphas_cumprod))
+            out.append(sdxl.generate(args, run.student, noise_g, *cond, run.scheduler))
         else:
             out.append(sd3.generate(args, run.student, noise_g, *cond))
     return torch.stack(out)
