@@ -303,7 +303,7 @@ class Row:
         if self.kind == "sdxl":
             ids = s.sdxl_time_ids(a.resolution, len(pe), noise.device, pooled.dtype)
             cond = {"text_embeds": pooled, "time_ids": ids}
-            generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled), run.alphas_cumprod)
+            generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled), run.scheduler)
             forward = lambda m: tfd_utils.vp_teacher_forward(m, run.alphas_cumprod, pe, cond)
         else:
             generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled))

@@ -89,7 +89,6 @@ def test_real_configs_have_the_published_parameter_counts():
     from real_arch import ADM_IMAGENET64, SDXL_BASE
 
     import tfd_utils
-    from bench_train_step import ADM_IMAGENET64, SDXL_BASE, count_params
 
     with torch.device("meta"):
         adm, sdxl = UNet2DModel(**ADM_IMAGENET64), UNet2DConditionModel(**SDXL_BASE)

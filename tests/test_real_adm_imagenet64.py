@@ -43,8 +43,6 @@ def adm_teacher_and_data(tmp_path_factory):
     from diffusers import UNet2DModel
     from real_arch import ADM_IMAGENET64
 
-    from bench_train_step import ADM_IMAGENET64
-
     root = tmp_path_factory.mktemp("adm64")
     torch.manual_seed(0)
     UNet2DModel(**ADM_IMAGENET64).save_pretrained(root / "teacher")

@@ -1,6 +1,7 @@
 # train_tfd_sdxl.py end to end on a tiny random SDXL pipeline (tests/tiny_sdxl.py), offline, CPU.
 import json
 import os
+import shutil
 import subprocess
 import sys
 
