@@ -106,7 +106,8 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
     files = sorted(glob.glob(str(settings_dir / "entries" / "*" / "*")))
     assert all(f.endswith(".safetensors") for f in files), files  # no temporary file left behind
-    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    settings = __import__("json").loads((settings_dir / "settings.json").read_text())
+    store = tfd_text2image.PositiveCache(str(cache), settings)
     assert store.dir == str(settings_dir)
     assert sorted(files) == sorted(store.path(p, ["teacher", "teacher"]) for p in PROMPTS)  # each exactly once
     for p in PROMPTS:
@@ -132,6 +133,9 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     assert rows[-1]["cache/misses"] == 0 and rows[-1]["cache/hits"] >= 1  # the prepared cache served it
     assert log.count("Saved checkpoint") == 1 and log.count("update skipped") == 1
     assert "Every prompt is cached" in log
+    # DDP (accelerate's default gradient_as_bucket_view=False) keeps a flat copy of the gradients: the memory line
+    # counts it next to them.
+    assert re.search(r"unet \(student\): (\S+ \S+) params \(float32\) \+ \1 grads \+ \1 DDP gradient buckets \+ ", log)
 
 
 def test_sd3_two_process_training_with_lora(prompts_file, tmp_path):
