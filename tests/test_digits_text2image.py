@@ -91,8 +91,9 @@ def test_tokenizers_load_and_behave_like_clip(teachers, layout):
 
 
 def test_sdxl_teacher_is_a_pipeline_trained_on_its_own_unconditional_input(teachers, data_dir):
-    import train_text2image_teacher as T
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    import train_text2image_teacher as T
 
     pipe = StableDiffusionXLPipeline.from_pretrained(teachers["sdxl"])
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and pipe.config.force_zeros_for_empty_prompt
@@ -125,8 +126,9 @@ def test_teacher_rerun_is_skipped_and_training_is_deterministic(teachers, data_d
 
 
 def test_sd3_teacher_loads_without_t5_and_the_fast_path_is_the_pipeline(teachers):
-    import train_text2image_teacher as T
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    import train_text2image_teacher as T
 
     pipe = StableDiffusion3Pipeline.from_pretrained(teachers["sd3"], text_encoder_3=None, tokenizer_3=None)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.vae.config.shift_factor is not None
@@ -206,9 +208,10 @@ def test_students_are_sampled_at_the_timestep_they_were_trained_at(teachers, tmp
     plain one-step call where the student's scheduler makes that timestep (train_tfd_sdxl.py's export), else
     [T] through the scheduler's custom timesteps (a student saved with an LCMScheduler, whose plain call is 999);
     both give the same images."""
+    from diffusers import LCMScheduler
+
     import evaluate_text2image as E
     import train_text2image_teacher as T
-    from diffusers import LCMScheduler
 
     teacher = T.load_teacher(teachers["sdxl"])
     at_399 = E.one_step_pipeline(teacher, 399)

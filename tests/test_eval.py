@@ -23,10 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "edm_toy"))
 
+import eval_utils  # noqa: E402
 import evaluate_coco  # noqa: E402
 import evaluate_imagenet64  # noqa: E402
-
-import eval_utils  # noqa: E402
 
 NUM_CLASSES, RES = 5, 16
 

@@ -7,6 +7,7 @@ a cache entry's temporary file was written but before its rename. Non-finite val
 with TFD_TEST_NONFINITE_STEPS (tfd_training.fault_loss). Both are no-ops outside tests.
 """
 
+import json
 import os
 import time
 
@@ -76,7 +77,7 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
     prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
     run_until_pause_then_kill(script, prepare, tmp_path / "cache_kill.log", f"cache_entry:{PROMPTS[1]}")
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
-    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
     slots = ["teacher", "teacher"]
     entries = sorted(settings_dir.glob("entries/*/*"))
     (leftover,) = [p for p in entries if ".tmp-" in p.name]

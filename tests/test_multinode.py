@@ -101,9 +101,9 @@ def test_two_machines_train_share_cache_and_output_then_resume(tiny_sdxl_dir, pr
     assert [r["step"] for r in rows] == [1, 2, 3]  # logged once (by global rank 0), one line per step
     assert sum("Saved checkpoint" in log for log in logs) == 1
     # A complete checkpoint: the student, the optimiser and schedule, and the RNG state of BOTH global ranks.
-    assert sorted(os.listdir(out / "checkpoint-2")) == ["optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
-                                                        "scheduler.bin", "tfd_checkpoint_complete", "tfd_trainable.json",
-                                                        "unet"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == [
+        "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin", "tfd_checkpoint_complete",
+        "tfd_trainable.json", "unet"]
     assert not any(name.endswith(".incomplete") for name in os.listdir(out))
 
     # The exported one-step pipeline loads and runs.

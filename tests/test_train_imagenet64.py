@@ -107,7 +107,8 @@ def test_three_data_formats_give_the_same_images(tiny):
         assert got_labels[order].tolist() == labels, kw
         assert torch.equal(data.data[order], want), kw
         lazy = script.LabelledImages(got_labels, fetch, 3, RES, preload_max_gb=0)
-        assert lazy.data is None and torch.equal(lazy.get(torch.tensor([[0, 5], [7, 1]])), data.data[torch.tensor([[0, 5], [7, 1]])])
+        idx = torch.tensor([[0, 5], [7, 1]])
+        assert lazy.data is None and torch.equal(lazy.get(idx), data.data[idx])
 
 
 def test_conversion_to_teacher_channels_and_resolution():
@@ -219,7 +220,8 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
 
 def test_edm_pickle_teacher_trains_and_saves_an_edm_pickle_of_the_same_generator(tiny, tmp_path):
     out = run(tiny, tmp_path / "edm", "--pretrained_teacher_model", tiny / "edm-teacher.pkl", "--edm_repo", EDM_TOY,
-              "--feature_layers", "enc:1 bottleneck dec:1", "--learning_rate", "1e-3", "--precond", "edm", data="edm.zip")
+              "--feature_layers", "enc:1 bottleneck dec:1", "--learning_rate", "1e-3", "--precond", "edm",
+              data="edm.zip")
     assert [r["step"] for r in metrics(out)] == [1, 2] and (out / "samples.png").exists()
     with open(out / "network-snapshot.pkl", "rb") as f:
         net = pickle.load(f)["ema"]
@@ -322,11 +324,13 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
 
 
 @pytest.mark.parametrize("extra, data, error, match", [
-    (["--feature_layers", "down_blocks.0 mid_blok"], "data", ValueError, r"Unknown teacher layer 'mid_blok'.*mid_block"),
+    (["--feature_layers", "down_blocks.0 mid_blok"], "data", ValueError,
+     r"Unknown teacher layer 'mid_blok'.*mid_block"),
     ([], "data_y", ValueError, r"no label column 'label'.*\['image', 'y'\].*--label_column"),
     (["--class_ids", "0-4"], "data", ValueError, r"Classes \[4\] named by --class_ids have no images"),
     (["--pretrained_teacher_model", "{tiny}/uncond_teacher"], "data", ValueError, "has no class embeddings"),
-    (["--num_generated", "1"], "data", ValueError, r"--num_generated 1: must be >= 2 \(the generated samples of a group are each other's negatives\)"),
+    (["--num_generated", "1"], "data", ValueError,
+     r"--num_generated 1: must be >= 2 \(the generated samples of a group are each other's negatives\)"),
     (["--precond", "edm"], "data", ValueError, "--precond edm needs an NVlabs EDM network pickle"),
     (["--eval_fid_every", "10", "--fid_reference_stats", "{tiny}/missing.npz"], "data", FileNotFoundError,
      "fid_reference_stats"),
