@@ -121,7 +121,8 @@ def split_and_slice(split):
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "tfd_checkpoint_complete"  # written last: a folder without it is incomplete
-RUN_FILES = ("metrics.jsonl", "model_index.json", "network-snapshot.pkl", "pytorch_lora_weights.safetensors")
+EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
+RUN_FILES = ("metrics.jsonl", *EXPORT_FILES)
 
 
 def list_checkpoints(output_dir, logger=None):
@@ -175,8 +176,6 @@ def check_output_dir(output_dir, resume_from_checkpoint):
         raise FileExistsError(f"{output_dir} already holds another run ({', '.join(found)}): pass "
                               "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
 
-
-EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
 
 
 def load_call(output_dir):
@@ -1174,13 +1173,10 @@ def check_bad_images(bad, max_bad, checked, where, logger):
 # ----------------------------------------------------------------------------------------------
 
 
-WEIGHT_FILE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin")
-
-
 def hub_id(path_or_id):
     """path_or_id when it is a Hub repo id (NAME or ORG/NAME), else None: a local path, a URL or a weights
     file is no base model a Hub card may name."""
-    if (not path_or_id or os.path.exists(path_or_id) or path_or_id.lower().endswith(WEIGHT_FILE_SUFFIXES)
+    if (not path_or_id or os.path.exists(path_or_id) or looks_like_path(path_or_id)
             or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path_or_id)):
         return None
     return path_or_id
