@@ -107,7 +107,8 @@ def test_three_data_formats_give_the_same_images(tiny):
         assert got_labels[order].tolist() == labels, kw
         assert torch.equal(data.data[order], want), kw
         lazy = script.LabelledImages(got_labels, fetch, 3, RES, preload_max_gb=0)
-        assert lazy.data is None and torch.equal(lazy.get(torch.tensor([[0, 5], [7, 1]])), data.data[torch.tensor([[0, 5], [7, 1]])])
+        pick = torch.tensor([[0, 5], [7, 1]])
+        assert lazy.data is None and torch.equal(lazy.get(pick), data.data[pick])
 
 
 def test_conversion_to_teacher_channels_and_resolution():
@@ -219,7 +220,8 @@ def test_accelerate_launch_end_to_end_and_saved_pipeline_is_the_training_generat
 
 def test_edm_pickle_teacher_trains_and_saves_an_edm_pickle_of_the_same_generator(tiny, tmp_path):
     out = run(tiny, tmp_path / "edm", "--pretrained_teacher_model", tiny / "edm-teacher.pkl", "--edm_repo", EDM_TOY,
-              "--feature_layers", "enc:1 bottleneck dec:1", "--learning_rate", "1e-3", "--precond", "edm", data="edm.zip")
+              "--feature_layers", "enc:1 bottleneck dec:1", "--learning_rate", "1e-3", "--precond", "edm",
+              data="edm.zip")
     assert [r["step"] for r in metrics(out)] == [1, 2] and (out / "samples.png").exists()
     with open(out / "network-snapshot.pkl", "rb") as f:
         net = pickle.load(f)["ema"]
@@ -322,11 +324,13 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
 
 
 @pytest.mark.parametrize("extra, data, error, match", [
-    (["--feature_layers", "down_blocks.0 mid_blok"], "data", ValueError, r"Unknown teacher layer 'mid_blok'.*mid_block"),
+    (["--feature_layers", "down_blocks.0 mid_blok"], "data", ValueError,
+     r"Unknown teacher layer 'mid_blok'.*mid_block"),
     ([], "data_y", ValueError, r"no label column 'label'.*\['image', 'y'\].*--label_column"),
     (["--class_ids", "0-4"], "data", ValueError, r"Classes \[4\] named by --class_ids have no images"),
     (["--pretrained_teacher_model", "{tiny}/uncond_teacher"], "data", ValueError, "has no class embeddings"),
-    (["--num_generated", "1"], "data", ValueError, r"--num_generated 1: must be >= 2 \(the generated samples of a group are each other's negatives\)"),
+    (["--num_generated", "1"], "data", ValueError,
+     r"--num_generated 1: must be >= 2 \(the generated samples of a group are each other's negatives\)"),
     (["--precond", "edm"], "data", ValueError, "--precond edm needs an NVlabs EDM network pickle"),
     (["--eval_fid_every", "10", "--fid_reference_stats", "{tiny}/missing.npz"], "data", FileNotFoundError,
      "fid_reference_stats"),
@@ -341,6 +345,31 @@ def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, e
     with pytest.raises(error, match=match):
         run(tiny, tmp_path / "bad", *extra, data=data)
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_unknown_layers_fail_before_any_weight_loads(tiny, tmp_path, monkeypatch):
+    """A diffusers teacher's --feature_layers are checked on its config (a UNet2DModel built on the meta device),
+    read from the teacher folder or a pipeline folder's unet/, before any weight is read; good names go on to
+    load the weights."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    def no_weights(cls, *args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(no_weights))
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny / "teacher", pipeline / "unet")
+    (pipeline / "model_index.json").write_text('{"_class_name": "ConsistencyModelPipeline"}\n')
+    for teacher in (tiny / "teacher", pipeline):
+        for layers, match in (("down_blocks.0 mid_blok", r"Unknown teacher layer 'mid_blok'.*Did you mean mid_block"),
+                              ("enc:99", r"Layer selector 'enc:99' is out of range")):
+            with pytest.raises(ValueError, match=match):
+                run(tiny, tmp_path / "out", "--pretrained_teacher_model", teacher, "--feature_layers", layers)
+        with pytest.raises(AssertionError, match="weights loaded"):  # good names: on to the weights
+            run(tiny, tmp_path / "out", "--pretrained_teacher_model", teacher)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_output_dir_of_another_run_needs_resume(tiny, tmp_path):
