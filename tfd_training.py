@@ -13,8 +13,9 @@ import time
 import torch
 
 # ----------------------------------------------------------------------------------------------
-# Files: every write is atomic (a temporary file, then a rename), so a killed run never leaves a
-# truncated file behind.
+# Files: every file this code writes goes to a temporary name first and is renamed when complete, so a
+# killed run never leaves a truncated file behind; metrics.jsonl alone is appended to, one line per
+# write (a line cut short by a kill is skipped by its readers and dropped on resume: truncate_metrics).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -58,17 +59,26 @@ def save_png(path, image):
     atomic_write(path, lambda tmp: image.save(tmp, format="png"))
 
 
-def save_pipeline(pipe, output_dir):
-    """pipe.save_pretrained into a temporary folder, then move each component in, complete."""
-    tmp = os.path.join(output_dir, ".pipeline.incomplete")
+def save_into(output_dir, save_fn, name="save"):
+    """save_fn(tmp) writes into a temporary folder inside output_dir (`.NAME.incomplete`); then each file and
+    folder it wrote is moved in, complete: a file by one rename over the old one, a folder after the old one
+    is removed. A run killed meanwhile leaves the old file (or no folder), never a partial one; the
+    temporary folder is cleared by the next save."""
+    tmp = os.path.join(output_dir, f".{name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        dst = os.path.join(output_dir, name)
-        if os.path.isdir(dst):
+    os.makedirs(tmp)
+    save_fn(tmp)
+    for entry in os.listdir(tmp):
+        dst = os.path.join(output_dir, entry)
+        if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
+        os.replace(os.path.join(tmp, entry), dst)
     os.rmdir(tmp)
+
+
+def save_pipeline(pipe, output_dir):
+    """pipe.save_pretrained into a temporary folder, then each component moved in, complete (save_into)."""
+    save_into(output_dir, pipe.save_pretrained, "pipeline")
 
 
 def tensor_digest(tensors):
@@ -1114,7 +1124,7 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 
 
 def hub_repo_name(args):

@@ -1,10 +1,12 @@
 """Faults: runs SIGKILLed while writing a checkpoint or a cache entry, then resumed; non-finite
-losses and gradients (skipped, counted, and a stop naming the last good checkpoint).
+losses and gradients (skipped, counted, and a stop naming the last good checkpoint); a write that fails
+half-way through (the model card, the LoRA export, the one-step scheduler) leaves the previous file.
 
-Kills happen at test-only pause points (tfd_training.fault_pause, TFD_TEST_PAUSE): after
-accelerator.save_state wrote checkpoint-N.incomplete but before its completion marker, and after
-a cache entry's temporary file was written but before its rename. Non-finite values are injected
-with TFD_TEST_NONFINITE_STEPS (tfd_training.fault_loss). Both are no-ops outside tests.
+The scripts have no test hooks: tests/instrument.py wraps library functions the loop calls, as the
+environment asks. TFD_TEST_PAUSE pauses a run after accelerator.save_state wrote checkpoint-N.incomplete
+but before its completion marker, or after a cache entry's temporary file was written but before its
+rename, so that the test can SIGKILL it there; TFD_TEST_NONFINITE_STEPS makes chosen steps' losses
+non-finite.
 """
 
 import os
@@ -76,7 +78,8 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
     prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
     run_until_pause_then_kill(script, prepare, tmp_path / "cache_kill.log", f"cache_entry:{PROMPTS[1]}")
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
-    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    settings = __import__("json").loads((settings_dir / "settings.json").read_text())
+    store = tfd_text2image.PositiveCache(str(cache), settings)
     slots = ["teacher", "teacher"]
     entries = sorted(settings_dir.glob("entries/*/*"))
     (leftover,) = [p for p in entries if ".tmp-" in p.name]
@@ -151,3 +154,61 @@ def assert_stopped_with_nothing_overwritten(out, dbg, model_cls):
     assert not [p for p in os.listdir(out) if p.endswith(".incomplete")]
     assert state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
     assert not (out / "unet").exists() and not (out / "model_index.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A write that fails half-way through: the files a run ends with go to a temporary name first.
+# ----------------------------------------------------------------------------------------------
+
+
+def fail_half_way(path, data=b"partial"):
+    """What a writer killed mid-file leaves: some bytes at `path`, then an error."""
+    with open(path, "wb") as f:
+        f.write(data)
+    raise OSError("disk full (injected)")
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_card_lora_weights_and_scheduler(tiny_sdxl_dir, tmp_path,
+                                                                                          monkeypatch):
+    from types import SimpleNamespace
+
+    import safetensors.torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from huggingface_hub.repocard import RepoCard
+    from peft import LoraConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = SimpleNamespace(hub_token=None, push_to_hub=False, output_dir=str(out))
+
+    def card(title):
+        tfd_training.save_model_card(args, "me/student", str(tmp_path), ["tfd"], title, "text", "pass", {"a": 1})
+
+    card("first")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    scheduler = tfd_text2image.vp_one_step_scheduler(DDIMScheduler().config, 399)
+    tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    before = {p: p.read_bytes() for p in (out / "README.md", out / "pytorch_lora_weights.safetensors",
+                                          out / "scheduler" / "scheduler_config.json")}
+
+    monkeypatch.setattr(RepoCard, "save", lambda self, path: fail_half_way(path))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata=None: fail_half_way(path))
+    monkeypatch.setattr(DDIMScheduler, "to_json_file", lambda self, path: fail_half_way(path))
+    with pytest.raises(OSError, match="injected"):
+        card("second")
+    with pytest.raises(OSError, match="injected"):
+        tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    with pytest.raises(OSError, match="injected"):
+        tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    for path, data in before.items():
+        assert path.read_bytes() == data, path  # the previous file, whole: the partial one went elsewhere
+    assert "first" in (out / "README.md").read_text() and b"partial" not in b"".join(before.values())
+
+    monkeypatch.undo()  # the next saves clear the leftovers and move their files in
+    card("third")
+    tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    assert "third" in (out / "README.md").read_text()
+    assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors", "scheduler"]
