@@ -1,18 +1,19 @@
 # train_tfd_sdxl.py end to end on a tiny random SDXL pipeline (tests/tiny_sdxl.py), offline, CPU.
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from scaling_helpers import run_in_process
 
 import tfd_text2image
 import tfd_training
 import tfd_utils
 import train_tfd_sdxl as script
+from scaling_helpers import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow star"]
