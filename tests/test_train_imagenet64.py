@@ -336,6 +336,8 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
      "fid_reference_stats"),
     (["--classes_per_batch", "5"], "data", ValueError, "lower --classes_per_batch"),
     (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl"], "edm.zip", ModuleNotFoundError, "--edm_repo"),
+    (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl", "--edm_repo", EDM_TOY, "--teacher_dtype", "bf16"],
+     "edm.zip", ValueError, r"An EDM pickle's feature pass runs in float32 .*: drop --teacher_dtype\."),
 ])
 def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, error, match, monkeypatch):
     if "edm-teacher" in " ".join(extra):  # unpickling needs --edm_repo: the toy module unimportable for this test
