@@ -1,7 +1,7 @@
 """Both training scripts under `accelerate launch` with 2 CPU processes (gloo, MULTI_CPU DDP).
 
-What each launch proves, from per-rank records the scripts write only when TFD_DEBUG_DIR is set
-(tfd_training.debug_record): ranks draw disjoint classes / prompts every step; the student weights are
+What each launch proves, from per-rank records tests/instrument.py writes around the scripts' own functions
+when TFD_DEBUG_DIR is set: ranks draw disjoint classes / prompts every step; the student weights are
 bit-identical on both ranks after every step (DDP averaged the gradients) and equal the saved
 checkpoint and export; a non-finite loss or gradient on ONE rank skips the update on both;
 logging and saving happen once. The SDXL positive cache is filled by a 2-process
@@ -106,7 +106,8 @@ def test_sdxl_cache_by_concurrent_writers_then_two_process_training(tiny_sdxl_di
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
     files = sorted(glob.glob(str(settings_dir / "entries" / "*" / "*")))
     assert all(f.endswith(".safetensors") for f in files), files  # no temporary file left behind
-    store = tfd_text2image.PositiveCache(str(cache), __import__("json").loads((settings_dir / "settings.json").read_text()))
+    settings = __import__("json").loads((settings_dir / "settings.json").read_text())
+    store = tfd_text2image.PositiveCache(str(cache), settings)
     assert store.dir == str(settings_dir)
     assert sorted(files) == sorted(store.path(p, ["teacher", "teacher"]) for p in PROMPTS)  # each exactly once
     for p in PROMPTS:

@@ -496,3 +496,12 @@ def test_method_md_has_the_sections_of_tfd_utils_and_names_its_functions():
     names = {name for _, functions in rows for name in re.findall(r"`(\w+)`", functions)}
     missing = {n for n in names if not hasattr(tfd_utils, n) and not hasattr(tfd_utils.TFDLoss, n)}
     assert len(names) > 30 and not missing, missing
+
+
+def test_testing_md_lists_every_test_file():
+    text = open(os.path.join(ROOT, "docs", "testing.md"), encoding="utf-8").read()
+    table = text.split("\n## What the suite covers\n")[1].split("\n## ")[0]
+    listed = {name for line in table.split("\n") if line.startswith("| `")
+              for name in re.findall(r"`(test_\w+\.py)`", split_cells(line)[0])}
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))}
+    assert listed == files, (files - listed, listed - files)
