@@ -18,6 +18,7 @@ venv:
 	else echo "venv up to date ($(VENV))"; fi
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest
 
 # Real-size architectures (SDXL base, SD3.5 medium; random weights): ~15 GB of RAM, 8-14 minutes on a 2-core CPU.

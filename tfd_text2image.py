@@ -6,7 +6,6 @@
 # ("unet" or "transformer"); the method is in tfd_utils.py, the loop plumbing in tfd_training.py.
 
 import contextlib
-import copy
 import json
 import os
 import re
@@ -360,9 +359,10 @@ class Positives:
     (prompt, slot)), stored in --cache_dtype.
 
     teacher_pipe: the teacher pipeline (its encode_prompt and __call__ are used); teacher_context():
-    entered around teacher sampling (LoRA: adapters off); offload_modules: text encoders and VAE,
-    parked on the CPU while the cache holds everything (moved back for a miss). Real images that
-    cannot be decoded (found by check_real_images) are left out of the slot plans.
+    entered around teacher sampling (LoRA: adapters off); offload_modules: text encoders and VAE, which
+    live on the CPU and come to the device for a miss's entry only (for every entry after
+    `keep_on_device`: --prepare_positives_only). Real images that cannot be decoded (found by
+    check_real_images) are left out of the slot plans.
     """
 
     def __init__(self, args, cache, real_rows, dataset, teacher_pipe, device, teacher_context=None,
@@ -370,7 +370,7 @@ class Positives:
         self.args, self.cache, self.real_rows, self.dataset = args, cache, real_rows, dataset
         self.pipe, self.device, self.logger = teacher_pipe, device, logger
         self.teacher_context = teacher_context or contextlib.nullcontext
-        self.offload_modules, self.offloaded = list(offload_modules), False
+        self.offload_modules, self.resident = list(offload_modules), False
         self.stats = {"hits": 0, "generated": 0, "regenerated": 0}
         self._window = dict(self.stats)
         self.bad = {}  # row → (name, reason) of real images that cannot be decoded
@@ -452,22 +452,21 @@ class Positives:
         return {**{f"cache/{'misses' if k == 'generated' else k}": v for k, v in zip(keys, counts.tolist())},
                 "cache/bad_images": float(len(self.bad))}  # the same on every process: found before training
 
-    def offload_if_complete(self, prompts):
-        """Warn about the cache's coverage of the prompt set; when it holds every prompt, park the text
-        encoders and VAE on the CPU (a later miss brings them back for its entry)."""
-        if warn_about_misses(self, prompts, self.logger):
-            return
+    def keep_on_device(self):
+        """Text encoders and VAE on the device from now on (--prepare_positives_only: every entry uses them), not
+        brought there and back for each entry."""
         for m in self.offload_modules:
-            m.to("cpu")
-        self.offloaded = True
-        self.logger.info("Every prompt is cached: text encoders and VAE moved off the accelerator.")
+            tfd_training.cast(m, self.device)
+        self.resident = True
 
-    @torch.no_grad()
     def make(self, prompt, slots):
-        """Text embeddings and positives of one prompt."""
+        """Text embeddings and positives of one prompt; the text encoders and VAE on the device meanwhile."""
+        with torch.no_grad(), contextlib.nullcontext() if self.resident else on_device(self.offload_modules,
+                                                                                       self.device):
+            return self._make(prompt, slots)
+
+    def _make(self, prompt, slots):
         args = self.args
-        for m in self.offload_modules:
-            m.to(self.device)
         pe, pooled = encode_prompts(self.pipe, [prompt], self.device)
         latents = [None] * len(slots)
         for i, tag in enumerate(slots):
@@ -489,9 +488,6 @@ class Positives:
                                 generator=gens, output_type="latent").images
             for i, lat in zip(teacher_slots, out):
                 latents[i] = lat.float()
-        if self.offloaded:
-            for m in self.offload_modules:
-                m.to("cpu")
         cdt = getattr(torch, args.cache_dtype)
         return {"positives": torch.stack(latents).to(cdt), "prompt_embeds": pe[0].to(cdt),
                 "pooled_prompt_embeds": pooled[0].to(cdt)}
@@ -510,6 +506,25 @@ class Positives:
                          f"{len(self.bad)} bad real images skipped.", main_process_only=False)
         accelerator.end_training()
         return dict(s)
+
+
+@contextlib.contextmanager
+def on_device(modules, device):
+    """The modules on `device` inside the block, then back where they were: the text encoders and VAE live on the
+    CPU and come to the device only to encode prompts or real images, sample positives or decode a grid."""
+    modules = [m for m in modules if m is not None]
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        tfd_training.cast(m, device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            tfd_training.cast(m, home)
+
+
+def text_encoders(pipe):
+    return [m for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None]
 
 
 def encode_prompts(pipe, prompts, device):
@@ -686,9 +701,10 @@ def check_trainable(resume, args):
                          "start a new run in a new --output_dir.")
 
 
-def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
-    """The frozen teacher pipeline: the denoiser and VAE in float32 (the student is copied from the
-    denoiser as loaded), the text encoders in the teacher's dtype, on the device."""
+def load_pipeline(pipeline_cls, args, teacher_dtype, **components):
+    """The frozen teacher pipeline on the CPU: the denoiser and VAE in float32 (the student is copied from the
+    denoiser as loaded), the text encoders in the teacher's dtype. make_student puts the denoiser on the device;
+    the text encoders and VAE go there only while they are used (`on_device`)."""
     from diffusers import AutoencoderKL
 
     if args.pretrained_vae_model_name_or_path:
@@ -699,11 +715,9 @@ def load_pipeline(pipeline_cls, args, device, teacher_dtype, **components):
                                         variant=args.variant, cache_dir=args.cache_dir, dtype=dtypes,
                                         **{**absent_components(pipeline_cls, args), **components})
     pipe.set_progress_bar_config(disable=True)
-    for name, m in pipe.components.items():
+    for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
-            if name.startswith("text_encoder") or name == "vae":
-                m.to(device)
     return pipe
 
 
@@ -734,19 +748,19 @@ def cond_dtype(args):
 
 def student_and_teacher(model, train_mode, device, teacher_dtype, lora_rank=64, lora_alpha=64,
                         lora_target_modules=("to_k", "to_q", "to_v", "to_out.0")):
-    """(student, teacher) from the teacher's denoiser (UNet or transformer), as loaded.
+    """(student, teacher) on the device from the teacher's denoiser (UNet or transformer), as loaded.
 
-    full: a float32 copy is taken BEFORE the teacher is cast to teacher_dtype, so the student starts
-    from the checkpoint's exact weights. lora: float32 LoRA adapters on the denoiser itself, which is
-    then also the teacher with its adapters disabled (`teacher_mode`): no second copy.
+    full: a float32 copy made on the CPU BEFORE the teacher is cast, so the student starts from the
+    checkpoint's exact weights; the teacher goes to the device already in teacher_dtype, then the student
+    (tfd_training.student_and_frozen_teacher: never two float32 copies on the device). lora: the denoiser
+    goes to the device in teacher_dtype and gets float32 LoRA adapters; it is also the teacher with its
+    adapters disabled (`teacher_mode`): no second copy.
     """
-    model.requires_grad_(False).to(device)
     if train_mode == "full":
-        student = tfd_training.cast(copy.deepcopy(model), torch.float32).requires_grad_(True)
-        return student, tfd_training.cast(model, teacher_dtype)
+        return tfd_training.student_and_frozen_teacher(model, device, teacher_dtype)
     from peft import LoraConfig
 
-    tfd_training.cast(model, teacher_dtype)
+    tfd_training.cast(model.requires_grad_(False), device, teacher_dtype)
     model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                  target_modules=list(lora_target_modules)))
     for prm in model.parameters():
@@ -862,28 +876,38 @@ def card_settings(args, num_prompts, positive_counts=None):
 def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, components=None, cache_settings=None):
     """What a text-to-image script's loop needs, as a namespace: prompts (and the data set and its
     description), the teacher pipeline (loaded unless `pipe` is given: the benchmark passes one built from a
-    config; components: what it is loaded with, e.g. no T5), student, teacher and teacher_context, the positives
-    (their cache; cache_settings: what else its entries depend on) and the validation prompts' embeddings; then
-    the loss (TFDLoss from its flags), AdamW and its schedule, prepared by the accelerator. With
-    --prepare_positives_only: the teacher and positives only."""
+    config; components: what it is loaded with, e.g. no T5), the validation prompts' embeddings, student,
+    teacher and teacher_context, the positives (their cache; cache_settings: what else its entries depend on);
+    then the loss (TFDLoss from its flags), AdamW and its schedule, prepared by the accelerator, and the memory
+    each component takes on the device (logged). With --prepare_positives_only: the teacher and positives only.
+
+    On the device: the text encoders while they encode the validation prompts (before anything else is there),
+    then the teacher and the student (student_and_teacher), the text encoders and VAE again only for a cache miss
+    or a validation grid; with --prepare_positives_only the teacher, text encoders and VAE."""
     components, cache_settings = components or {}, cache_settings or {}
     from types import SimpleNamespace
 
     device, teacher_dtype = accelerator.device, tfd_training.DTYPES[args.teacher_dtype]
     # a. Prompts, and the real images whose captions match them.
     prompts, real_rows, dataset, data_desc = load_prompts(args, logger)
-    # b. The teacher pipeline: the text encoders in the teacher's dtype, the VAE in float32.
-    pipe = pipe if pipe is not None else load_pipeline(pipeline_cls, args, device, teacher_dtype, **components)
+    # b. The teacher pipeline, on the CPU: the text encoders in the teacher's dtype, the VAE in float32.
+    pipe = pipe if pipe is not None else load_pipeline(pipeline_cls, args, teacher_dtype, **components)
+    val_embeds = None
+    if not args.prepare_positives_only:  # encoded once, while the device holds nothing else
+        with on_device(text_encoders(pipe), device):
+            val_embeds = encode_prompts(pipe, args.validation_prompts, device)
     # c. Student and teacher; the positives (the cache, filled up front with --prepare_positives_only).
     student, teacher, teacher_context = make_student(pipe, component, args, device)
     positives = open_positives(args, pipe, real_rows, dataset, device, teacher_context, logger, **cache_settings)
     positives.check_real_images(accelerator, prompts)  # bad images: named, skipped or refused before any sampling
     run = SimpleNamespace(prompts=prompts, dataset=dataset, data_desc=data_desc, pipe=pipe, student=student,
-                          teacher=teacher, teacher_context=teacher_context, positives=positives)
+                          teacher=teacher, teacher_context=teacher_context, positives=positives, val_embeds=val_embeds)
     if args.prepare_positives_only:
+        positives.keep_on_device()
         return run
-    run.val_embeds = encode_prompts(pipe, args.validation_prompts, device)
-    positives.offload_if_complete(prompts)
+    if not warn_about_misses(positives, prompts, logger):
+        logger.info("Every prompt is cached: the text encoders and VAE stay on the CPU (the VAE comes to the device "
+                    "for validation grids).")
     # d. The loss, the optimiser and its schedule; checkpoints hold the trainable weights as exported.
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -895,6 +919,12 @@ def setup(args, accelerator, pipeline_cls, component, logger, pipe=None, compone
     register_checkpoint_hooks(accelerator, args.train_mode == "lora", pipeline_cls, component,
                               trainable_settings(args))
     run.student, run.optimizer, run.lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    parts = ([(f"{component} (student)", run.student), (f"{component} (teacher)", teacher)]
+             if args.train_mode == "full" else [(f"{component} (teacher base + LoRA student)", run.student)])
+    parts += [(name if m is not None else f"{name} (not loaded)", m if m is not None else [])
+              for name, m in pipe.components.items()
+              if name != component and (isinstance(m, torch.nn.Module) or name.startswith("text_encoder"))]
+    run.memory = tfd_training.log_memory(accelerator, parts, run.optimizer, logger)
     return run
 
 
@@ -917,12 +947,12 @@ def sample_grid(pipe, component, model, scheduler, embeds, args, accelerator, **
     val.set_progress_bar_config(disable=True)
     pe, pooled = (e.to(model.device, model.dtype) for e in embeds)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(pe))]
-    with accelerator.autocast():
-        latents = val(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=1, height=args.resolution,
-                      width=args.resolution, generator=gens, output_type="latent", **call_kw).images
-    vae_device = pipe.vae.device
-    images = decode_latents(pipe.vae.to(model.device), latents)
-    pipe.vae.to(vae_device)
+    with on_device([pipe.vae], accelerator.device):  # the VAE lives on the CPU
+        with accelerator.autocast():
+            latents = val(prompt_embeds=pe, pooled_prompt_embeds=pooled, num_inference_steps=1,
+                          height=args.resolution, width=args.resolution, generator=gens, output_type="latent",
+                          **call_kw).images
+        images = decode_latents(pipe.vae, latents)
     return tfd_training.image_grid(images)
 
 

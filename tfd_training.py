@@ -3,6 +3,7 @@
 # logging, checkpoints, images, model cards and the Hub upload. The method itself is in tfd_utils.py.
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -632,6 +633,142 @@ def cast(model, *args):
     if getattr(model, "_keep_in_fp32_modules", None):
         return model.to(*args)
     return torch.nn.Module.to(model, *args)
+
+
+def student_and_frozen_teacher(model, device, teacher_dtype):
+    """(student, teacher) of a full fine-tune from the teacher's network as loaded, placed so that the device never
+    holds two float32 copies of it: the float32 student is copied on the CPU (the checkpoint's exact weights), the
+    teacher then goes to the device already in teacher_dtype (each tensor cast while it moves: a float32 teacher is
+    never on the device when teacher_dtype is half), then the student follows. The host holds two copies while the
+    student is made. A network handed over on the device (the benchmark's) goes to the CPU first."""
+    cast(model.requires_grad_(False), "cpu")
+    student = cast(copy.deepcopy(model), torch.float32).requires_grad_(True)
+    teacher = cast(model, device, teacher_dtype)
+    return cast(student, device), teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory on the device, component by component, logged once at start-up.
+# ----------------------------------------------------------------------------------------------
+
+
+def same_device(a, b):
+    """Whether two devices are one (cuda:0 and cuda:0, cpu and cpu:0)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def local_tensor(t):
+    """The part of `t` this process holds: its shard of an FSDP2 DTensor, else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def tensor_bytes(t):
+    t = local_tensor(t)
+    return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(optimizer, param, device):
+    """(bytes on `device` of the state `optimizer` keeps for `param` once it has stepped, whether that is exact):
+    what the first step will allocate. torch's AdamW and Adam: two moments shaped and typed like the parameter
+    (three with amsgrad) and a float32 step count, kept on the parameter's device only when capturable or fused
+    (else on the CPU). bitsandbytes' 8-bit AdamW (not exact): one byte per parameter per moment and a float32
+    scale per block of 256, float32 moments for tensors under its min_8bit_size. Another optimiser: what
+    optimizer.state holds now."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    local = local_tensor(param)
+    numel, on_device = local.numel(), same_device(local.device, device)
+    if type(opt) in (torch.optim.AdamW, torch.optim.Adam):
+        group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+        moments = (3 if group.get("amsgrad") else 2) * numel * local.element_size() if on_device else 0
+        step_device = local.device if group.get("capturable") or group.get("fused") else torch.device("cpu")
+        return moments + 4 * same_device(step_device, device), True
+    if type(opt).__module__.startswith("bitsandbytes") and "8bit" in type(opt).__name__:
+        if not on_device:
+            return 0, False
+        if numel < getattr(getattr(opt, "args", None), "min_8bit_size", 4096):
+            return 2 * numel * 4, False
+        return 2 * numel + 2 * 4 * -(-numel // 256), False
+    return sum(tensor_bytes(v) for v in opt.state.get(param, {}).values()
+               if torch.is_tensor(v) and same_device(local_tensor(v).device, device)), False
+
+
+def format_bytes(n):
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def memory_report(device, components, optimizer):
+    """Bytes on `device`, per component: {label: {"params", "trainable", "buffers", "grads", "ddp_buckets",
+    "optimizer", "elsewhere", "dtypes", "optimizer_exact"}}. components: [(label, module or tensors)] (a tensor met
+    twice, e.g. a LoRA student that is also its teacher, counts once, under its first label). params: the bytes of
+    its parameters (this process's shards under FSDP) on the device, of them `trainable` those that require grad;
+    buffers: its buffers on the device (SD3's position table); grads: what the gradients will take (shaped and
+    typed like their parameters); ddp_buckets: DDP's flat gradient buckets, as much again unless
+    gradient_as_bucket_view; optimizer: optimizer_state_bytes; elsewhere: parameter and buffer bytes on other
+    devices."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    seen, report = set(), {}
+    for label, thing in components:
+        params = list(thing.parameters()) if isinstance(thing, torch.nn.Module) else list(thing)
+        ddp = isinstance(thing, torch.nn.parallel.DistributedDataParallel) and not thing.gradient_as_bucket_view
+        row = dict.fromkeys(("params", "trainable", "buffers", "grads", "ddp_buckets", "optimizer", "elsewhere"), 0)
+        row.update(dtypes=[], optimizer_exact=True)
+        for b in thing.buffers() if isinstance(thing, torch.nn.Module) else ():
+            if id(b) not in seen:
+                seen.add(id(b))
+                row["buffers" if same_device(local_tensor(b).device, device) else "elsewhere"] += tensor_bytes(b)
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = tensor_bytes(p)
+            if not same_device(local_tensor(p).device, device):
+                row["elsewhere"] += n
+                continue
+            row["params"] += n
+            if str(p.dtype).removeprefix("torch.") not in row["dtypes"]:
+                row["dtypes"].append(str(p.dtype).removeprefix("torch."))
+            if p.requires_grad:
+                row["trainable"] += n
+                row["grads"] += n
+                row["ddp_buckets"] += n * ddp
+                state, exact = optimizer_state_bytes(opt, p, device)
+                row["optimizer"] += state
+                row["optimizer_exact"] &= exact
+        report[label] = row
+    return report
+
+
+def log_memory(accelerator, components, optimizer, logger):
+    """One line per component (memory_report on the accelerator's device) and a total, after accelerator.prepare:
+    parameters as they are now, gradients and optimiser states as the first step will allocate them; activations
+    (and an FSDP unit's gathered weights) not counted. Returns the report."""
+    device = accelerator.device
+    report = memory_report(device, components, optimizer)
+    opt = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    logger.info(f"Memory on {device} (this process; parameters as they are now, gradients and {opt} states as the "
+                "first step allocates them; activations not counted):")
+    for label, r in report.items():
+        if not r["params"] + r["buffers"]:
+            where = f" ({format_bytes(r['elsewhere'])} on the CPU)" if r["elsewhere"] else ""
+            logger.info(f"  {label}: none{where}")
+            continue
+        some = 0 < r["trainable"] < r["params"]
+        parts = [f"{format_bytes(r['params'])} params ({' + '.join(r['dtypes'])}"
+                 + (f"; {format_bytes(r['trainable'])} of them trainable)" if some else ")")
+                 + (f" + {format_bytes(r['buffers'])} buffers" if r["buffers"] >= 2 ** 20 else "")]
+        if r["trainable"]:
+            parts.append(f"{format_bytes(r['grads'])} grads")
+            if r["ddp_buckets"]:
+                parts.append(f"{format_bytes(r['ddp_buckets'])} DDP gradient buckets")
+            parts.append(("" if r["optimizer_exact"] else "≈ ") + f"{format_bytes(r['optimizer'])} {opt} states")
+        logger.info(f"  {label}: " + " + ".join(parts))
+    total = sum(r[k] for r in report.values() for k in ("params", "buffers", "grads", "ddp_buckets", "optimizer"))
+    logger.info(f"  total: {format_bytes(total)} before activations")
+    return report
 
 
 def step_generators(seed, step, micro=0, rank=0):

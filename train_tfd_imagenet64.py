@@ -283,9 +283,12 @@ def build(args, accelerator, teacher=None):
                 f"{channels}x{resolution}x{resolution}, "
                 f"{'in memory' if data.data is not None else 'decoded on the fly'}.")
 
-    # c. Student: a float32 copy of the teacher (EMA optional); the teacher frozen in --teacher_dtype.
-    student = copy.deepcopy(teacher).to(device).float().train().requires_grad_(True)
-    tfd_training.cast(teacher, device, tfd_training.DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
+    # c. Student: a float32 copy of the teacher made on the CPU (EMA optional); the teacher frozen in
+    #    --teacher_dtype, on the device before the student (never two float32 copies there).
+    dtype = tfd_training.DTYPES[args.teacher_dtype]
+    student, teacher = tfd_training.student_and_frozen_teacher(teacher, device, dtype)
+    student.train()
+    teacher.eval()
     set_dropout(student, args.dropout)
     if args.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
@@ -310,7 +313,9 @@ def build(args, accelerator, teacher=None):
     accelerator.register_for_checkpointing(sampler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    return SimpleNamespace(teacher=teacher, edm_net=edm_net, num_classes=num_classes, classes=classes,
+    memory = tfd_training.log_memory(accelerator, [("student", student), ("teacher", teacher)] + (
+        [("student EMA", ema.shadow_params)] if ema is not None else []), optimizer, logger)
+    return SimpleNamespace(memory=memory, teacher=teacher, edm_net=edm_net, num_classes=num_classes, classes=classes,
                            image_shape=(channels, resolution, resolution), data=data, sampler=sampler,
                            data_desc=data_desc, student=student, ema=ema, loss_fn=loss_fn, optimizer=optimizer,
                            lr_scheduler=lr_scheduler)

@@ -12,7 +12,6 @@
 # tfd_text2image.py (prompts, positives, LoRA, export). `main` reads top to bottom and holds the loop;
 # `build` sets up what a step needs; `train_step` is the step; `generate` is the one-step student.
 
-import logging
 import os
 
 import torch

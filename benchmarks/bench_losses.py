@@ -96,7 +96,8 @@ def teacher_forward_time(device, repeats, tiny, cpu_batch):
     with torch.no_grad(), FeatureExtractor(unet, PAPER_LAYERS, pool_size=4) as fx:
         res = config["sample_size"]
         x = torch.randn(1, 3, res, res, device=device)
-        feats = fx(lambda s: unet(s, torch.full((1,), 10.0, device=device), class_labels=torch.zeros(1, dtype=torch.long, device=device)), x)
+        label = torch.zeros(1, dtype=torch.long, device=device)
+        feats = fx(lambda s: unet(s, torch.full((1,), 10.0, device=device), class_labels=label), x)
     measured = {k: v.shape[1] for k, v in feats.items()}
     assert measured == dims, f"layout dims {dims} != measured {measured}"
     full_batch = 70 * 12
@@ -110,7 +111,6 @@ def teacher_forward_time(device, repeats, tiny, cpu_batch):
             unet(x, t, class_labels=labels)
 
     seconds = time_fn(fwd, device, max(1, repeats // 2), warmup=1)
-    del unet
     return seconds * full_batch / batch, batch, full_batch, params, dims
 
 
@@ -144,8 +144,8 @@ def main():
     totals = {"drifting": 0.0, "meanshift": 0.0, "anchor": 0.0}
     for sel in PAPER_LAYERS:
         for kind in totals:
-            totals[kind] += bench(f"ImageNet {imagenet_groups}×(4,4,4)", f"{sel}: {dims[sel]:,}", kind, imagenet_groups,
-                                  dims[sel], IMAGENET_RADII)
+            totals[kind] += bench(f"ImageNet {imagenet_groups}×(4,4,4)", f"{sel}: {dims[sel]:,}", kind,
+                                  imagenet_groups, dims[sel], IMAGENET_RADII)
     for kind, sec in totals.items():
         rows.append((f"ImageNet {imagenet_groups}×(4,4,4)", "all 5 layers", kind, sec))
     for dim in sdxl_dims:
@@ -165,8 +165,8 @@ def main():
         sec, batch, full, params, _ = teacher_forward_time(device, repeats, args.tiny, cpu_batch)
         step = totals["drifting"] + totals["anchor"]
         how = "measured" if batch == full else f"measured at batch {batch}, scaled linearly ×{full / batch:g}"
-        print(f"\nTeacher: ADM ImageNet-64 UNet2DModel{' (tiny, 32 px)' if args.tiny else ''}, {params / 1e6:.1f}M params, "
-              f"float32 no-grad forward at batch {full}: {sec:.3f} s ({how}).\n")
+        print(f"\nTeacher: ADM ImageNet-64 UNet2DModel{' (tiny, 32 px)' if args.tiny else ''}, {params / 1e6:.1f}M "
+              f"params, float32 no-grad forward at batch {full}: {sec:.3f} s ({how}).\n")
         print("| per training step (5 layers) | ms | fraction of one teacher forward at batch 840 |")
         print("|---|---|---|")
         print(f"| drifting + anchor losses, fwd+bwd | {step * 1e3:.2f} | {step / sec:.2e} |")

@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--unet", default="reduced", choices=("full", "reduced", "tiny"), help="bench_train_step's --sdxl_unet.")
+    p.add_argument("--unet", default="reduced", choices=("full", "reduced", "tiny"),
+                   help="bench_train_step's --sdxl_unet.")
     p.add_argument("--modes", default="lora,full", help="lora and/or full.")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", default="4,4", help="N,P per prompt (1 prompt).")
@@ -35,9 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--glibc_cache", action="store_true",
-                   help="CPU: keep glibc's default heap caching. By default the runs set MALLOC_MMAP_THRESHOLD_=65536, so "
-                        "every large tensor is its own mapping, returned when freed, and the peak RSS is the peak of "
-                        "live memory rather than of the heap glibc keeps.")
+                   help="CPU: keep glibc's default heap caching. By default the runs set "
+                        "MALLOC_MMAP_THRESHOLD_=65536, so every large tensor is its own mapping, returned when freed, "
+                        "and the peak RSS is the peak of live memory rather than of the heap glibc keeps.")
     p.add_argument("--output_json", default=None)
     return p.parse_args(argv)
 
@@ -91,7 +92,8 @@ def main(args):
              "", "| mode | teacher ckpt | peak (process) | step peak | saved by ckpt | step ms | ckpt costs |",
              "|---|---|---|---|---|---|---|"]
     for mode in modes:
-        off, on = (next(r for r in rows if r["mode"] == mode and r["teacher_checkpointing"] == s) for s in ("off", "on"))
+        off, on = (next(r for r in rows if r["mode"] == mode and r["teacher_checkpointing"] == s)
+                   for s in ("off", "on"))
         for r in (off, on):
             peak = r.get("peak_bytes") if cuda else r.get("process_peak_rss")
             saved = cost = ""

@@ -34,7 +34,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import real_arch  # noqa: E402  (the published configs and the pipelines built from them)
-
 import tfd_text2image  # noqa: E402
 import tfd_training  # noqa: E402
 import tfd_utils  # noqa: E402
@@ -221,8 +220,10 @@ class Row:
             for name, module in self.net.components.items():  # as tfd_text2image.load_pipeline loads them
                 if isinstance(module, torch.nn.Module):
                     module.requires_grad_(False).eval()
-                    if name.startswith("text_encoder"):
-                        module.to(self.device, DTYPES[precision])
+                    if name.startswith("text_encoder"):  # on the CPU until used, as the VAE
+                        module.to("cpu", DTYPES[precision])
+                    elif name == "vae":
+                        module.to("cpu")
             what = f"LoRA r{args.lora_rank}, ckpt" if mode == "lora" else \
                 f"full FT (ckpt, {'8-bit AdamW' if eight_bit else 'AdamW'})"
             name = NAMES[kind][0] if size == "full" else f"{NAMES[kind][1]} {size}"
@@ -248,7 +249,6 @@ class Row:
         if self.kind != "imagenet64":  # every prompt cached, as --prepare_positives_only leaves it
             for prompt in self.run.prompts:
                 self.run.positives.get(prompt)
-            self.run.positives.offload_if_complete(self.run.prompts)
 
     @property
     def groups(self):
@@ -303,7 +303,7 @@ class Row:
         if self.kind == "sdxl":
             ids = s.sdxl_time_ids(a.resolution, len(pe), noise.device, pooled.dtype)
             cond = {"text_embeds": pooled, "time_ids": ids}
-            generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled), run.alphas_cumprod)
+            generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled), run.scheduler)
             forward = lambda m: tfd_utils.vp_teacher_forward(m, run.alphas_cumprod, pe, cond)
         else:
             generate = lambda m: s.generate(a, m, noise, rep(pe), rep(pooled))

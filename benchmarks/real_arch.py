@@ -159,8 +159,9 @@ def sdxl_pipeline(device="cpu", seed=0, tiny=False, unet=None):
     """The random-weight SDXL pipeline in memory, float32; unet: another UNet config (SDXL_REDUCED). tiny:
     tests/tiny_sdxl.py's."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from tiny_sdxl import SDXL_SCHEDULER_CONFIG, make_tiny_sdxl_pipeline, make_tokenizers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny_sdxl import SDXL_SCHEDULER_CONFIG, make_tiny_sdxl_pipeline, make_tokenizers
 
     if tiny:
         return make_tiny_sdxl_pipeline(None, seed).to(device)
@@ -186,9 +187,10 @@ def sd3_pipeline(model="sd35-medium", device="cpu", seed=0, tiny=False, transfor
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
+    from transformers import CLIPTextModelWithProjection
+
     from tiny_sd3 import SD3_SCHEDULER_CONFIG, make_tiny_sd3_pipeline
     from tiny_sdxl import make_tokenizers
-    from transformers import CLIPTextModelWithProjection
 
     config = transformer or SD3_MODELS[model]
     if tiny:

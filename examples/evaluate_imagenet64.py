@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tfd_fid  # noqa: E402
 import eval_utils  # noqa: E402
+import tfd_fid  # noqa: E402
 import tfd_training  # noqa: E402
 import tfd_utils  # noqa: E402
 import train_tfd_imagenet64  # noqa: E402
@@ -74,7 +74,8 @@ def parse_args(argv=None):
 def load_generator(args, device):
     """(generate(noise, labels) → x in [−1, 1], num_classes, channels, resolution)."""
     if args.edm_pickle:
-        net = train_tfd_imagenet64.load_edm_pickle(args.edm_pickle, args.edm_repo).to(device).eval().requires_grad_(False)
+        net = train_tfd_imagenet64.load_edm_pickle(args.edm_pickle, args.edm_repo)
+        net = net.to(device).eval().requires_grad_(False)
         label_dim = int(net.label_dim or 0)
 
         def generate(noise, labels):
@@ -188,7 +189,8 @@ def main(args):
     keys = ("model", "edm_pickle", "teacher", "num_steps", "precond", "sigma_min", "sigma_max", "sigma_data",
             "num_classes", "seed", "mixed_precision")
     if state.is_main_process:
-        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"), {k: getattr(args, k) for k in keys})
+        eval_utils.check_run_settings(os.path.join(args.output_dir, "settings.json"),
+                                      {k: getattr(args, k) for k in keys})
     state.wait_for_everyone()
     t0 = time.time()
     written = eval_utils.total_over_processes(generate_missing(args, state, image_dir), state)

@@ -86,10 +86,9 @@ def test_real_configs_have_the_published_parameter_counts():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
     from diffusers import UNet2DConditionModel, UNet2DModel
-    from real_arch import ADM_IMAGENET64, SDXL_BASE
 
     import tfd_utils
-    from bench_train_step import ADM_IMAGENET64, SDXL_BASE, count_params
+    from real_arch import ADM_IMAGENET64, SDXL_BASE
 
     with torch.device("meta"):
         adm, sdxl = UNet2DModel(**ADM_IMAGENET64), UNet2DConditionModel(**SDXL_BASE)

@@ -16,7 +16,8 @@ def test_bench_losses_tiny_prints_the_table():
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "| setting | layer: dim | loss | ms |" in text
-    rows = re.findall(r"^\| (ImageNet|SDXL) [^|]+\| ([^|]+) \| (drifting|meanshift|anchor) \| ([0-9.]+) \|$", text, re.M)
+    rows = re.findall(r"^\| (ImageNet|SDXL) [^|]+\| ([^|]+) \| (drifting|meanshift|anchor) \| ([0-9.]+) \|$",
+                      text, re.M)
     assert len(rows) == 5 * 3 + 3 + 2 * 3  # five layers, their totals, two SDXL dims; three losses each
     assert all(float(ms) > 0 for *_, ms in rows)
     layers = {label.split(": ")[0] for _, label, _, _ in rows if ": " in label}

@@ -1,5 +1,6 @@
 # Where prompts and real images come from: --dataset_split slices, --streaming, img2dataset-style webdataset
-# shards, URL columns; and the slices of train_tfd_imagenet64.py's labelled images. Small data written by the tests, offline, CPU.
+# shards, URL columns; and the slices of train_tfd_imagenet64.py's labelled images. Small data written by the
+# tests, offline, CPU.
 import io
 import json
 import tarfile
@@ -131,7 +132,8 @@ def test_bad_split_names_and_slices_fail_clearly(sources, tmp_path):
         datasets_dict = tmp_path / "dict"
         import datasets
 
-        datasets.DatasetDict({"train": datasets.load_from_disk(str(sources / "disk"))}).save_to_disk(str(datasets_dict))
+        splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(sources / "disk"))})
+        splits.save_to_disk(str(datasets_dict))
         tfd_text2image.load_prompts(t2i_args(tmp_path, "--dataset_name", datasets_dict, "--dataset_split", "test"))
     # A stream has no end to count back from: a negative slice cannot be streamed.
     with pytest.raises(ValueError, match="--streaming"):
@@ -298,7 +300,8 @@ def test_imagenet64_split_slice_of_an_edm_zip(labelled):
 
 def test_imagenet64_bad_split_fails_at_parse_time():
     with pytest.raises(ValueError, match="--dataset_split"):
-        imagenet64.parse_args(["--pretrained_teacher_model", "x", "--dataset_name", "d", "--dataset_split", "train[a:]"])
+        imagenet64.parse_args(["--pretrained_teacher_model", "x", "--dataset_name", "d", "--dataset_split",
+                               "train[a:]"])
 
 
 # ----------------------------------------------------------------------------------------------

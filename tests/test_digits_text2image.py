@@ -91,8 +91,9 @@ def test_tokenizers_load_and_behave_like_clip(teachers, layout):
 
 
 def test_sdxl_teacher_is_a_pipeline_trained_on_its_own_unconditional_input(teachers, data_dir):
-    import train_text2image_teacher as T
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    import train_text2image_teacher as T
 
     pipe = StableDiffusionXLPipeline.from_pretrained(teachers["sdxl"])
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and pipe.config.force_zeros_for_empty_prompt
@@ -125,8 +126,9 @@ def test_teacher_rerun_is_skipped_and_training_is_deterministic(teachers, data_d
 
 
 def test_sd3_teacher_loads_without_t5_and_the_fast_path_is_the_pipeline(teachers):
-    import train_text2image_teacher as T
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    import train_text2image_teacher as T
 
     pipe = StableDiffusion3Pipeline.from_pretrained(teachers["sd3"], text_encoder_3=None, tokenizer_3=None)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.vae.config.shift_factor is not None
@@ -206,9 +208,10 @@ def test_students_are_sampled_at_the_timestep_they_were_trained_at(teachers, tmp
     plain one-step call where the student's scheduler makes that timestep (train_tfd_sdxl.py's export), else
     [T] through the scheduler's custom timesteps (a student saved with an LCMScheduler, whose plain call is 999);
     both give the same images."""
+    from diffusers import LCMScheduler
+
     import evaluate_text2image as E
     import train_text2image_teacher as T
-    from diffusers import LCMScheduler
 
     teacher = T.load_teacher(teachers["sdxl"])
     at_399 = E.one_step_pipeline(teacher, 399)
@@ -226,3 +229,34 @@ def test_students_are_sampled_at_the_timestep_they_were_trained_at(teachers, tmp
     plain = E.sample(at_399, prompts, 0, 1, 0.0)
     assert (E.sample(lcm, prompts, 0, [399], 0.0).int() - plain.int()).abs().max() <= 1
     assert not torch.equal(E.sample(lcm, prompts, 0, 1, 0.0), plain)  # the plain LCM call is 999
+
+
+def test_a_lora_student_is_evaluated_with_its_adapters_loaded(teachers, tmp_path):
+    """evaluate_text2image.load_student on a folder of LoRA weights (as train_tfd_sdxl.py exports them, with its
+    scheduler/): its samples are the teacher's UNet with those adapters, not the teacher's (the adapters act:
+    lora_B is not zero, as after training)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    import evaluate_text2image as E
+    import train_text2image_teacher as T
+
+    student = E.one_step_pipeline(T.load_teacher(teachers["sdxl"]), 399)
+    student.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in student.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    run = tmp_path / "run"
+    StableDiffusionXLPipeline.save_lora_weights(str(run), unet_lora_layers=get_peft_model_state_dict(student.unet))
+    student.scheduler.save_pretrained(str(run / "scheduler"))
+    (run / "training_args.json").write_text(json.dumps({"conditioning_timestep": 399}))
+
+    prompts = ["the digit 3", "a handwritten seven"]
+    loaded = E.load_student(str(run), teachers["sdxl"])
+    got = E.sample(loaded, prompts, 0, 1, 0.0)
+    torch.testing.assert_close(got, E.sample(student, prompts, 0, 1, 0.0), rtol=0, atol=1)
+    teacher_only = E.sample(E.one_step_pipeline(T.load_teacher(teachers["sdxl"]), 399), prompts, 0, 1, 0.0)
+    assert (got.int() - teacher_only.int()).abs().max() > 5

@@ -23,10 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "edm_toy"))
 
+import eval_utils  # noqa: E402
 import evaluate_coco  # noqa: E402
 import evaluate_imagenet64  # noqa: E402
-
-import eval_utils  # noqa: E402
 
 NUM_CLASSES, RES = 5, 16
 
@@ -385,18 +384,32 @@ def test_evaluate_coco_end_to_end_and_resume(fake_coco, tiny_sdxl_dir, tmp_path,
         run_coco(coco_args(fake_coco, tiny_sdxl_dir, out, "--guidance_scale", 1.5))
 
 
+
+def add_acting_adapter(model, seed=0):
+    """LoRA adapters that change the output (peft's gaussian init leaves lora_B at 0: an evaluation that never
+    loaded them would pass)."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
 def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
     """LoRA weights without a saved scheduler or training_args.json: the base with the one-step scheduler at
     999."""
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from tfd_text2image import vp_one_step_scheduler
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    add_acting_adapter(pipe.unet)
     lora_dir = tmp_path / "lora"
     StableDiffusionXLPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     out = tmp_path / "eval"
@@ -414,6 +427,10 @@ def test_evaluate_coco_lora_student(fake_coco, tiny_sdxl_dir, tmp_path, capsys):
              generator=[torch.Generator().manual_seed(1)]).images[0]
     expect = np.asarray(evaluate_coco.center_crop_resize(im, 24))
     assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
+    ref.unload_lora_weights()  # the base alone makes another image: the adapters were loaded and act
+    base = ref(prompt=[subset[1]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
+               generator=[torch.Generator().manual_seed(1)]).images[0]
+    assert np.abs(np.asarray(evaluate_coco.center_crop_resize(base, 24)).astype(int) - expect).max() > 5
 
 
 @pytest.mark.parametrize("kind", ["full", "full_saved_with_lcm", "lora"])
@@ -422,14 +439,12 @@ def test_evaluate_coco_samples_a_student_trained_at_399_at_399(fake_coco, tiny_s
     pipeline through its saved scheduler's plain call (or, saved with an LCMScheduler whose plain call is 999, with
     timesteps=[399]), a LoRA student through its saved scheduler/. Reference: LCMScheduler with timesteps=[399]."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from tfd_text2image import vp_one_step_scheduler
 
     student = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    student.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    add_acting_adapter(student.unet)
     model = tmp_path / "student"
     scheduler = (LCMScheduler.from_config(student.scheduler.config) if kind == "full_saved_with_lcm"
                  else vp_one_step_scheduler(student.scheduler.config, 399))
@@ -468,15 +483,13 @@ def test_evaluate_coco_sd3_lora_student_keeps_the_flow_scheduler(fake_coco, tmp_
     """An SD3 LoRA student (saved by train_tfd_sd3.py's export: no scheduler folder) runs on its base
     pipeline (saved without T5) with the base's own flow scheduler: its one step is the student's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from peft import LoraConfig
 
     import tfd_text2image
     from tiny_sd3 import make_tiny_sd3_pipeline
 
     base = tmp_path / "sd3"
     pipe = make_tiny_sd3_pipeline(save_dir=str(base), seed=0)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    add_acting_adapter(pipe.transformer)
     lora_dir = tmp_path / "lora"
     tfd_text2image.export_trainable(pipe.transformer, str(lora_dir), True, StableDiffusion3Pipeline, "transformer")
     out = tmp_path / "eval"
@@ -490,6 +503,10 @@ def test_evaluate_coco_sd3_lora_student_keeps_the_flow_scheduler(fake_coco, tmp_
              generator=[torch.Generator().manual_seed(1)]).images[0]
     expect = np.asarray(evaluate_coco.center_crop_resize(im, 24))
     assert np.array_equal(np.asarray(Image.open(out / "generated" / "00001.png")), expect)
+    ref.unload_lora_weights()
+    base = ref(prompt=[subset[1]["caption"]], num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
+               generator=[torch.Generator().manual_seed(1)]).images[0]
+    assert np.abs(np.asarray(evaluate_coco.center_crop_resize(base, 24)).astype(int) - expect).max() > 5
 
 
 def test_evaluate_coco_clear_errors(fake_coco, tmp_path, capsys):

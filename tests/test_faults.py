@@ -9,6 +9,7 @@ rename, so that the test can SIGKILL it there; TFD_TEST_NONFINITE_STEPS makes ch
 non-finite.
 """
 
+import json
 import os
 import time
 
@@ -78,8 +79,7 @@ def test_sdxl_killed_mid_cache_entry_and_mid_checkpoint(tiny_sdxl_dir, prompts_f
     prepare = sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "prep", cache, "--prepare_positives_only")
     run_until_pause_then_kill(script, prepare, tmp_path / "cache_kill.log", f"cache_entry:{PROMPTS[1]}")
     (settings_dir,) = [p for p in cache.iterdir() if p.is_dir()]
-    settings = __import__("json").loads((settings_dir / "settings.json").read_text())
-    store = tfd_text2image.PositiveCache(str(cache), settings)
+    store = tfd_text2image.PositiveCache(str(cache), json.loads((settings_dir / "settings.json").read_text()))
     slots = ["teacher", "teacher"]
     entries = sorted(settings_dir.glob("entries/*/*"))
     (leftover,) = [p for p in entries if ".tmp-" in p.name]

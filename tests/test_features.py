@@ -131,7 +131,8 @@ def test_map_smaller_than_pool_is_pooled_over_its_extent():
 
 def test_forward_stops_after_deepest_selected_module():
     unet = tiny_unet()
-    later = {name: call_counter(dict(unet.named_modules())[name]) for name in ("mid_block", "up_blocks.0", "up_blocks.1", "conv_out")}
+    modules = dict(unet.named_modules())
+    later = {name: call_counter(modules[name]) for name in ("mid_block", "up_blocks.0", "up_blocks.1", "conv_out")}
     x = torch.randn(2, 3, 16, 16)
     with FeatureExtractor(unet, ["down_blocks.1", "down_blocks.0"], pool_size=4) as fx:
         out = fx(lambda s: unet(s, 10), x)

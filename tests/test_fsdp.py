@@ -129,6 +129,8 @@ def test_fsdp2_shards_the_student_and_matches_one_process(tiny_sdxl_dir, prompts
     import safetensors.torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    import tfd_training
+
     cache, rec, out = tmp_path / "cache", tmp_path / "records", tmp_path / "fsdp"
     flags = ("--max_train_steps", STEPS, "--checkpointing_steps", STEPS, "--mixed_precision", "no")
     states, norms, losses = reference_run(sdxl_args(tiny_sdxl_dir, prompts, tmp_path / "ref", cache, *flags))
@@ -143,6 +145,9 @@ def test_fsdp2_shards_the_student_and_matches_one_process(tiny_sdxl_dir, prompts
     shards = [safetensors.torch.load_file(rec / f"shards-rank{r}.safetensors") for r in range(WORLD)]
     optim = [json.loads((rec / f"optim-rank{r}.json").read_text()) for r in range(WORLD)]
     held, total = check_sharding(layouts, shards, teacher.state_dict(), optim, module_names)
+    # The start-up memory line (rank 0's) counts the student's shard on this rank, not the whole UNet.
+    shard = tfd_training.format_bytes(4 * held[0])
+    assert f"unet (student): {shard} params (float32) + {shard} grads + " in log
 
     # 2. The same updates as one unsharded process: weights, gradient norms (before clipping), losses.
     rows = read_jsonl(out / "metrics.jsonl")

@@ -193,7 +193,8 @@ def test_anchor_margin_loss_matches_reference(case):
     loss, grad = _grad_per_group(
         lambda x: anchor_margin_loss(x, anchors, alpha=alpha, bandwidth=bandwidth, temperature=temperature), gen
     )
-    ref_loss, ref_grad = reference_anchor(gen.double().numpy(), anchors.double().numpy(), alpha, bandwidth, temperature)
+    ref_loss, ref_grad = reference_anchor(gen.double().numpy(), anchors.double().numpy(), alpha, bandwidth,
+                                          temperature)
     if M == 1:
         assert np.all(ref_loss == 0) and np.all(loss == 0) and np.all(grad == 0)
         return

@@ -41,9 +41,8 @@ def adm_teacher_and_data(tmp_path_factory):
     """The random-weight ADM teacher saved as a diffusers folder, and an imagefolder of 2 classes x 4 images."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from diffusers import UNet2DModel
-    from real_arch import ADM_IMAGENET64
 
-    from bench_train_step import ADM_IMAGENET64
+    from real_arch import ADM_IMAGENET64
 
     root = tmp_path_factory.mktemp("adm64")
     torch.manual_seed(0)
@@ -52,7 +51,8 @@ def adm_teacher_and_data(tmp_path_factory):
     for c in range(2):
         os.makedirs(root / "data" / str(c))
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "data" / str(c) / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            image.save(root / "data" / str(c) / f"{i}.png")
     yield root
     shutil.rmtree(root, ignore_errors=True)  # 1.2 GB; pytest keeps the last three runs' folders
 

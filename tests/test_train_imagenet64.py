@@ -107,8 +107,8 @@ def test_three_data_formats_give_the_same_images(tiny):
         assert got_labels[order].tolist() == labels, kw
         assert torch.equal(data.data[order], want), kw
         lazy = script.LabelledImages(got_labels, fetch, 3, RES, preload_max_gb=0)
-        pick = torch.tensor([[0, 5], [7, 1]])
-        assert lazy.data is None and torch.equal(lazy.get(pick), data.data[pick])
+        idx = torch.tensor([[0, 5], [7, 1]])
+        assert lazy.data is None and torch.equal(lazy.get(idx), data.data[idx])
 
 
 def test_conversion_to_teacher_channels_and_resolution():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from tiny_sd3 import LATENT_CHANNELS, NUM_LAYERS, make_tiny_sd3_pipeline, tiny_sd3_transformer
 
 import tfd_text2image
 import tfd_utils
 import train_tfd_sd3 as script
+from tiny_sd3 import LATENT_CHANNELS, NUM_LAYERS, make_tiny_sd3_pipeline, tiny_sd3_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_HW = (8, 12)  # non-square on purpose: a transposed fold cannot pass
@@ -507,6 +507,7 @@ def test_positive_defaults_follow_the_checkpoint_and_key_the_cache(pipe, tmp_pat
     import datasets
     from diffusers import SD3Transformer2DModel
     from PIL import Image
+
     from scaling_helpers import run_in_process
 
     teacher_dir = tmp_path / "sd35m"

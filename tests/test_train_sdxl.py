@@ -522,7 +522,7 @@ def test_full_student_starts_from_the_checkpoint_bit_for_bit_with_a_bf16_teacher
     (tmp_path / "p.txt").write_text("a cat\n")
     args = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_dir, "--prompts_file",
                               str(tmp_path / "p.txt"), "--teacher_dtype", "bf16"])
-    pipe = tfd_text2image.load_pipeline(StableDiffusionXLPipeline, args, "cpu", torch.bfloat16)
+    pipe = tfd_text2image.load_pipeline(StableDiffusionXLPipeline, args, torch.bfloat16)
     student, teacher, _ = tfd_text2image.make_student(pipe, "unet", args, "cpu")
     loaded = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet").state_dict()
     assert teacher.dtype == torch.bfloat16 and pipe.unet is teacher

@@ -3,7 +3,8 @@
 # Same component classes and wiring as Stable Diffusion 3 (two CLIP text encoders, both with a
 # projection; an MMDiT SD3Transformer2DModel whose last joint block is `context_pre_only`; a
 # 16-channel VAE with SD3's scaling and shift factors; the SD3 flow-matching scheduler config),
-# without T5 (`text_encoder_3=None`: the pipeline then feeds zeros in its place), at toy sizes:
+# without T5 by default (`text_encoder_3=None`: the pipeline then feeds zeros in its place; t5=True
+# adds a one-layer T5 encoder of the joint attention's width with a letters-only Unigram tokenizer), at toy sizes:
 # resolution 32 (latents 16×8×8, a 4×4 token grid with patch size 2). The tokenizers are the
 # ones of tests/tiny_sdxl.py (the real CLIP BPE vocabulary).
 
@@ -51,10 +52,24 @@ def tiny_sd3_transformer(variant="sd3", seed=0):
     )
 
 
-def make_tiny_sd3_pipeline(save_dir=None, seed=0, variant="sd3"):
-    """A tiny random StableDiffusion3Pipeline (float32, CPU, no T5), saved to save_dir if given.
+def tiny_t5(seed=0):
+    """(T5EncoderModel, T5 tokenizer) of SD3's third text encoder at toy size: one layer of width
+    JOINT_ATTENTION_DIM (SD3 pads the CLIP states to T5's width), a Unigram vocabulary of the letters."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    Deterministic for a given seed. Load the saved copy with
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=JOINT_ATTENTION_DIM, d_kv=16, d_ff=64, num_layers=1,
+                      num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config), tokenizer
+
+
+def make_tiny_sd3_pipeline(save_dir=None, seed=0, variant="sd3", t5=False):
+    """A tiny random StableDiffusion3Pipeline (float32, CPU, no T5 unless t5), saved to save_dir if given.
+
+    Deterministic for a given seed. Load the saved copy without T5 with
     `StableDiffusion3Pipeline.from_pretrained(save_dir, text_encoder_3=None, tokenizer_3=None)`.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -98,6 +113,7 @@ def make_tiny_sd3_pipeline(save_dir=None, seed=0, variant="sd3"):
     torch.manual_seed(seed + 3)
     text_encoder_2 = text_encoder(TEXT_HIDDEN[1])
     tokenizer, tokenizer_2 = make_tokenizers()
+    text_encoder_3, tokenizer_3 = tiny_t5(seed + 4) if t5 else (None, None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
@@ -106,8 +122,8 @@ def make_tiny_sd3_pipeline(save_dir=None, seed=0, variant="sd3"):
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     if save_dir is not None:

