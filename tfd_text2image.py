@@ -981,10 +981,12 @@ def export(accelerator, args, student, pipe, component, scheduler, grid_fn, writ
     if accelerator.is_main_process:
         tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), grid_fn(model.to(accelerator.device)))
         if args.train_mode == "lora":
-            export_trainable(model, args.output_dir, True, type(pipe), component)
-            if scheduler is not None:
-                tfd_training.save_into(args.output_dir, lambda tmp: scheduler.save_pretrained(
-                    os.path.join(tmp, "scheduler")), "scheduler")
+            def write_lora(tmp):  # the weights and the scheduler, moved in together (the weights last)
+                export_trainable(model, tmp, True, type(pipe), component)
+                if scheduler is not None:
+                    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+
+            tfd_training.save_into(args.output_dir, write_lora, "lora_export")
         else:
             if args.pretrained_vae_model_name_or_path:
                 components["vae"] = tfd_training.cast(pipe.vae, "cpu", torch.float32)

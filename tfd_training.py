@@ -61,15 +61,21 @@ def save_png(path, image):
 
 
 def save_into(output_dir, save_fn, name="save"):
-    """save_fn(tmp) writes into a temporary folder inside output_dir (`.NAME.incomplete`); then each file and
-    folder it wrote is moved in, complete: a file by one rename over the old one, a folder after the old one
-    is removed. A run killed meanwhile leaves the old file (or no folder), never a partial one; the
+    """save_fn(tmp) writes into a temporary folder inside output_dir (`.NAME.incomplete`); then what it wrote is
+    moved in, complete: a file by one rename over the old one, a folder after the old one is removed. The
+    files that mark a finished export (EXPORT_FILES: model_index.json, the LoRA weights) go last, and an old
+    one is removed first: a run killed meanwhile leaves no partial file, and either the whole new export or
+    none that counts as finished (the same command with --resume_from_checkpoint latest exports again). The
     temporary folder is cleared by the next save."""
     tmp = os.path.join(output_dir, f".{name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_fn(tmp)
-    for entry in os.listdir(tmp):
+    entries = sorted(os.listdir(tmp), key=lambda e: (e in EXPORT_FILES, not os.path.isdir(os.path.join(tmp, e)), e))
+    for entry in entries:
+        if entry in EXPORT_FILES and os.path.isfile(os.path.join(output_dir, entry)):
+            os.remove(os.path.join(output_dir, entry))
+    for entry in entries:
         dst = os.path.join(output_dir, entry)
         if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)

@@ -212,3 +212,49 @@ def test_a_write_that_fails_half_way_leaves_the_previous_card_lora_weights_and_s
     tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
     assert "third" in (out / "README.md").read_text()
     assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors", "scheduler"]
+
+
+def test_an_export_killed_while_moving_in_leaves_no_finished_run(tmp_path, monkeypatch):
+    """The export moves its folders in first and model_index.json last, after removing the old one: a kill in
+    between leaves no folder half-written and no run that counts as finished, so the same command with
+    --resume_from_checkpoint latest exports again; a whole export is finished."""
+    out = tmp_path / "out"
+
+    def export(version):
+        def write(tmp):
+            for part in ("unet", "scheduler"):
+                os.makedirs(os.path.join(tmp, part))
+                with open(os.path.join(tmp, part, "config.json"), "w") as f:
+                    f.write(version)
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:
+                f.write(version)
+        tfd_training.save_into(str(out), write, "pipeline")
+
+    out.mkdir()
+    (out / "training_args.json").write_text(json.dumps({"max_train_steps": 2}))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    export("old")
+    assert tfd_training.finished_steps(str(out)) == 2
+
+    replace, moved = os.replace, []
+
+    def killed_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt  # the kill, after the first entry moved in
+        moved.append(os.path.basename(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(tfd_training.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        export("new")
+    monkeypatch.undo()
+    assert moved == ["scheduler"] and not (out / "model_index.json").exists()
+    assert tfd_training.finished_steps(str(out)) is None  # not finished: it is exported again
+    assert all(open(p).read() in ("old", "new") for p in glob_configs(out))  # whole folders only
+    export("new")
+    assert tfd_training.finished_steps(str(out)) == 2
+    assert (out / "model_index.json").read_text() == "new" and {open(p).read() for p in glob_configs(out)} == {"new"}
+
+
+def glob_configs(out):
+    return [str(p) for p in out.glob("*/config.json")]
