@@ -157,7 +157,7 @@ def test_sd3_two_process_training_with_lora(prompts_file, tmp_path):
 
 
 def test_accelerate_configs_load():
-    """The README's configs are valid accelerate config files with the engines they name."""
+    """The shipped configs (examples/accelerate_configs/) are accelerate config files with the engines they name."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = os.path.join(ROOT, "examples", "accelerate_configs")
