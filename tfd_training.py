@@ -14,8 +14,9 @@ import time
 import torch
 
 # ----------------------------------------------------------------------------------------------
-# Files: every write is atomic (a temporary file, then a rename), so a killed run never leaves a
-# truncated file behind.
+# Files: every file this code writes goes to a temporary name first and is renamed when complete, so a
+# killed run never leaves a truncated file behind; metrics.jsonl alone is appended to, one line per
+# write (a line cut short by a kill is skipped by its readers and dropped on resume: truncate_metrics).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -59,17 +60,32 @@ def save_png(path, image):
     atomic_write(path, lambda tmp: image.save(tmp, format="png"))
 
 
-def save_pipeline(pipe, output_dir):
-    """pipe.save_pretrained into a temporary folder, then move each component in, complete."""
-    tmp = os.path.join(output_dir, ".pipeline.incomplete")
+def save_into(output_dir, save_fn, name="save"):
+    """save_fn(tmp) writes into a temporary folder inside output_dir (`.NAME.incomplete`); then what it wrote is
+    moved in, complete: a file by one rename over the old one, a folder after the old one is removed. The
+    files that mark a finished export (EXPORT_FILES: model_index.json, the LoRA weights) go last, and an old
+    one is removed first: a run killed meanwhile leaves no partial file, and either the whole new export or
+    none that counts as finished (the same command with --resume_from_checkpoint latest exports again). The
+    temporary folder is cleared by the next save."""
+    tmp = os.path.join(output_dir, f".{name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        dst = os.path.join(output_dir, name)
-        if os.path.isdir(dst):
+    os.makedirs(tmp)
+    save_fn(tmp)
+    entries = sorted(os.listdir(tmp), key=lambda e: (e in EXPORT_FILES, not os.path.isdir(os.path.join(tmp, e)), e))
+    for entry in entries:
+        if entry in EXPORT_FILES and os.path.isfile(os.path.join(output_dir, entry)):
+            os.remove(os.path.join(output_dir, entry))
+    for entry in entries:
+        dst = os.path.join(output_dir, entry)
+        if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
+        os.replace(os.path.join(tmp, entry), dst)
     os.rmdir(tmp)
+
+
+def save_pipeline(pipe, output_dir):
+    """pipe.save_pretrained into a temporary folder, then each component moved in, complete (save_into)."""
+    save_into(output_dir, pipe.save_pretrained, "pipeline")
 
 
 def tensor_digest(tensors):
@@ -1247,7 +1263,7 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 
 
 def hub_repo_name(args):

@@ -143,13 +143,14 @@ def main(args):
     device = accelerator.device
 
     # 2. Nothing to do for a finished run; another run's output folder is continued only on request; a local path
-    #    that does not exist is no Hub id; the Hub repo exists before training.
+    #    that does not exist is no Hub id; layer names (before any weight loads); the Hub repo exists before training.
     if tfd_training.check_finished_run(args, logger):
         return None
     tfd_training.check_sources(args, models=("pretrained_model_name_or_path",), data=("dataset_name",),
                                paths=("train_data_dir", "edm_repo"))
     resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
     tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    check_layers(args)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
     # 3. The teacher, the data in class groups, the student (EMA optional), the loss and the optimiser.
@@ -485,6 +486,27 @@ def parse_class_ids(text):
     except ValueError:
         raise ValueError(f"--class_ids {text!r}: give class ids and ranges, e.g. '0-99' or '1,7,9'.") from None
     return sorted(set(ids))
+
+
+def check_layers(args):
+    """Unknown or out-of-range --feature_layers fail before any weight loads: a diffusers teacher's UNet2DModel
+    is built from its config on the meta device (from the root or `unet`, as load_teacher reads it). An EDM
+    pickle holds its architecture with its weights: its layers are checked once it is loaded (build)."""
+    path = args.pretrained_model_name_or_path
+    if path.endswith(".pkl") or os.path.isfile(path):  # an EDM pickle, as load_teacher tells them apart
+        return
+    from diffusers import UNet2DModel
+
+    kw = dict(revision=args.revision, cache_dir=args.cache_dir)
+    if args.teacher_subfolder is not None:
+        config = UNet2DModel.load_config(path, subfolder=args.teacher_subfolder, **kw)
+    else:
+        try:
+            config = UNet2DModel.load_config(path, **kw)
+        except (OSError, EnvironmentError):
+            config = UNet2DModel.load_config(path, subfolder="unet", **kw)  # a pipeline folder / repo
+    with torch.device("meta"):
+        tfd_utils.resolve_layers(UNet2DModel.from_config(config), args.feature_layers)
 
 
 def load_teacher(args):

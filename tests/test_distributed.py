@@ -1,7 +1,7 @@
 """Both training scripts under `accelerate launch` with 2 CPU processes (gloo, MULTI_CPU DDP).
 
-What each launch proves, from per-rank records the scripts write only when TFD_DEBUG_DIR is set
-(tfd_training.debug_record): ranks draw disjoint classes / prompts every step; the student weights are
+What each launch proves, from per-rank records tests/instrument.py writes around the scripts' own functions
+when TFD_DEBUG_DIR is set: ranks draw disjoint classes / prompts every step; the student weights are
 bit-identical on both ranks after every step (DDP averaged the gradients) and equal the saved
 checkpoint and export; a non-finite loss or gradient on ONE rank skips the update on both;
 logging and saving happen once. The SDXL positive cache is filled by a 2-process
@@ -157,7 +157,7 @@ def test_sd3_two_process_training_with_lora(prompts_file, tmp_path):
 
 
 def test_accelerate_configs_load():
-    """The README's configs are valid accelerate config files with the engines they name."""
+    """The shipped configs (examples/accelerate_configs/) are accelerate config files with the engines they name."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = os.path.join(ROOT, "examples", "accelerate_configs")
