@@ -21,7 +21,7 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(VPY) -m pytest
 
-# Real-size architectures (SDXL base, SD3.5 medium; random weights): ~15 GB of RAM, 8-14 minutes on a 2-core CPU.
+# Real-size architectures (SDXL base, SD3.5 medium; random weights): their time, memory and disk in docs/testing.md.
 test-slow: venv
 	$(VPY) -m pytest -m slow
 

@@ -791,15 +791,16 @@ def teacher_mode(model):
 
 def export_trainable(model, output_dir, lora, pipeline_cls, component):
     """The trained weights: `<component>/` (full) or pytorch_lora_weights.safetensors (LoRA, with its
-    adapter config), loadable with `pipe.load_lora_weights`."""
+    adapter config, written to a temporary name first: tfd_training.save_into), loadable with
+    `pipe.load_lora_weights`."""
     if not lora:
         model.save_pretrained(os.path.join(output_dir, component))
         return
     from peft.utils import get_peft_model_state_dict
 
-    pipeline_cls.save_lora_weights(output_dir, **{
-        f"{component}_lora_layers": get_peft_model_state_dict(model),
-        f"{component}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+    state, metadata = get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
+    tfd_training.save_into(output_dir, lambda tmp: pipeline_cls.save_lora_weights(tmp, **{
+        f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": metadata}), "lora")
 
 
 def import_trainable(model, input_dir, lora, pipeline_cls, component):
@@ -980,9 +981,12 @@ def export(accelerator, args, student, pipe, component, scheduler, grid_fn, writ
     if accelerator.is_main_process:
         tfd_training.save_png(os.path.join(args.output_dir, "samples.png"), grid_fn(model.to(accelerator.device)))
         if args.train_mode == "lora":
-            export_trainable(model, args.output_dir, True, type(pipe), component)
-            if scheduler is not None:
-                scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+            def write_lora(tmp):  # the weights and the scheduler, moved in together (the weights last)
+                export_trainable(model, tmp, True, type(pipe), component)
+                if scheduler is not None:
+                    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+
+            tfd_training.save_into(args.output_dir, write_lora, "lora_export")
         else:
             if args.pretrained_vae_model_name_or_path:
                 components["vae"] = tfd_training.cast(pipe.vae, "cpu", torch.float32)

@@ -14,8 +14,9 @@ import time
 import torch
 
 # ----------------------------------------------------------------------------------------------
-# Files: every write is atomic (a temporary file, then a rename), so a killed run never leaves a
-# truncated file behind.
+# Files: every file this code writes goes to a temporary name first and is renamed when complete, so a
+# killed run never leaves a truncated file behind; metrics.jsonl alone is appended to, one line per
+# write (a line cut short by a kill is skipped by its readers and dropped on resume: truncate_metrics).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -59,17 +60,32 @@ def save_png(path, image):
     atomic_write(path, lambda tmp: image.save(tmp, format="png"))
 
 
-def save_pipeline(pipe, output_dir):
-    """pipe.save_pretrained into a temporary folder, then move each component in, complete."""
-    tmp = os.path.join(output_dir, ".pipeline.incomplete")
+def save_into(output_dir, save_fn, name="save"):
+    """save_fn(tmp) writes into a temporary folder inside output_dir (`.NAME.incomplete`); then what it wrote is
+    moved in, complete: a file by one rename over the old one, a folder after the old one is removed. The
+    files that mark a finished export (EXPORT_FILES: model_index.json, the LoRA weights) go last, and an old
+    one is removed first: a run killed meanwhile leaves no partial file, and either the whole new export or
+    none that counts as finished (the same command with --resume_from_checkpoint latest exports again). The
+    temporary folder is cleared by the next save."""
+    tmp = os.path.join(output_dir, f".{name}.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        dst = os.path.join(output_dir, name)
-        if os.path.isdir(dst):
+    os.makedirs(tmp)
+    save_fn(tmp)
+    entries = sorted(os.listdir(tmp), key=lambda e: (e in EXPORT_FILES, not os.path.isdir(os.path.join(tmp, e)), e))
+    for entry in entries:
+        if entry in EXPORT_FILES and os.path.isfile(os.path.join(output_dir, entry)):
+            os.remove(os.path.join(output_dir, entry))
+    for entry in entries:
+        dst = os.path.join(output_dir, entry)
+        if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
+        os.replace(os.path.join(tmp, entry), dst)
     os.rmdir(tmp)
+
+
+def save_pipeline(pipe, output_dir):
+    """pipe.save_pretrained into a temporary folder, then each component moved in, complete (save_into)."""
+    save_into(output_dir, pipe.save_pretrained, "pipeline")
 
 
 def tensor_digest(tensors):
@@ -121,7 +137,8 @@ def split_and_slice(split):
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "tfd_checkpoint_complete"  # written last: a folder without it is incomplete
-RUN_FILES = ("metrics.jsonl", "model_index.json", "network-snapshot.pkl", "pytorch_lora_weights.safetensors")
+EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
+RUN_FILES = ("metrics.jsonl", *EXPORT_FILES)
 
 
 def list_checkpoints(output_dir, logger=None):
@@ -175,8 +192,6 @@ def check_output_dir(output_dir, resume_from_checkpoint):
         raise FileExistsError(f"{output_dir} already holds another run ({', '.join(found)}): pass "
                               "--resume_from_checkpoint latest to continue it, or choose a new --output_dir.")
 
-
-EXPORT_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "network-snapshot.pkl")  # what a run ends with
 
 
 def load_call(output_dir):
@@ -1174,13 +1189,10 @@ def check_bad_images(bad, max_bad, checked, where, logger):
 # ----------------------------------------------------------------------------------------------
 
 
-WEIGHT_FILE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".safetensors", ".bin")
-
-
 def hub_id(path_or_id):
     """path_or_id when it is a Hub repo id (NAME or ORG/NAME), else None: a local path, a URL or a weights
     file is no base model a Hub card may name."""
-    if (not path_or_id or os.path.exists(path_or_id) or path_or_id.lower().endswith(WEIGHT_FILE_SUFFIXES)
+    if (not path_or_id or os.path.exists(path_or_id) or looks_like_path(path_or_id)
             or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path_or_id)):
         return None
     return path_or_id
@@ -1251,7 +1263,7 @@ def save_model_card(args, repo_id, base_model, tags, title, description, usage, 
     if license:
         card.data.license = license
     card.text = body  # the template's TODO sections are ours to fill: the body says it all
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 
 
 def hub_repo_name(args):

@@ -20,7 +20,7 @@ import zipfile
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import tfd_training
@@ -134,7 +134,9 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # DDP: the gradients are views into its all-reduce buckets, not a second float32 copy of the student
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
@@ -143,13 +145,14 @@ def main(args):
     device = accelerator.device
 
     # 2. Nothing to do for a finished run; another run's output folder is continued only on request; a local path
-    #    that does not exist is no Hub id; the Hub repo exists before training.
+    #    that does not exist is no Hub id; layer names (before any weight loads); the Hub repo exists before training.
     if tfd_training.check_finished_run(args, logger):
         return None
     tfd_training.check_sources(args, models=("pretrained_model_name_or_path",), data=("dataset_name",),
                                paths=("train_data_dir", "edm_repo"))
     resume = tfd_training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, logger)
     tfd_training.check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    check_layers(args)
     repo_id = tfd_training.create_hub_repo(args) if accelerator.is_main_process else None
 
     # 3. The teacher, the data in class groups, the student (EMA optional), the loss and the optimiser.
@@ -485,6 +488,27 @@ def parse_class_ids(text):
     except ValueError:
         raise ValueError(f"--class_ids {text!r}: give class ids and ranges, e.g. '0-99' or '1,7,9'.") from None
     return sorted(set(ids))
+
+
+def check_layers(args):
+    """Unknown or out-of-range --feature_layers fail before any weight loads: a diffusers teacher's UNet2DModel
+    is built from its config on the meta device (from the root or `unet`, as load_teacher reads it). An EDM
+    pickle holds its architecture with its weights: its layers are checked once it is loaded (build)."""
+    path = args.pretrained_model_name_or_path
+    if path.endswith(".pkl") or os.path.isfile(path):  # an EDM pickle, as load_teacher tells them apart
+        return
+    from diffusers import UNet2DModel
+
+    kw = dict(revision=args.revision, cache_dir=args.cache_dir)
+    if args.teacher_subfolder is not None:
+        config = UNet2DModel.load_config(path, subfolder=args.teacher_subfolder, **kw)
+    else:
+        try:
+            config = UNet2DModel.load_config(path, **kw)
+        except (OSError, EnvironmentError):
+            config = UNet2DModel.load_config(path, subfolder="unet", **kw)  # a pipeline folder / repo
+    with torch.device("meta"):
+        tfd_utils.resolve_layers(UNet2DModel.from_config(config), args.feature_layers)
 
 
 def load_teacher(args):

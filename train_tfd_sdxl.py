@@ -17,7 +17,7 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import tfd_text2image
@@ -84,7 +84,9 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" or args.prepare_positives_only else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        # DDP: the gradients are views into its all-reduce buckets, not a second float32 copy of the student
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     tfd_training.setup_logging()
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:

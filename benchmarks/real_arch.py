@@ -277,10 +277,24 @@ def train_imagenet64(argv):
     return {}
 
 
+@torch.no_grad()
+def one_step_with_and_without_lora(pipe, prompt, noise, kw):
+    """One image with the loaded adapters, then the same noise through the base (adapters unloaded): the image's
+    size and spread, and how far the adapters move the latents."""
+    import numpy as np
+
+    image = pipe(prompt, latents=noise.clone(), **kw).images[0]
+    lora_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
+    pipe.unload_lora_weights()
+    base_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
+    return {"image_size": list(image.size), "pixel_std": float(np.asarray(image).std()),
+            "latents_finite": bool(torch.isfinite(lora_latents).all()),
+            "lora_vs_base_max_diff": float((lora_latents - base_latents).abs().max())}
+
+
 def infer_sdxl(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo of a red fox"):
     """The user's lines: the teacher pipeline, load_lora_weights, the saved one-step scheduler; one image.
     The same noise through the base pipeline (adapters unloaded) shows that the adapters act."""
-    import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -291,21 +305,13 @@ def infer_sdxl(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo
     latent = resolution // pipe.vae_scale_factor
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     kw = dict(num_inference_steps=1, guidance_scale=0.0, height=resolution, width=resolution)
-    with torch.no_grad():
-        image = pipe(prompt, latents=noise.clone(), **kw).images[0]
-        lora_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
-        pipe.unload_lora_weights()
-        base_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
-    return {"image_size": list(image.size), "pixel_std": float(np.asarray(image).std()),
-            "latents_finite": bool(torch.isfinite(lora_latents).all()),
-            "lora_vs_base_max_diff": float((lora_latents - base_latents).abs().max())}
+    return one_step_with_and_without_lora(pipe, prompt, noise, kw)
 
 
 def infer_sd3(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo of a red fox"):
     """The user's lines: the teacher pipeline without T5, load_lora_weights, one step of the teacher's own flow
     scheduler with guidance 1.0; one image. The same noise through the base pipeline (adapters unloaded) shows
     that the adapters act."""
-    import numpy as np
     from diffusers import StableDiffusion3Pipeline
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -317,14 +323,7 @@ def infer_sd3(pipe_dir, lora_dir, resolution=256, device="cpu", prompt="a photo 
     noise = torch.randn(1, pipe.transformer.config.in_channels, latent, latent,
                         generator=torch.Generator().manual_seed(0)).to(device, dtype)
     kw = dict(num_inference_steps=1, guidance_scale=1.0, height=resolution, width=resolution)
-    with torch.no_grad():
-        image = pipe(prompt, latents=noise.clone(), **kw).images[0]
-        lora_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
-        pipe.unload_lora_weights()
-        base_latents = pipe(prompt, latents=noise.clone(), output_type="latent", **kw).images.float()
-    return {"image_size": list(image.size), "pixel_std": float(np.asarray(image).std()),
-            "latents_finite": bool(torch.isfinite(lora_latents).all()),
-            "lora_vs_base_max_diff": float((lora_latents - base_latents).abs().max())}
+    return one_step_with_and_without_lora(pipe, prompt, noise, kw)
 
 
 def main(argv):

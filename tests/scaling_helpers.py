@@ -186,3 +186,26 @@ def script_parser(script):
     finally:
         argparse.ArgumentParser.parse_args = original
     return captured["parser"]
+
+
+def mem_available_gb():
+    """MemAvailable of /proc/meminfo in GB (infinite where there is none)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def real_arch_stages(*argv, timeout):
+    """Run benchmarks/real_arch.py (one stage, or `chain` of several) in its own process (a builder's copy of the
+    weights never adds to a training run's memory); the RESULT jsons, printed."""
+    helper = os.path.join(ROOT, "benchmarks", "real_arch.py")
+    proc = subprocess.run([sys.executable, helper, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    results = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert results, proc.stdout[-3000:]
+    for r in results:
+        print(f"{r['stage']}: {r}")
+    return results

@@ -445,6 +445,27 @@ def test_unknown_flag_values(tiny_imagenet, tmp_path, capsys):
         inet_run(tiny_imagenet, tmp_path / "out3", "--resume_from_checkpoint", tmp_path / "nope")
 
 
+def test_lora_under_fsdp_is_refused_before_any_weight_loads(tiny_sdxl_dir, prompts_file, tmp_path, monkeypatch):
+    """The check itself, with an accelerator that reports FSDP (FSDP needs GPUs, or the FSDP test's runner)."""
+    import logging
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    def no_weights(cls, *args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(no_weights))
+    args = sdxl.parse_args(sdxl_args(tiny_sdxl_dir, prompts_file, tmp_path / "out", tmp_path / "c", "--train_mode",
+                                     "lora"))
+    fsdp = SimpleNamespace(distributed_type=SimpleNamespace(value="FSDP"))
+    with pytest.raises(ValueError, match=r"^--train_mode lora under FSDP is not supported: LoRA weights are small, "
+                                         r"use DDP \(examples/accelerate_configs/8gpu_ddp\.yaml\)\.$"):
+        tfd_text2image.check_run(fsdp, args, UNet2DConditionModel, "unet", logging.getLogger("test"))
+    args.train_mode = "full"  # a full fine-tune under FSDP passes the check
+    tfd_text2image.check_run(fsdp, args, UNet2DConditionModel, "unet", logging.getLogger("test"))
+
+
 def test_output_dir_holding_another_run(tiny_imagenet, tiny_sdxl_dir, prompts_file, tmp_path):
     # A finished run without checkpoints (its export) or a run killed before its first checkpoint
     # (metrics only) is another run too: never overwritten silently.

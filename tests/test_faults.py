@@ -1,10 +1,12 @@
 """Faults: runs SIGKILLed while writing a checkpoint or a cache entry, then resumed; non-finite
-losses and gradients (skipped, counted, and a stop naming the last good checkpoint).
+losses and gradients (skipped, counted, and a stop naming the last good checkpoint); a write that fails
+half-way through (the model card, the LoRA export, the one-step scheduler) leaves the previous file.
 
-Kills happen at test-only pause points (tfd_training.fault_pause, TFD_TEST_PAUSE): after
-accelerator.save_state wrote checkpoint-N.incomplete but before its completion marker, and after
-a cache entry's temporary file was written but before its rename. Non-finite values are injected
-with TFD_TEST_NONFINITE_STEPS (tfd_training.fault_loss). Both are no-ops outside tests.
+The scripts have no test hooks: tests/instrument.py wraps library functions the loop calls, as the
+environment asks. TFD_TEST_PAUSE pauses a run after accelerator.save_state wrote checkpoint-N.incomplete
+but before its completion marker, or after a cache entry's temporary file was written but before its
+rename, so that the test can SIGKILL it there; TFD_TEST_NONFINITE_STEPS makes chosen steps' losses
+non-finite.
 """
 
 import json
@@ -152,3 +154,107 @@ def assert_stopped_with_nothing_overwritten(out, dbg, model_cls):
     assert not [p for p in os.listdir(out) if p.endswith(".incomplete")]
     assert state_digest(model_cls.from_pretrained(out / "checkpoint-2" / "unet")) == digest[2]
     assert not (out / "unet").exists() and not (out / "model_index.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A write that fails half-way through: the files a run ends with go to a temporary name first.
+# ----------------------------------------------------------------------------------------------
+
+
+def fail_half_way(path, data=b"partial"):
+    """What a writer killed mid-file leaves: some bytes at `path`, then an error."""
+    with open(path, "wb") as f:
+        f.write(data)
+    raise OSError("disk full (injected)")
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_card_lora_weights_and_scheduler(tiny_sdxl_dir, tmp_path,
+                                                                                          monkeypatch):
+    from types import SimpleNamespace
+
+    import safetensors.torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from huggingface_hub.repocard import RepoCard
+    from peft import LoraConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = SimpleNamespace(hub_token=None, push_to_hub=False, output_dir=str(out))
+
+    def card(title):
+        tfd_training.save_model_card(args, "me/student", str(tmp_path), ["tfd"], title, "text", "pass", {"a": 1})
+
+    card("first")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    scheduler = tfd_text2image.vp_one_step_scheduler(DDIMScheduler().config, 399)
+    tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    before = {p: p.read_bytes() for p in (out / "README.md", out / "pytorch_lora_weights.safetensors",
+                                          out / "scheduler" / "scheduler_config.json")}
+
+    monkeypatch.setattr(RepoCard, "save", lambda self, path: fail_half_way(path))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata=None: fail_half_way(path))
+    monkeypatch.setattr(DDIMScheduler, "to_json_file", lambda self, path: fail_half_way(path))
+    with pytest.raises(OSError, match="injected"):
+        card("second")
+    with pytest.raises(OSError, match="injected"):
+        tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    with pytest.raises(OSError, match="injected"):
+        tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    for path, data in before.items():
+        assert path.read_bytes() == data, path  # the previous file, whole: the partial one went elsewhere
+    assert "first" in (out / "README.md").read_text() and b"partial" not in b"".join(before.values())
+
+    monkeypatch.undo()  # the next saves clear the leftovers and move their files in
+    card("third")
+    tfd_text2image.export_trainable(unet, str(out), True, StableDiffusionXLPipeline, "unet")
+    tfd_training.save_into(str(out), lambda tmp: scheduler.save_pretrained(os.path.join(tmp, "scheduler")))
+    assert "third" in (out / "README.md").read_text()
+    assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors", "scheduler"]
+
+
+def test_an_export_killed_while_moving_in_leaves_no_finished_run(tmp_path, monkeypatch):
+    """The export moves its folders in first and model_index.json last, after removing the old one: a kill in
+    between leaves no folder half-written and no run that counts as finished, so the same command with
+    --resume_from_checkpoint latest exports again; a whole export is finished."""
+    out = tmp_path / "out"
+
+    def export(version):
+        def write(tmp):
+            for part in ("unet", "scheduler"):
+                os.makedirs(os.path.join(tmp, part))
+                with open(os.path.join(tmp, part, "config.json"), "w") as f:
+                    f.write(version)
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:
+                f.write(version)
+        tfd_training.save_into(str(out), write, "pipeline")
+
+    out.mkdir()
+    (out / "training_args.json").write_text(json.dumps({"max_train_steps": 2}))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    export("old")
+    assert tfd_training.finished_steps(str(out)) == 2
+
+    replace, moved = os.replace, []
+
+    def killed_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt  # the kill, after the first entry moved in
+        moved.append(os.path.basename(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(tfd_training.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        export("new")
+    monkeypatch.undo()
+    assert moved == ["scheduler"] and not (out / "model_index.json").exists()
+    assert tfd_training.finished_steps(str(out)) is None  # not finished: it is exported again
+    assert all(open(p).read() in ("old", "new") for p in glob_configs(out))  # whole folders only
+    export("new")
+    assert tfd_training.finished_steps(str(out)) == 2
+    assert (out / "model_index.json").read_text() == "new" and {open(p).read() for p in glob_configs(out)} == {"new"}
+
+
+def glob_configs(out):
+    return [str(p) for p in out.glob("*/config.json")]

@@ -1,6 +1,6 @@
 """A script's imports are its copy list: each training script, copied with the project modules it imports
-(and nothing else: no tests/, no examples/), runs from a fresh folder. The README's "Fork a script"
-section names the same files."""
+(and nothing else: no tests/, no examples/), runs from a fresh folder. docs/forking.md names the same
+files."""
 
 import ast
 import os
@@ -34,9 +34,9 @@ def project_imports(path, seen=None):
 
 
 @pytest.mark.parametrize("script", sorted(COPY_LIST))
-def test_copy_list_is_what_the_script_imports_and_the_readme_names_it(script):
+def test_copy_list_is_what_the_script_imports_and_the_forking_page_names_it(script):
     assert project_imports(os.path.join(ROOT, script)) == set(COPY_LIST[script])
-    assert f"{script} {' '.join(COPY_LIST[script])}" in open(os.path.join(ROOT, "README.md")).read()
+    assert f"cp {script} {' '.join(COPY_LIST[script])} " in open(os.path.join(ROOT, "docs", "forking.md")).read()
     for other in COPY_LIST:  # scripts never import each other
         assert other not in project_imports(os.path.join(ROOT, script))
 

@@ -18,37 +18,17 @@ of memory available.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from safetensors import safe_open
 
+from scaling_helpers import mem_available_gb, real_arch_stages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPER = os.path.join(ROOT, "benchmarks", "real_arch.py")
 NEEDS_GB = 13  # peak RSS of the largest stage (the training run) is 11.8 GB
 PROMPT = "a photo of a red fox in the snow"
-
-
-def mem_available_gb():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return float("inf")
-
-
-def stages(*argv, timeout):
-    """Run benchmarks/real_arch.py (one stage, or `chain` of several) in its own process; the RESULT jsons."""
-    proc = subprocess.run([sys.executable, HELPER, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    results = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert results, proc.stdout[-3000:]
-    for r in results:
-        print(f"{r['stage']}: {r}")
-    return results
 
 
 def train_args(pipe_dir, prompts, out, resolution):
@@ -100,7 +80,7 @@ def test_tiny_sd35_lora_step_and_load_lora_weights(tmp_path):
     """The stages of the slow test at toy width in one process (build-sd3 --tiny, train-sd3, infer-sd3)."""
     pipe_dir, out, prompts = tmp_path / "sd35-tiny", tmp_path / "lora", tmp_path / "prompts.txt"
     prompts.write_text(PROMPT + "\n")
-    built, trained, made = stages("chain", "build-sd3", pipe_dir, "--model", "sd35-medium", "--tiny",
+    built, trained, made = real_arch_stages("chain", "build-sd3", pipe_dir, "--model", "sd35-medium", "--tiny",
                                   "--", "train-sd3", *train_args(pipe_dir, prompts, out, 32),
                                   "--", "infer-sd3", pipe_dir, out, "--resolution", 32, timeout=300)
     assert [built["stage"], trained["stage"], made["stage"]] == ["build-sd3", "train-sd3", "infer-sd3"]
@@ -123,13 +103,13 @@ def test_lora_step_on_the_real_sd35_medium_transformer_and_load_lora_weights(tmp
 
 
 def run_stages(pipe_dir, out, tmp_path):
-    [built] = stages("build-sd3", pipe_dir, "--model", "sd35-medium", timeout=1200)
+    [built] = real_arch_stages("build-sd3", pipe_dir, "--model", "sd35-medium", timeout=1200)
     assert abs(built["params"]["transformer"] - 2243.2e6) < 0.1e6
     assert abs(built["transformer_checkpoint_numel"] - 2469.7e6) < 0.1e6
     assert built["params"]["vae"] > 80e6 and not (pipe_dir / "text_encoder_3").exists()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPT + "\n")
-    [trained] = stages("train-sd3", *train_args(pipe_dir, prompts, out, 256), timeout=1800)
-    [made] = stages("infer-sd3", pipe_dir, out, "--resolution", 256, timeout=1200)
+    [trained] = real_arch_stages("train-sd3", *train_args(pipe_dir, prompts, out, 256), timeout=1800)
+    [made] = real_arch_stages("infer-sd3", pipe_dir, out, "--resolution", 256, timeout=1200)
     check_run(out, made, 256)
     print(json.dumps({"build": built, "train": trained, "infer": made}))

@@ -13,35 +13,14 @@ memory measured: docs/testing.md. It skips itself with less than 15 GB of memory
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from scaling_helpers import mem_available_gb, real_arch_stages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPER = os.path.join(ROOT, "benchmarks", "real_arch.py")
 NEEDS_GB = 15  # peak RSS of the largest stage is ~14.5 GB
-
-
-def mem_available_gb():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return float("inf")
-
-
-def stage(*argv, timeout):
-    """Run one stage of benchmarks/real_arch.py in its own process; its RESULT json."""
-    proc = subprocess.run([sys.executable, HELPER, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stdout[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
-    print(f"{argv[0]}: {result}")
-    return result
 
 
 @pytest.mark.slow
@@ -57,11 +36,11 @@ def test_lora_step_on_the_real_sdxl_base_unet_and_load_lora_weights(tmp_path):
 
 
 def run_stages(pipe_dir, out, tmp_path):
-    built = stage("build-sdxl", pipe_dir, timeout=1200)
+    built = _last("build-sdxl", pipe_dir, timeout=1200)
     assert abs(built["params"]["unet"] - 2567.5e6) < 0.1e6
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a red fox in the snow\n")
-    trained = stage(
+    trained = _last(
         "train-sdxl", "--pretrained_model_name_or_path", pipe_dir, "--prompts_file", prompts, "--resolution", 256,
         "--train_mode", "lora", "--lora_rank", 4, "--lora_alpha", 4, "--gradient_checkpointing",
         "--prompts_per_batch", 1, "--num_generated", 2, "--num_positives", 2, "--num_positive_steps", 1,
@@ -76,7 +55,11 @@ def run_stages(pipe_dir, out, tmp_path):
         assert np.isfinite(rows[0][f"drift/{layer}"]), layer
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
 
-    made = stage("infer-sdxl", pipe_dir, out, timeout=1200)
+    made = _last("infer-sdxl", pipe_dir, out, timeout=1200)
     assert made["image_size"] == [256, 256] and made["latents_finite"] and made["pixel_std"] > 0
     assert made["lora_vs_base_max_diff"] > 0  # the loaded adapters change the one-step generator
     print(json.dumps({"build": built, "train": trained, "infer": made}))
+
+
+def _last(*argv, timeout):
+    return real_arch_stages(*argv, timeout=timeout)[-1]

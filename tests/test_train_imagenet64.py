@@ -336,6 +336,8 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_last_checkpoint(tiny,
      "fid_reference_stats"),
     (["--classes_per_batch", "5"], "data", ValueError, "lower --classes_per_batch"),
     (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl"], "edm.zip", ModuleNotFoundError, "--edm_repo"),
+    (["--pretrained_teacher_model", "{tiny}/edm-teacher.pkl", "--edm_repo", EDM_TOY, "--teacher_dtype", "bf16"],
+     "edm.zip", ValueError, r"An EDM pickle's feature pass runs in float32 .*: drop --teacher_dtype\."),
 ])
 def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, error, match, monkeypatch):
     if "edm-teacher" in " ".join(extra):  # unpickling needs --edm_repo: the toy module unimportable for this test
@@ -345,6 +347,31 @@ def test_bad_inputs_fail_early_with_a_clear_error(tiny, tmp_path, extra, data, e
     with pytest.raises(error, match=match):
         run(tiny, tmp_path / "bad", *extra, data=data)
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_unknown_layers_fail_before_any_weight_loads(tiny, tmp_path, monkeypatch):
+    """A diffusers teacher's --feature_layers are checked on its config (a UNet2DModel built on the meta device),
+    read from the teacher folder or a pipeline folder's unet/, before any weight is read; good names go on to
+    load the weights."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    def no_weights(cls, *args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", classmethod(no_weights))
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny / "teacher", pipeline / "unet")
+    (pipeline / "model_index.json").write_text('{"_class_name": "ConsistencyModelPipeline"}\n')
+    for teacher in (tiny / "teacher", pipeline):
+        for layers, match in (("down_blocks.0 mid_blok", r"Unknown teacher layer 'mid_blok'.*Did you mean mid_block"),
+                              ("enc:99", r"Layer selector 'enc:99' is out of range")):
+            with pytest.raises(ValueError, match=match):
+                run(tiny, tmp_path / "out", "--pretrained_teacher_model", teacher, "--feature_layers", layers)
+        with pytest.raises(AssertionError, match="weights loaded"):  # good names: on to the weights
+            run(tiny, tmp_path / "out", "--pretrained_teacher_model", teacher)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_output_dir_of_another_run_needs_resume(tiny, tmp_path):

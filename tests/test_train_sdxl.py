@@ -618,6 +618,22 @@ def test_feature_noise_below_the_teachers_smallest_level_is_refused_before_train
     assert np.isfinite(metrics(tmp_path / "o")[1]["loss/total"])
 
 
+def test_a_teacher_scheduler_without_a_ddpm_schedule_is_refused_before_training(tiny_sdxl_dir, data_dir, tmp_path):
+    """An SDXL pipeline whose scheduler has no DDPM noise schedule (EDM-formulated, as Playground v2.5's
+    EDMDPMSolverMultistepScheduler): the variance-preserving student has no x0 there, so the run stops, naming
+    the scheduler, before any positive is sampled or step taken."""
+    edm = tmp_path / "edm_scheduler"
+    shutil.copytree(tiny_sdxl_dir, edm)
+    (edm / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "EDMEulerScheduler", "prediction_type": "epsilon"}))
+    index = json.loads((edm / "model_index.json").read_text())
+    (edm / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EDMEulerScheduler"]}))
+    with pytest.raises(ValueError, match=r"The teacher's scheduler EDMEulerScheduler \(prediction type 'epsilon'\) is "
+                                         r"not a variance-preserving DDPM schedule"):
+        run_in_process(script, base_args(str(edm), data_dir, tmp_path / "o", tmp_path / "c", "--max_train_steps", "1"))
+    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl") and not list((tmp_path / "c").glob("*/entries/*/*"))
+
+
 def test_vae_latents_mean_and_std_scale_latents_as_the_sdxl_pipeline_decodes(teacher):
     """A VAE with latents_mean/latents_std in its config (Playground v2.5 style): denoiser latents =
     (z − mean)·scaling_factor/std per channel. decode_latents decodes exactly as StableDiffusionXLPipeline does,

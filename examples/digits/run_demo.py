@@ -27,7 +27,7 @@ Then the text-to-image task, in text2image/:
 10. evaluate_text2image.py        per prompt: FD and prompt accuracy (3 sampling seeds), captioned grids,
                                   FD curves
 
-The student's TFD settings (TFD_FLAGS; README "The demo" has the measured results): teacher layers
+The student's TFD settings (TFD_FLAGS; docs/digits_demo.md has the measured results): teacher layers
 `down_blocks.1 mid_block up_blocks.0 up_blocks.2` at pool 1 (the last one is the teacher's
 full-resolution 16×16 decoder block), clean teacher features (σ = 0), 10 classes × (N=8, P=8, M=4)
 per update, AdamW 2e-4 constant, student EMA 0.99, 1,200 updates. The full-resolution layer with
@@ -55,7 +55,7 @@ sys.path.insert(0, ROOT)
 RUN_COMPLETE = "demo_run_complete.json"
 THREADS = 1  # per process (see the module docstring)
 
-# The demo's settings: sized for a 2-core CPU (README, "The demo", has the measured results and times).
+# The demo's settings: sized for a 2-core CPU (docs/digits_demo.md has the measured results and times).
 SCALES = {
     "full": dict(
         num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32",
