@@ -11,26 +11,29 @@ Stages (each finished stage is reused by a rerun; a killed TFD run resumes from 
                                   the one-step student starts) is inside its training range
 3. classifier: classifier.py      the metric network (64-d features, class predictions)
 4. TFD: train_tfd_imagenet64.py   through `accelerate launch`: the student (with --ablations also the
-                                  3 ablations, same budget); meanwhile a second process computes the
-                                  evaluation rows that need no student (real digits, the teacher)
-5. evaluate.py                    the student rows, results.md, samples.png, curves.png
+                                  3 ablations, same budget)
+5. evaluate.py                    first the rows that need no student (real digits, the teacher), then the
+                                  student rows, results.md, samples.png, curves.png (Inception FID: --fid)
 Then the text-to-image task, in text2image/:
 6. prepare_text2image.py          the same digits with captions (templates per digit), held-out templates
                                   without images, and the "distill" split (both, for train_tfd_sdxl.py)
 7. train_text2image_teacher.py    a small SDXL-layout pipeline (VAE, two small CLIPs, text_time UNet);
                                   its ε loss is floored at the x₀ loss where SNR < 1, so that its one-step
-                                  output at t = 999 (where the student starts) is a smooth average rather
-                                  than its input noise passed through
+                                  output at t = 999 is a smooth average rather than its input noise passed
+                                  through
 8. train_tfd_sdxl.py --prepare_positives_only: teacher positives of the prompts without images
-9. train_tfd_sdxl.py              through `accelerate launch`: full fine-tune at t = 399 (the script's
-                                  default) and at t = 999 (the paper's), and LoRA (t = 999), two at a time
+9. train_tfd_sdxl.py              through `accelerate launch`: full fine-tune and LoRA at t = 399 (the
+                                  script's default), and a full fine-tune at t = 999 (the paper's)
 10. evaluate_text2image.py        per prompt: FD and prompt accuracy (3 sampling seeds), captioned grids,
                                   FD curves
+
+Stages 1, 3 and 6 take seconds and run here; every other stage is a process of its own, started as soon as
+its inputs are ready, as many at a time as there are cores (Scheduler), so that the two tasks share the cores.
 
 The student's TFD settings (TFD_FLAGS; docs/digits_demo.md has the measured results): teacher layers
 `down_blocks.1 mid_block up_blocks.0 up_blocks.2` at pool 1 (the last one is the teacher's
 full-resolution 16×16 decoder block), clean teacher features (σ = 0), 10 classes × (N=8, P=8, M=4)
-per update, AdamW 2e-4 constant, student EMA 0.99, 1,200 updates. The full-resolution layer with
+per update, AdamW 2e-4 constant, student EMA 0.99, 800 updates. The full-resolution layer with
 clean features is there because coarse or noised teacher features cannot see the pixel speckle the
 teacher's own one-step output starts with (docs/digits_demo.md, "The speckle").
 
@@ -60,10 +63,10 @@ SCALES = {
     "full": dict(
         num_test=400, teacher_steps=600, teacher_batch=64, teacher_channels="16,32,32",
         teacher_high_sigma_fraction=0.1,
-        classifier_epochs=15, tfd_steps=1200, tfd_learning_rate=2e-4, checkpointing_steps=200, classes_per_batch=10,
+        classifier_epochs=15, tfd_steps=800, tfd_learning_rate=2e-4, checkpointing_steps=200, classes_per_batch=10,
         num_generated=8, num_positives=8, num_anchors=4, num_samples=1000, seeds="0,1,2", fid_samples=1000,
         fid_reference_max=400, fid_rows="teacher,students", heun_steps=18, ssim_per_class=16,
-        t2i_teacher=[], t2i_tfd_steps={"t2i_full": 400, "t2i_full_t999": 200, "t2i_lora": 400}, t2i_curve_points=8,
+        t2i_teacher=[], t2i_tfd_steps={"t2i_full": 400, "t2i_full_t999": 100, "t2i_lora": 400}, t2i_curve_points=8,
         t2i_prompts_per_batch=10, t2i_num_generated=8, t2i_num_positives=16, t2i_num_samples=500,
     ),
     "tiny": dict(
