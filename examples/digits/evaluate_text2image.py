@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from classifier import get_classifier  # noqa: E402
-from evaluate import classifier_outputs, frechet, mean_std  # noqa: E402
+from evaluate import classifier_outputs, frechet, mean_std, plot_curve, readable_log_axis  # noqa: E402
 from prepare_text2image import caption_digit, load_split_text, read_prompts  # noqa: E402
 from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, ints, load_teacher  # noqa: E402
 
@@ -56,7 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--no_teacher_one_step", action="store_true", help="Skip the teacher's one-step row.")
     p.add_argument("--curves", nargs="*", default=[],
                    help="TFD runs as LABEL=RUN_DIR: FD (train prompts) of every checkpoint-N, drawn in curves.png.")
-    p.add_argument("--curve_samples", type=int, default=250, help="Samples per checkpoint for the FD curves.")
+    p.add_argument("--curve_samples", type=int, default=None,
+                   help="Samples per seed at each checkpoint for the FD curves, over every --seeds (default: "
+                        "--num_samples, so that the curves' points and the teacher's line are measured as the table "
+                        "is).")
     return p.parse_args(argv)
 
 
@@ -234,15 +237,16 @@ def checkpoint_pipeline(teacher_dir, ckpt_dir, timestep=999):
     return pipe
 
 
-def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
-    """[(step, FD on the training prompts)] from step 0 (the teacher in one step, at the run's conditioning
-    timestep), cached in run_dir/fd_curve.json."""
+def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seeds):
+    """[(step, FD mean, FD std)] on the training prompts from step 0 (the teacher in one step, at the run's
+    conditioning timestep), each checkpoint sampled as the table's rows are (num_samples per seed, every seed),
+    cached in run_dir/fd_curve.json."""
     from tfd_training import list_checkpoints, write_json
 
     ckpts = list_checkpoints(run_dir)
     t = run_timestep(run_dir)
-    key = {"n": num_samples, "seed": seed, "steps": [s for s, _ in ckpts], "teacher": os.path.abspath(teacher_dir),
-           "timestep": t}
+    key = {"n": num_samples, "seeds": list(seeds), "steps": [s for s, _ in ckpts],
+           "teacher": os.path.abspath(teacher_dir), "timestep": t}
     cache = os.path.join(run_dir, "fd_curve.json")
     if os.path.isfile(cache) and json.load(open(cache)).get("key") == key:
         return [tuple(p) for p in json.load(open(cache))["curve"]]
@@ -252,28 +256,43 @@ def fd_curve(run_dir, teacher_dir, clf, data_dir, num_samples, seed):
     for step, path in [(0, None)] + ckpts:
         pipe = (one_step_pipeline(load_teacher(teacher_dir), t) if path is None
                 else checkpoint_pipeline(teacher_dir, path, t))
-        images = sample(pipe, prompts, seed, 1, 0.0)
-        curve.append((step, metrics(clf, images, digits, ref_stats)["fd"]))
+        fds = [metrics(clf, sample(pipe, prompts, seed, 1, 0.0), digits, ref_stats)["fd"] for seed in seeds]
+        curve.append((step, *mean_std(fds)))
     write_json(cache, {"key": key, "curve": curve})
     return curve
 
 
-def curves_figure(curves, teacher_fd, path):
+def teacher_curve_level(teacher_row, teacher, args, clf, seeds):
+    """The teacher's many-step FD (training prompts) measured as the curves are: its table row when the curves
+    use the table's samples, else the same sampler on --curve_samples samples per seed."""
+    if args.curve_samples == args.num_samples:
+        return teacher_row["train"]["fd"], teacher_row["train"]["fd_std"]
+    ref_stats = reference(args.data_dir, clf)
+    prompts, digits = prompt_set(args.data_dir, "train", args.curve_samples)
+    fds = [metrics(clf, sample(teacher, prompts, seed, args.steps, args.guidance_scale, args.batch_size), digits,
+                   ref_stats)["fd"] for seed in seeds]
+    return mean_std(fds)
+
+
+def curves_figure(curves, teacher_level, teacher_label, samples_text, path):
     """FD (training prompts) against TFD updates (step 0: the teacher in one step), with the teacher's
-    many-step level."""
+    many-step level (mean, std) measured as the curves are (samples_text says how)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.2, 4.0))
+    values = []
     for label, curve in curves.items():
-        ax.plot(*zip(*curve), marker="o", ms=3, lw=1, label=label)
-    ax.axhline(teacher_fd, color="k", ls="--", lw=1, label="teacher, many steps")
-    ax.set_yscale("log")  # a student trained at t < 999 starts far above the others
+        values += plot_curve(ax, label, curve)
+    mean, std = teacher_level
+    ax.axhline(mean, color="k", ls="--", lw=1, label=f"{teacher_label}: {mean:.1f} ± {std:.1f}")
+    ax.axhspan(mean - std, mean + std, color="k", alpha=0.08, lw=0)
+    readable_log_axis(ax, values + [mean])  # a student trained at t < 999 starts far above the others
     ax.set_xlabel("TFD updates")
     ax.set_ylabel("FD ↓ (training prompts, log scale)")
-    ax.set_title("Text-to-image digits: one-step FD during training", fontsize=9)
+    ax.set_title(f"Text-to-image digits: one-step FD during training\n{samples_text}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     from tfd_training import atomic_write
@@ -297,26 +316,50 @@ def real_per_prompt(data_dir, prompts, seed=0):
     return torch.from_numpy(np.stack([x[rng.choice(np.flatnonzero(y == caption_digit(p)))] for p in prompts]))[:, None]
 
 
-def captioned_grid(rows, captions, scale=4):
+def label_font(size=11):
+    """A TrueType font for the grids' labels: matplotlib's DejaVu Sans (PIL's default font drops the space after
+    some capitals: "TFD student" came out as "TFDstudent")."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def wrap_pixels(text, font, width):
+    """`text` in lines of at most `width` pixels in `font` (a longer single word keeps its own line)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def captioned_grid(rows, captions, scale=5):
     """rows: [(label, uint8 [C, 1, H, W])] → a PIL image: one row per label (named on the left), one
     column per caption (written under the columns)."""
-    import textwrap
-
     from PIL import Image, ImageDraw
 
+    font = label_font()
     cols, h, w = len(captions), rows[0][1].shape[-2] * scale, rows[0][1].shape[-1] * scale
-    left, gap, line = 150, 4, 11
-    wrapped = [textwrap.wrap(c, max(6, (w + gap) // 6)) for c in captions]
+    left, gap, line = 190, 4, 13
+    wrapped = [wrap_pixels(c, font, w + gap - 2) for c in captions]
     bottom = line * max(len(t) for t in wrapped) + 6
     canvas = Image.new("L", (left + cols * (w + gap), len(rows) * (h + gap) + bottom), 255)
     draw = ImageDraw.Draw(canvas)
     for r, (label, images) in enumerate(rows):
         y = r * (h + gap)
-        draw.multiline_text((4, y + h // 2 - line), "\n".join(textwrap.wrap(label, 24)), fill=0, spacing=1)
+        text = wrap_pixels(label, font, left - 10)
+        draw.multiline_text((4, y + h // 2 - line * len(text) // 2), "\n".join(text), fill=0, font=font, spacing=2)
         for c, im in enumerate(images[:cols, 0].numpy()):
             canvas.paste(Image.fromarray(im).resize((w, h), Image.NEAREST), (left + c * (w + gap), y))
     for c, text in enumerate(wrapped):
-        draw.multiline_text((left + c * (w + gap), len(rows) * (h + gap) + 2), "\n".join(text), fill=0, spacing=1)
+        draw.multiline_text((left + c * (w + gap), len(rows) * (h + gap) + 2), "\n".join(text), fill=0, font=font,
+                            spacing=2)
     return canvas
 
 
@@ -353,6 +396,9 @@ def main(argv=None):
     args = parse_args(argv)
     from tfd_training import save_png, write_json, write_text
 
+    if args.curve_samples is None:
+        args.curve_samples = args.num_samples
+
     clf, clf_info = get_classifier(args.data_dir, args.classifier_dir)
     teacher = load_teacher(args.teacher_dir)
     if args.guidance_scale is None:
@@ -388,8 +434,12 @@ def main(argv=None):
             curves = {}
             for spec in args.curves:
                 label, path = spec.rsplit("=", 1)
-                curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, seeds[0])
-            curves_figure(curves, results[0]["train"]["fd"], os.path.join(args.output_dir, "curves.png"))
+                curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, seeds)
+            level = teacher_curve_level(results[0], teacher, args, clf, seeds)
+            n = len(prompt_set(args.data_dir, "train", args.curve_samples)[0])
+            samples_text = (f"mean ± std over seeds {args.seeds}, {n} samples each"
+                            + (" (as the table)" if args.curve_samples == args.num_samples else ""))
+            curves_figure(curves, level, rows[0][0], samples_text, os.path.join(args.output_dir, "curves.png"))
             write_json(os.path.join(args.output_dir, "curves.json"), curves)
         print(f"Grids in {args.output_dir}: compare_train.png / compare_heldout.png (rows: real, teacher, students; "
               f"the prompt under each column), samples_train.png / samples_heldout.png (per row of the table, one "
