@@ -91,10 +91,11 @@ def test_student_moves_to_its_prompts_real_images(teacher_dir, data_dir, tmp_pat
 
     noise = torch.randn(NOISE_SAMPLES, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
+    @torch.no_grad()
     def gap(pipe, prompt):
         """Distance between the mean one-step latent of `prompt` and the mean of its real positives."""
         return float((one_step_latents(pipe, prompt, noise).mean(0) - positives[prompt].mean(0)).norm())
 
     for prompt in PROMPTS:
         before, after = gap(start, prompt), gap(student, prompt)
-        assert after < 0.93 * before, (prompt, before, after)  # measured 0.78 (399), 0.87-0.89 (999)
+        assert after < 0.93 * before, (prompt, before, after)  # measured ratios: docs/testing.md
