@@ -431,6 +431,11 @@ def plot_curve(ax, label, curve):
     return means
 
 
+def curve_caption(seeds, samples, as_table):
+    """The FD curves' subtitle: how each point was measured."""
+    return f"mean ± std over seeds {seeds}, {samples} samples each" + (" (as the table)" if as_table else "")
+
+
 def curves_figure(curves, metrics, teacher_level, teacher_nfe, path, samples_text):
     """The training loss, and one-step FD against TFD step with the teacher's many-step FD as a line;
     teacher_level: (mean, std) measured as the curves are (samples_text says how)."""
@@ -590,8 +595,7 @@ def main(argv=None):
         sample_grid_figure(rows[1:2] + rows[3:], os.path.join(args.output_dir, "samples_ablations.png"))
     if any(curves.values()):
         level = teacher_curve_level(teacher, ctx, args, multi)
-        samples_text = (f"mean ± std over seeds {args.seeds}, {args.curve_samples} samples each"
-                        + (" (as the table)" if args.curve_samples == args.num_samples else ""))
+        samples_text = curve_caption(args.seeds, args.curve_samples, args.curve_samples == args.num_samples)
     else:
         level, samples_text = (multi["fd_mean"], multi["fd_std"]), ""
     curves_figure(curves, metrics, level, multi["nfe"], os.path.join(args.output_dir, "curves.png"), samples_text)

@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from classifier import get_classifier  # noqa: E402
-from evaluate import classifier_outputs, frechet, mean_std, plot_curve, readable_log_axis  # noqa: E402
+from evaluate import classifier_outputs, curve_caption, frechet, mean_std, plot_curve, readable_log_axis  # noqa: E402
 from prepare_text2image import caption_digit, load_split_text, read_prompts  # noqa: E402
 from train_text2image_teacher import fast_t5_zeros, gray_uint8, grid_image, ints, load_teacher  # noqa: E402
 
@@ -437,8 +437,7 @@ def main(argv=None):
                 curves[label] = fd_curve(path, args.teacher_dir, clf, args.data_dir, args.curve_samples, seeds)
             level = teacher_curve_level(results[0], teacher, args, clf, seeds)
             n = len(prompt_set(args.data_dir, "train", args.curve_samples)[0])
-            samples_text = (f"mean ± std over seeds {args.seeds}, {n} samples each"
-                            + (" (as the table)" if args.curve_samples == args.num_samples else ""))
+            samples_text = curve_caption(args.seeds, n, args.curve_samples == args.num_samples)
             curves_figure(curves, level, rows[0][0], samples_text, os.path.join(args.output_dir, "curves.png"))
             write_json(os.path.join(args.output_dir, "curves.json"), curves)
         print(f"Grids in {args.output_dir}: compare_train.png / compare_heldout.png (rows: real, teacher, students; "

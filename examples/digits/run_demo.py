@@ -132,7 +132,7 @@ class Job:
         self.name, self.cmd, self.deps, self.log = name, cmd, tuple(deps), log
         self.run_dir, self.max_steps, self.elastic = run_dir, max_steps, elastic
         self.proc = self.start = self.wall = self.cpu = None
-        self.threads, self.reused = 1, False
+        self.threads, self.reused = THREADS, False
 
 
 class Scheduler:
@@ -183,10 +183,10 @@ class Scheduler:
         job.start = time.time()
         return True
 
-    def _finish(self, job, status, usage):
+    def _finish(self, job, usage):
         job.log_file.close()
         job.wall, job.cpu = time.time() - job.start, usage.ru_utime + usage.ru_stime
-        code = os.waitstatus_to_exitcode(status)
+        code = job.proc.returncode
         if code != 0:
             tail = open(job.log).read()[-3000:]
             raise RuntimeError(f"{job.name} failed (exit {code}); its log ({job.log}) ends:\n{tail}\n"
@@ -218,7 +218,7 @@ class Scheduler:
                     if not all(d in done for d in job.deps):
                         continue
                     pending.remove(job)
-                    threads = free if job.elastic and not pending else 1
+                    threads = free if job.elastic and not pending else THREADS
                     if self._launch(job, threads):
                         running.append(job)
                         free -= threads
@@ -231,7 +231,7 @@ class Scheduler:
                         continue
                     job.proc.returncode = os.waitstatus_to_exitcode(status)
                     running.remove(job)
-                    self._finish(job, status, usage)
+                    self._finish(job, usage)
                     done.add(job.name)
                 if running and time.time() - last_report > 30:
                     last_report = time.time()
